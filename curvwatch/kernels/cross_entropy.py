@@ -1,0 +1,50 @@
+r"""Softmax cross-entropy Hessian with respect to the logits, applied to a tangent.
+
+For logits ``z`` of shape ``(N, C)`` and ``p = softmax(z)``, the Hessian of the
+mean cross-entropy ``L = 1/N_valid sum_i CE(z_i, y_i)`` with respect to ``z_i`` is
+
+.. math::
+
+    \nabla^2_{z_i} L = \frac{1}{N_\text{valid}} \left(\operatorname{diag}(p_i) - p_i p_i^\top\right),
+
+independent of the target ``y_i`` except that rows with ``y_i == ignore_index``
+contribute nothing. Applied to a tangent ``u_i``:
+``(p_i * u_i - p_i <p_i, u_i>) / N_valid``, O(N C) memory and no C x C matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cross_entropy_logit_hvp(
+    logits: torch.Tensor,
+    tangent: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Return ``H_z u`` for the mean softmax cross-entropy (eager reference).
+
+    Args:
+        logits: ``(..., C)`` logits, any float dtype (accumulated in float32 or
+            higher).
+        tangent: ``(..., C)`` tangent ``u``, same shape as ``logits``.
+        targets: ``(...)`` class indices; rows equal to ``ignore_index`` are
+            masked and excluded from the mean. ``None``: every row counts.
+        ignore_index: the masked target value.
+
+    Returns:
+        ``(..., C)`` tensor in ``tangent``'s dtype.
+    """
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.reshape(-1, logits.shape[-1]).to(compute)
+    u = tangent.reshape(-1, tangent.shape[-1]).to(compute)
+    p = torch.softmax(z, dim=-1)
+    out = p * u - p * (p * u).sum(-1, keepdim=True)
+    if targets is None:
+        count = z.shape[0]
+    else:
+        valid = (targets.reshape(-1) != ignore_index).to(compute)
+        count = valid.sum().clamp_min(1)
+        out = out * valid[:, None]
+    return (out / count).to(tangent.dtype).reshape(tangent.shape)

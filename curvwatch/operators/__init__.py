@@ -1,0 +1,15 @@
+"""Operators: how a curvature matrix is applied to a flat vector."""
+
+from curvwatch.operators._base import CurvatureOperator, DenseOperator
+from curvwatch.operators.ggn import GGNOperator
+from curvwatch.operators.hessian import HessianOperator, finite_difference_step
+from curvwatch.operators.preconditioned import PreconditionedOperator
+
+__all__ = [
+    "CurvatureOperator",
+    "DenseOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "PreconditionedOperator",
+    "finite_difference_step",
+]

@@ -1,0 +1,120 @@
+"""The operator interface shared by every curvature operator and every solver.
+
+An operator is a symmetric linear map ``A: R^n -> R^n`` on flat 1-D tensors. It
+only multiplies: solvers in :mod:`curvwatch.solvers` call :meth:`matvec` and
+:meth:`dot` and nothing else, so a distributed operator can all-reduce inside
+``dot`` and a sharded one can work on local shards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from curvwatch._errors import CurvatureError
+
+
+class CurvatureOperator:
+    """Base class: a symmetric linear operator on flat vectors of length ``size``.
+
+    Subclasses implement :meth:`_matvec`; :meth:`matvec` validates the vector and
+    counts the products. ``dot`` is the Euclidean inner product (overridden by
+    operators whose vectors are shards of a larger vector).
+
+    Attributes:
+        size: length ``n`` of the vectors the operator acts on (local length for
+            sharded operators).
+        dtype: dtype of the vectors.
+        device: device of the vectors.
+        matvecs: number of products applied so far.
+    """
+
+    size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.size = int(size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.matvecs = 0
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Return ``A v`` for a flat vector ``v`` of shape ``(size,)``.
+
+        Raises:
+            CurvatureError: ``v`` has the wrong shape, dtype or device.
+        """
+        self._check_vector(v)
+        self.matvecs += 1
+        return self._matvec(v)
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("operators implement _matvec(v) -> A v")
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Inner product ``<a, b>`` as a 0-d tensor (all-reduced when sharded)."""
+        return torch.dot(a, b)
+
+    def norm(self, a: torch.Tensor) -> torch.Tensor:
+        """Euclidean norm ``sqrt(<a, a>)`` as a 0-d tensor."""
+        return self.dot(a, a).clamp_min(0).sqrt()
+
+    def random_vector(self, generator: torch.Generator, kind: str = "normal") -> torch.Tensor:
+        """A random vector from ``generator`` (normal or Rademacher), on ``device``.
+
+        Drawn on the CPU and moved, so the same seed gives the same vector on
+        every device and every rank.
+        """
+        if kind == "rademacher":
+            bits = torch.randint(0, 2, (self.size,), generator=generator)
+            v = bits.to(torch.float64).mul_(2).sub_(1)
+        else:
+            v = torch.randn(self.size, generator=generator, dtype=torch.float64)
+        return v.to(device=self.device, dtype=self.dtype)
+
+    def _check_vector(self, v: torch.Tensor) -> None:
+        if not isinstance(v, torch.Tensor):
+            raise CurvatureError(
+                f"matvec expects a torch.Tensor, got {type(v).__name__}; "
+                "flatten parameter-shaped vectors with torch.cat([t.flatten() ...])"
+            )
+        if v.shape != (self.size,):
+            raise CurvatureError(
+                f"vector has shape {tuple(v.shape)}, expected ({self.size},): "
+                "vectors are flat, one entry per trainable parameter"
+            )
+        if v.dtype != self.dtype:
+            raise CurvatureError(
+                f"dtype mismatch: expected {self.dtype}, got {v.dtype}; "
+                f"call v.to({self.dtype})"
+            )
+        if v.device != self.device and not (
+            v.device.type == self.device.type and self.device.index is None
+        ):
+            raise CurvatureError(
+                f"device mismatch: expected {self.device}, got {v.device}; "
+                f"call v.to('{self.device}')"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, dtype={self.dtype}, device={self.device})"
+
+
+class DenseOperator(CurvatureOperator):
+    """A symmetric matrix wrapped as an operator; the oracle in tests.
+
+    Example:
+        >>> import torch
+        >>> op = DenseOperator(torch.diag(torch.tensor([3.0, -5.0, 1.0])))
+        >>> op.matvec(torch.ones(3))
+        tensor([ 3., -5.,  1.])
+    """
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise CurvatureError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+        super().__init__(matrix.shape[0], matrix.dtype, matrix.device)
+        self.matrix = matrix
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ v

@@ -1,0 +1,43 @@
+r"""Symmetric diagonal preconditioning ``P^{-1/2} A P^{-1/2}`` of another operator.
+
+For Adam-type optimizers ``P = diag(sqrt(v_hat) + eps)`` and the eigenvalues of
+``P^{-1/2} H P^{-1/2}`` are those of ``P^{-1} H`` (similar matrices): the
+preconditioned sharpness of Cohen et al. (2022), "Adaptive gradient methods at
+the edge of stability".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from curvwatch._errors import CurvatureError
+from curvwatch.operators._base import CurvatureOperator
+
+
+class PreconditionedOperator(CurvatureOperator):
+    """``x -> P^{-1/2} A P^{-1/2} x`` for a positive diagonal ``P``.
+
+    Args:
+        operator: the operator ``A`` to wrap.
+        diagonal: flat positive tensor, the diagonal of ``P`` (length ``operator.size``).
+
+    Raises:
+        CurvatureError: wrong length, or a non-positive / non-finite entry.
+    """
+
+    def __init__(self, operator: CurvatureOperator, diagonal: torch.Tensor) -> None:
+        if diagonal.shape != (operator.size,):
+            raise CurvatureError(
+                f"preconditioner diagonal has shape {tuple(diagonal.shape)}, expected ({operator.size},)"
+            )
+        if not bool(torch.all(diagonal > 0)) or not bool(torch.all(torch.isfinite(diagonal))):
+            raise CurvatureError("preconditioner diagonal must be positive and finite")
+        super().__init__(operator.size, operator.dtype, operator.device)
+        self.operator = operator
+        self.inv_sqrt = diagonal.to(device=operator.device, dtype=operator.dtype).rsqrt()
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.inv_sqrt * self.operator.matvec(self.inv_sqrt * v)
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.operator.dot(a, b)

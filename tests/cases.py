@@ -1,0 +1,48 @@
+"""Shared test problems with known curvature (data, not tests)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def linear_regression(n: int = 40, d: int = 6, seed: int = 0, dtype=torch.float64):
+    """Mean squared error of a linear model: H = 2/n X^T X, independent of w."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=dtype) * torch.linspace(0.5, 3.0, d, dtype=dtype)
+    y = torch.randn(n, generator=g, dtype=dtype)
+    model = torch.nn.Linear(d, 1, bias=False).to(dtype)
+    closure = lambda: (model(X).squeeze(-1) - y).pow(2).mean()  # noqa: E731
+    H = 2.0 / n * X.T @ X
+    model.probe = (X, y)
+    return model, closure, H
+
+
+def tanh_mlp_ce(n: int = 24, d: int = 4, hidden: int = 5, classes: int = 3, seed: int = 0, dtype=torch.float64):
+    """A small tanh MLP with mean cross-entropy, and its data."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(d, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, classes)
+    ).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return model, x, y
+
+
+def dense_hessian(model: torch.nn.Module, loss_of_params) -> torch.Tensor:
+    """Dense Hessian of ``loss_of_params(dict)`` w.r.t. the model's parameters (flat order)."""
+    from torch.func import hessian
+
+    names = [n for n, _ in model.named_parameters()]
+    values = tuple(p.detach() for _, p in model.named_parameters())
+    sizes = [v.numel() for v in values]
+    flat0 = torch.cat([v.flatten() for v in values])
+
+    def f(flat):
+        parts, offset = {}, 0
+        for name, v, s in zip(names, values, sizes):
+            parts[name] = flat[offset : offset + s].view_as(v)
+            offset += s
+        return loss_of_params(parts)
+
+    return hessian(f)(flat0)
