@@ -1,6 +1,10 @@
 """curvwatch: watch the curvature of the loss while a network trains."""
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch.monitor import CurvatureMonitor
+from curvwatch.results import Budget, CurvatureResult
+from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
+from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
 from curvwatch.operators import (
     CurvatureOperator,
     DenseOperator,
@@ -20,6 +24,18 @@ from curvwatch.solvers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # the monitor
+    "Budget",
+    "CurvatureMonitor",
+    "CurvatureResult",
+    # sinks
+    "JsonlSink",
+    "MemorySink",
+    "TensorBoardSink",
+    # edge-of-stability thresholds
+    "Threshold",
+    "preconditioner_diagonal",
+    "threshold",
     # linear operators
     "CurvatureOperator",
     "DenseOperator",

@@ -236,6 +236,15 @@ class HessianOperator(CurvatureOperator):
                 for p, p0 in zip(self.params, saved):
                     p.copy_(p0)
 
+    def gradient_at_theta(self) -> torch.Tensor:
+        """The flat gradient at the current parameters (computed once, cached)."""
+        if self.gradient is None:
+            if self.method == "double_backward":
+                self._first_order_graph()
+            else:
+                self._ensure_base_gradient()
+        return self.gradient
+
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         if self.method == "double_backward":
             return self._double_backward(v)

@@ -1,0 +1,102 @@
+r"""Batch sharpness: the curvature of each mini-batch loss along its own gradient.
+
+.. math::
+
+    S_B = \mathbb{E}_B\!\left[\frac{g_B^\top H_B\, g_B}{\lVert g_B\rVert^2}\right],
+    \qquad g_B = \nabla L_B(\theta),\; H_B = \nabla^2 L_B(\theta),
+
+over mini-batches ``B`` of size ``batch_size``. Under mini-batch SGD it is this
+quantity, not the full-batch ``lambda_max``, that settles at ``2 / lr``
+(Andreyev & Beneventano 2024, "Edge of stochastic stability"). One gradient
+and one Hessian-vector product per mini-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from curvwatch._errors import CurvatureError
+from curvwatch.operators.distributed import Reduce
+from curvwatch.operators.hessian import HessianOperator
+from curvwatch.probe import LossFn
+
+# Stop averaging once the standard error is below this fraction of the mean.
+RELATIVE_STDERR = 0.01
+MIN_BATCHES = 4
+
+
+def batch_length(batch: Any) -> int:
+    """Number of examples in a batch (leading dimension of its tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        return batch_length(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_length(batch[0])
+    raise CurvatureError(f"cannot find the batch dimension of a {type(batch).__name__}")
+
+
+def take(batch: Any, index: torch.Tensor) -> Any:
+    """The examples ``index`` of a batch (tensors indexed on dim 0)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index.to(batch.device)]
+    if isinstance(batch, Mapping):
+        return {k: take(v, index) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(take(v, index) for v in batch)
+    return batch
+
+
+def batch_sharpness(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: Sequence[torch.Tensor],
+    batch_size: int,
+    method: str = "double_backward",
+    max_batches: int = 32,
+    seed: int = 0,
+    reduce: Reduce | None = None,
+) -> tuple[float, float]:
+    """Estimate the batch sharpness and its standard error.
+
+    Draws mini-batches of ``batch_size`` examples without replacement within a
+    mini-batch from ``batch`` and averages ``g^T H g / |g|^2`` until the
+    standard error is below 1% of the mean (at least 4 mini-batches) or
+    ``max_batches`` were used. Under data parallelism (``reduce``) each rank
+    draws from its own share and the per-batch values are averaged over ranks.
+
+    Returns:
+        ``(mean, stderr)``.
+    """
+    n = batch_length(batch)
+    if batch_size > n:
+        raise CurvatureError(f"batch_size={batch_size} is larger than the probe batch ({n} examples)")
+    generator = torch.Generator().manual_seed(seed)
+    values: list[float] = []
+    for _ in range(max_batches):
+        index = torch.randperm(n, generator=generator)[:batch_size]
+        sub = take(batch, index)
+        op = HessianOperator(lambda: loss_fn(model, sub), params, method, module=model)
+        g = op.gradient_at_theta()
+        hg = op.matvec(g)
+        value = (torch.dot(g, hg) / torch.dot(g, g).clamp_min(1e-300)).reshape(1)
+        if reduce is not None:
+            value = reduce(value)
+        values.append(value.item())
+        op.release()
+        if len(values) >= MIN_BATCHES:
+            mean, stderr = _mean_stderr(values)
+            if stderr <= RELATIVE_STDERR * abs(mean):
+                break
+    return _mean_stderr(values)
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    stderr = t.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return t.mean().item(), stderr

@@ -1,0 +1,400 @@
+"""CurvatureMonitor: every ``every`` optimizer steps, measure and log curvature.
+
+One measurement (:meth:`CurvatureMonitor.measure`):
+
+1. enter :func:`~curvwatch.guard.measurement_guard` (eval mode, RNG, buffers,
+   autocast off, math attention);
+2. build the Hessian operator on the probe batch (one first-order graph);
+3. top-``k`` Lanczos, warm-started from the previous eigenvectors;
+4. for Adam-type optimizers, Lanczos on ``P^-1/2 H P^-1/2`` (preconditioned
+   sharpness);
+5. Hutchinson trace deflated by the Ritz vectors of step 3;
+6. optional: batch sharpness, SLQ spectrum;
+7. threshold and ratio from the optimizer; hand the result to the sinks.
+
+Failures inside a measurement are one warning and a skipped point, unless
+``strict=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch.batch_sharpness import batch_sharpness
+from curvwatch.guard import measurement_guard
+from curvwatch.operators.distributed import Reduce, ReducedOperator
+from curvwatch.operators.hessian import METHODS, HessianOperator
+from curvwatch.operators.preconditioned import PreconditionedOperator
+from curvwatch.probe import LossFn, loss_closure_factory, move_to
+from curvwatch.results import Budget, CurvatureResult
+from curvwatch.solvers.density import slq
+from curvwatch.solvers.lanczos import LanczosResult, lanczos
+from curvwatch.solvers.trace import hutchinson
+from curvwatch.stability import Threshold, preconditioner_diagonal, threshold, unwrap_optimizer
+
+logger = logging.getLogger("curvwatch")
+
+Sink = Callable[[CurvatureResult], Any]
+MethodChoice = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for FSDP-wrapped models (FSDP1 wrappers or FSDP2 DTensor parameters)."""
+    if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()):
+        return True
+    return any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") for p in model.parameters())
+
+
+class CurvatureMonitor:
+    r"""Measure sharpness, trace and the edge-of-stability ratio on a probe batch.
+
+    Args:
+        model: the live model (unwrapped from DDP; the monitor never changes it).
+        batch: the held-out probe batch (moved to the model's device once).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``.
+        criterion: shortcut for ``(inputs, targets)`` batches:
+            ``criterion(model(inputs), targets)``.
+        every: measure after every ``every``-th optimizer step. Default 100.
+        top_k: eigenvalues per measurement (``curvature/lambda_1..k``). Default 2.
+        trace: also estimate the Hessian trace. Default True.
+        budget: :class:`~curvwatch.Budget` of one measurement.
+        method: ``"auto"`` (double backward; finite differences for FSDP or a
+            model without a second derivative), or one of
+            ``double_backward | forward_over_reverse | finite_difference``.
+        optimizer: where thresholds and the preconditioner come from; ``None``:
+            sharpness is logged without a threshold.
+        sinks: callables receiving each :class:`~curvwatch.CurvatureResult`.
+        strict: raise on a failed measurement instead of warning and skipping.
+        train_mode: measure in train mode (dropout on, BatchNorm batch
+            statistics; buffers restored afterwards). Default False: eval mode.
+        param_group: the parameter group whose lr sets the threshold.
+        seed: seeds start vectors and probes (``seed + step``).
+        reduce: mean over data-parallel ranks of a tensor (each rank holds its
+            share of the probe batch); ``None``: single process.
+        basis_device: where Lanczos keeps its basis (``"cpu"`` for big models).
+        batch_size: also measure the batch sharpness on mini-batches of this size
+            drawn from the probe batch (mini-batch SGD's stability quantity).
+        batch_sharpness_batches: at most this many mini-batches per measurement.
+        spectrum_every: every ``M``-th measurement also estimates the spectral
+            density by SLQ (``curvature/spectrum``); 0: never.
+        on_threshold: ``on_threshold(result)`` called when ``sharpness_ratio``
+            crosses 1 upwards or falls back below it.
+
+    Raises:
+        CurvatureError: bad arguments (named in the message).
+
+    Example::
+
+        monitor = CurvatureMonitor(model, (x_val, y_val), criterion=nn.CrossEntropyLoss(),
+                                   every=100, optimizer=opt, sinks=[TensorBoardSink("runs/a")])
+        monitor.attach(opt)          # measures after every 100th opt.step()
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch: Any,
+        loss_fn: LossFn | None = None,
+        criterion: Callable | None = None,
+        every: int = 100,
+        top_k: int = 2,
+        trace: bool = True,
+        budget: Budget | None = None,
+        method: MethodChoice = "auto",
+        optimizer: Any = None,
+        sinks: Iterable[Sink] = (),
+        strict: bool = False,
+        train_mode: bool = False,
+        param_group: int = 0,
+        seed: int = 0,
+        reduce: Reduce | None = None,
+        basis_device: str | torch.device | None = None,
+        batch_size: int | None = None,
+        batch_sharpness_batches: int = 32,
+        spectrum_every: int = 0,
+        on_threshold: Callable[[CurvatureResult], Any] | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise CurvatureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise CurvatureError("the model has no trainable parameters (requires_grad=True)")
+        if not isinstance(every, int) or every < 1:
+            raise CurvatureError(f"every must be a positive integer, got {every!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise CurvatureError(f"top_k must be a positive integer, got {top_k!r}")
+        if method != "auto" and method not in METHODS:
+            raise CurvatureError(f"unknown method {method!r}; choose 'auto' or one of {METHODS}")
+        budget = budget if budget is not None else Budget()
+        if not isinstance(budget, Budget):
+            raise CurvatureError("budget must be a curvwatch.Budget(max_hvps=..., max_seconds=...)")
+        if budget.max_hvps - (budget.trace_hvps if trace else 0) < top_k:
+            raise CurvatureError(
+                f"budget.max_hvps={budget.max_hvps} leaves fewer than top_k={top_k} products for Lanczos"
+            )
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise CurvatureError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if optimizer is not None:
+            unwrap_optimizer(optimizer)
+        sinks = tuple(sinks)
+        for sink in sinks:
+            if not callable(sink):
+                raise CurvatureError(f"sinks must be callables sink(result), got {type(sink).__name__}")
+        self.model = model
+        self.loss_fn = loss_closure_factory(batch, loss_fn, criterion)
+        device = next(p for p in model.parameters() if p.requires_grad).device
+        self.batch = move_to(batch, device) if device.type != "meta" else batch
+        self.every = every
+        self.top_k = top_k
+        self.trace = trace
+        self.budget = budget
+        self.method = method
+        self.optimizer = optimizer
+        self.sinks = sinks
+        self.strict = strict
+        self.train_mode = train_mode
+        self.param_group = param_group
+        self.seed = seed
+        self.reduce = reduce
+        self.basis_device = basis_device
+        self.batch_size = batch_size
+        self.batch_sharpness_batches = batch_sharpness_batches
+        self.spectrum_every = spectrum_every
+        self.on_threshold = on_threshold
+        self.history: list[CurvatureResult] = []
+        self.measurements = 0
+        self._warm: torch.Tensor | None = None
+        self._warm_preconditioned: torch.Tensor | None = None
+        self._above: bool | None = None
+        self._resolved_method: str | None = None if method == "auto" else method
+        self._warned: set[str] = set()
+        self._attached_steps = 0
+
+    # -- scheduling ------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """True when ``step`` (optimizer steps taken) is a positive multiple of ``every``."""
+        return step > 0 and step % self.every == 0
+
+    def maybe_measure(self, step: int) -> CurvatureResult | None:
+        """:meth:`measure` if :meth:`due`, else ``None``."""
+        return self.measure(step) if self.due(step) else None
+
+    def attach(self, optimizer: Any) -> torch.utils.hooks.RemovableHandle:
+        """Measure right after every ``every``-th ``optimizer.step()``.
+
+        Also makes ``optimizer`` the source of thresholds if none was given.
+        Returns the hook handle (``handle.remove()`` detaches).
+        """
+        inner = unwrap_optimizer(optimizer)
+        if self.optimizer is None:
+            self.optimizer = inner
+
+        def hook(opt, args, kwargs) -> None:
+            self._attached_steps += 1
+            self.maybe_measure(self._attached_steps)
+
+        return inner.register_step_post_hook(hook)
+
+    # -- measuring --------------------------------------------------------------
+    def measure(self, step: int | None = None) -> CurvatureResult | None:
+        """Measure now; return the result (``None`` if it failed and not strict).
+
+        Args:
+            step: the optimizer step to log at; default: number of measurements.
+        """
+        step = self.measurements if step is None else int(step)
+        try:
+            with measurement_guard(self.model, self.train_mode):
+                result = self._measure(step)
+        except Exception as error:  # noqa: BLE001 - the failure policy
+            if self.strict:
+                raise
+            self._warn_once(
+                f"{type(error).__name__}: {error}",
+                f"curvwatch: measurement at step {step} skipped ({type(error).__name__}: {error}); "
+                "training continues (strict=True raises instead)",
+            )
+            return None
+        self.measurements += 1
+        self.history.append(result)
+        self._threshold_event(result)
+        for sink in self.sinks:
+            sink(result)
+        return result
+
+    def _measure(self, step: int) -> CurvatureResult:
+        start = time.perf_counter()
+        deadline = None if self.budget.max_seconds is None else start + self.budget.max_seconds
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        seed = self.seed + step
+        limit = self._threshold()
+        diagonal = self._preconditioner(limit, params)
+        eig_hvps = self.budget.max_hvps - (self.budget.trace_hvps if self.trace else 0)
+        raw_hvps = eig_hvps if diagonal is None else max(self.top_k, eig_hvps // 2)
+
+        operator = self._operator(params)
+        try:
+            eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
+        except CurvatureError as error:
+            if self.method != "auto" or "second derivative" not in str(error):
+                raise
+            self._resolved_method = "finite_difference"
+            self._warn_once("auto-fd", f"curvwatch: {error}. Using finite differences from now on.")
+            operator = self._operator(params)
+            eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
+        overlap = _overlap(self._warm, eig.eigenvectors)
+        self._warm = eig.eigenvectors.detach()
+        converged = eig.converged
+
+        pre_lambda = math.nan
+        if diagonal is not None:
+            pre_op = PreconditionedOperator(operator, diagonal)
+            pre = self._lanczos(pre_op, 1, eig_hvps - eig.matvecs, deadline, self._warm_preconditioned, seed + 1)
+            self._warm_preconditioned = pre.eigenvectors.detach()
+            pre_lambda, converged = pre.lambda_max, converged and pre.converged
+
+        trace_value = trace_stderr = math.nan
+        if self.trace and self.budget.trace_hvps > 0:
+            tr = hutchinson(operator, self.budget.trace_hvps, seed=seed + 2, deflation=eig)
+            trace_value, trace_stderr = tr.estimate, tr.stderr
+
+        spectrum = None
+        if self.spectrum_every and self.measurements % self.spectrum_every == 0:
+            density = slq(operator, num_probes=2, num_steps=min(30, operator.size), seed=seed + 3)
+            spectrum = (tuple(density.nodes.flatten().tolist()), tuple((density.weights / density.weights.shape[0]).flatten().tolist()))
+
+        bs = bs_err = math.nan
+        if self.batch_size is not None:
+            bs, bs_err = batch_sharpness(
+                self.model, self.loss_fn, self.batch, params, self.batch_size,
+                method=self._resolved_method or "double_backward",
+                max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
+            )
+        hvps = operator.matvecs
+        loss = operator.loss
+        if self.reduce is not None and loss is not None:
+            loss = self.reduce(torch.tensor(loss, dtype=torch.float64, device=operator.device)).item()
+        operator.release()
+
+        sharp = pre_lambda if diagonal is not None else (bs if self.batch_size is not None and not limit_adaptive(limit) else eig.lambda_max)
+        return CurvatureResult(
+            step=step,
+            lambda_max=eig.lambda_max,
+            eigenvalues=tuple(eig.eigenvalues.tolist()),
+            residuals=tuple(eig.residuals.tolist()),
+            trace=trace_value,
+            trace_stderr=trace_stderr,
+            threshold=limit.value if limit else math.nan,
+            sharpness_ratio=sharp / limit.value if limit else math.nan,
+            preconditioned_lambda_max=pre_lambda,
+            hvps=hvps,
+            seconds=time.perf_counter() - start,
+            converged=converged,
+            lr=limit.lr if limit else math.nan,
+            loss=math.nan if loss is None else float(loss),
+            method=self._resolved_method or "",
+            top_overlap=overlap,
+            batch_sharpness=bs,
+            batch_sharpness_stderr=bs_err,
+            spectrum=spectrum,
+        )
+
+    def _operator(self, params: Sequence[torch.Tensor]):
+        """The Hessian operator, resolving ``method="auto"`` on first use."""
+        closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
+        if self._resolved_method is None:
+            self._resolved_method = "finite_difference" if is_sharded(self.model) else "double_backward"
+        operator = HessianOperator(closure, params, self._resolved_method, module=self.model)
+        return operator if self.reduce is None else ReducedOperator(operator, self.reduce)
+
+    def _lanczos(self, operator, k, max_matvecs, deadline, warm, seed) -> LanczosResult:
+        seconds = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        return lanczos(
+            operator, k=k, tol=self.budget.tol, max_matvecs=max(k, max_matvecs),
+            max_seconds=seconds, v0=warm, seed=seed, basis_device=self.basis_device,
+        )
+
+    def _threshold(self) -> Threshold | None:
+        if self.optimizer is None:
+            self._warn_once("no-optimizer", "curvwatch: no optimizer given: sharpness is logged without a threshold")
+            return None
+        return threshold(self.optimizer, self.param_group)
+
+    def _preconditioner(self, limit: Threshold | None, params) -> torch.Tensor | None:
+        if limit is None or not limit.adaptive:
+            return None
+        diagonal = preconditioner_diagonal(self.optimizer, params)
+        if diagonal is None:
+            self._warn_once(
+                "no-state",
+                "curvwatch: the optimizer has no second-moment state for every parameter yet "
+                "(before its first step?): preconditioned sharpness skipped",
+            )
+        return diagonal
+
+    def _threshold_event(self, result: CurvatureResult) -> None:
+        ratio = result.sharpness_ratio
+        if not math.isfinite(ratio):
+            return
+        above = ratio >= 1.0
+        if self._above is not None and above != self._above:
+            direction = "crossed" if above else "fell back below"
+            logger.warning(
+                "curvwatch: step %d: sharpness %s the edge-of-stability threshold (ratio %.3f, threshold %.4g)",
+                result.step, direction, ratio, result.threshold,
+            )
+            if self.on_threshold is not None:
+                self.on_threshold(result)
+        elif self._above is None and above:
+            logger.warning("curvwatch: step %d: sharpness is at or above the threshold (ratio %.3f)", result.step, ratio)
+            if self.on_threshold is not None:
+                self.on_threshold(result)
+        self._above = above
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, CurvatureWarning, stacklevel=3)
+
+    # -- checkpointing ----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Schedule and warm-start state (CPU tensors), for checkpoints."""
+        return {
+            "measurements": self.measurements,
+            "attached_steps": self._attached_steps,
+            "warm": None if self._warm is None else self._warm.cpu(),
+            "warm_preconditioned": None if self._warm_preconditioned is None else self._warm_preconditioned.cpu(),
+            "above": self._above,
+            "method": self._resolved_method,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        device = next(self.model.parameters()).device
+        self.measurements = int(state["measurements"])
+        self._attached_steps = int(state.get("attached_steps", 0))
+        self._warm = None if state["warm"] is None else state["warm"].to(device)
+        wp = state.get("warm_preconditioned")
+        self._warm_preconditioned = None if wp is None else wp.to(device)
+        self._above = state.get("above")
+        if self.method == "auto":
+            self._resolved_method = state.get("method")
+
+
+def limit_adaptive(limit: Threshold | None) -> bool:
+    """True when ``limit`` compares against a preconditioned sharpness."""
+    return limit is not None and limit.adaptive
+
+
+def _overlap(previous: torch.Tensor | None, current: torch.Tensor) -> float:
+    if previous is None or previous.shape[0] != current.shape[0]:
+        return math.nan
+    a, b = previous[:, 0], current[:, 0].to(previous.device)
+    return abs(torch.dot(a, b).item()) / max((a.norm() * b.norm()).item(), 1e-300)

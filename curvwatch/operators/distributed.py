@@ -1,0 +1,58 @@
+"""Operators across processes: data-parallel products averaged over ranks.
+
+Under data parallelism (DDP, Accelerate's multi-process launch) every rank holds
+the full parameters and a shard of the probe batch. With a mean-reduced loss and
+equal shard sizes the Hessian of the whole probe batch is the mean of the
+ranks' Hessians, so
+
+.. math::
+
+    H v = \\frac{1}{R} \\sum_{r=1}^{R} H_r v ,
+
+one all-reduce of an ``n``-vector per product. Every rank then holds the same
+``H v`` and runs the same Lanczos iteration from the same seed, so all ranks
+agree on the result without further communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from curvwatch.operators._base import CurvatureOperator
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over the default ``torch.distributed`` process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.div_(dist.get_world_size())
+
+
+class ReducedOperator(CurvatureOperator):
+    """``x -> reduce(A_rank x)``: average a per-rank operator over processes.
+
+    Args:
+        operator: this rank's operator (its share of the probe batch).
+        reduce: mean over ranks, e.g. :func:`all_reduce_mean` or
+            ``lambda t: accelerator.reduce(t, reduction="mean")``.
+    """
+
+    def __init__(self, operator: CurvatureOperator, reduce: Reduce = all_reduce_mean) -> None:
+        super().__init__(operator.size, operator.dtype, operator.device)
+        self.operator = operator
+        self.reduce = reduce
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.operator.matvec(v))
+
+    def __getattr__(self, name: str):
+        # loss, gradient, release(), ... of the wrapped operator
+        return getattr(self.__dict__["operator"], name)

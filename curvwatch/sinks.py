@@ -1,0 +1,139 @@
+"""Where results go: TensorBoard (with a custom-scalars chart), JSONL, memory.
+
+A sink is any callable ``sink(result)``; the classes here only format
+:class:`~curvwatch.results.CurvatureResult` objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from curvwatch.results import TAG_PREFIX, CurvatureResult
+
+CHART_CATEGORY = "curvwatch"
+
+
+def custom_scalars_layout(adaptive: bool = False) -> dict:
+    """The TensorBoard custom-scalars layout: sharpness overlaid with its threshold.
+
+    ``adaptive``: overlay the preconditioned sharpness (Adam-type optimizers)
+    instead of the raw one. Raw sharpness and trace get their own charts.
+    """
+    sharp = "preconditioned_lambda_max" if adaptive else "lambda_max"
+    return {
+        CHART_CATEGORY: {
+            "sharpness vs edge-of-stability threshold": [
+                "Multiline",
+                [TAG_PREFIX + sharp, TAG_PREFIX + "threshold", TAG_PREFIX + "batch_sharpness"],
+            ],
+            "top eigenvalues": ["Multiline", [TAG_PREFIX + r"lambda_\d+"]],
+            "trace": ["Margin", [TAG_PREFIX + "trace", TAG_PREFIX + "trace_lower", TAG_PREFIX + "trace_upper"]],
+        }
+    }
+
+
+def write_layout(writer: Any, adaptive: bool = False) -> None:
+    """Write :func:`custom_scalars_layout` with a ``SummaryWriter``-like ``writer``."""
+    writer.add_custom_scalars(custom_scalars_layout(adaptive))
+
+
+def margin_scalars(result: CurvatureResult) -> dict[str, float]:
+    """``trace_lower``/``trace_upper`` (+-2 stderr) for the chart's margin band."""
+    if result.trace == result.trace and result.trace_stderr == result.trace_stderr:
+        return {
+            TAG_PREFIX + "trace_lower": result.trace - 2 * result.trace_stderr,
+            TAG_PREFIX + "trace_upper": result.trace + 2 * result.trace_stderr,
+        }
+    return {}
+
+
+class TensorBoardSink:
+    """Log every ``curvature/*`` tag at the optimizer step to a TensorBoard run.
+
+    Args:
+        logdir_or_writer: a directory (a ``SummaryWriter`` is created there) or an
+            existing ``torch.utils.tensorboard.SummaryWriter``.
+        spectrum_bins: bins of the ``curvature/spectrum`` histogram (SLQ).
+
+    The custom-scalars chart (sharpness overlaid with the threshold) is written
+    once, at the first result, choosing the preconditioned sharpness when the
+    threshold is an adaptive one.
+    """
+
+    def __init__(self, logdir_or_writer: Any, spectrum_bins: int = 60) -> None:
+        if isinstance(logdir_or_writer, (str, os.PathLike)):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(logdir_or_writer))
+        else:
+            self.writer = logdir_or_writer
+        self.spectrum_bins = spectrum_bins
+        self._layout_written = False
+
+    def __call__(self, result: CurvatureResult) -> None:
+        if not self._layout_written:
+            write_layout(self.writer, adaptive=result.preconditioned_lambda_max == result.preconditioned_lambda_max)
+            self._layout_written = True
+        for tag, value in {**result.scalars(), **margin_scalars(result)}.items():
+            self.writer.add_scalar(tag, value, result.step)
+        if result.spectrum is not None:
+            write_spectrum(self.writer, result, self.spectrum_bins)
+        self.writer.flush()
+
+    def log_scalar(self, tag: str, value: float, step: int) -> None:
+        """Log a non-curvature scalar (e.g. the training loss) to the same run."""
+        self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        """Flush and close the writer."""
+        self.writer.close()
+
+
+def write_spectrum(writer: Any, result: CurvatureResult, bins: int) -> None:
+    """Log the SLQ density of ``result`` as the histogram ``curvature/spectrum``."""
+    import numpy as np
+
+    nodes, weights = (np.asarray(x, dtype=np.float64) for x in result.spectrum)
+    lo, hi = float(nodes.min()), float(nodes.max())
+    hi = hi if hi > lo else lo + 1.0
+    mass, edges = np.histogram(nodes, bins=bins, range=(lo, hi), weights=weights)
+    # TensorBoard histograms count items: scale the unit mass to a count of 1000
+    counts = mass / mass.sum() * 1000.0
+    centers = 0.5 * (edges[1:] + edges[:-1])
+    writer.add_histogram_raw(
+        TAG_PREFIX + "spectrum",
+        min=lo,
+        max=hi,
+        num=float(counts.sum()),
+        sum=float((counts * centers).sum()),
+        sum_squares=float((counts * centers**2).sum()),
+        bucket_limits=edges[1:].tolist(),
+        bucket_counts=counts.tolist(),
+        global_step=result.step,
+    )
+
+
+class JsonlSink:
+    """Append one JSON object per result to ``path`` (every field of the result)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def __call__(self, result: CurvatureResult) -> None:
+        record = result.to_dict()
+        record["scalars"] = result.scalars()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+class MemorySink:
+    """Keep results in a list (``.results``)."""
+
+    def __init__(self) -> None:
+        self.results: list[CurvatureResult] = []
+
+    def __call__(self, result: CurvatureResult) -> None:
+        self.results.append(result)
