@@ -14,11 +14,13 @@ stable iff ``lambda`` is below a threshold set by the optimizer:
   against ``(2 + 2 beta) / eta``.
 
 The learning rate is the one in the parameter group *now*, so schedulers are
-followed.
+followed. At ``lr = 0`` (the end of a linear decay, the start of a warmup) every
+curvature is stable: the threshold is ``inf`` and the ratio 0.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,7 +73,7 @@ def threshold(optimizer, param_group: int = 0) -> Threshold:
         param_group: which parameter group's lr and momentum to use.
 
     Raises:
-        CurvatureError: no such group, or a non-positive lr.
+        CurvatureError: no such group, or a negative or non-finite lr.
     """
     optimizer = unwrap_optimizer(optimizer)
     if not 0 <= param_group < len(optimizer.param_groups):
@@ -80,20 +82,24 @@ def threshold(optimizer, param_group: int = 0) -> Threshold:
         )
     group = optimizer.param_groups[param_group]
     lr = float(group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"])
-    if lr <= 0:
-        raise CurvatureError(f"learning rate is {lr}; thresholds need lr > 0")
+    if not lr >= 0 or math.isinf(lr):
+        raise CurvatureError(f"learning rate is {lr}; thresholds need a finite lr >= 0")
+
+    def per_lr(numerator: float, denominator: float = 1.0) -> float:
+        return numerator / (denominator * lr) if lr > 0 else math.inf
+
     if "betas" in group:
         beta1 = float(group["betas"][0])
-        return Threshold((2 + 2 * beta1) / ((1 - beta1) * lr), lr, "adam", True, param_group)
+        return Threshold(per_lr(2 + 2 * beta1, 1 - beta1), lr, "adam", True, param_group)
     if isinstance(optimizer, torch.optim.RMSprop) or "alpha" in group and "centered" in group:
         beta = float(group.get("momentum", 0.0))
-        return Threshold((2 + 2 * beta) / lr, lr, "rmsprop", True, param_group)
+        return Threshold(per_lr(2 + 2 * beta), lr, "rmsprop", True, param_group)
     beta = float(group.get("momentum", 0.0) or 0.0)
     if beta == 0.0:
-        return Threshold(2.0 / lr, lr, "gd", False, param_group)
+        return Threshold(per_lr(2.0), lr, "gd", False, param_group)
     if group.get("nesterov", False):
-        return Threshold((2 + 2 * beta) / ((1 + 2 * beta) * lr), lr, "nesterov", False, param_group)
-    return Threshold((2 + 2 * beta) / lr, lr, "heavy_ball", False, param_group)
+        return Threshold(per_lr(2 + 2 * beta, 1 + 2 * beta), lr, "nesterov", False, param_group)
+    return Threshold(per_lr(2 + 2 * beta), lr, "heavy_ball", False, param_group)
 
 
 def preconditioner_diagonal(optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
