@@ -19,7 +19,7 @@ import torch
 
 from curvwatch._errors import CurvatureError
 from curvwatch._flat import flatten, unflatten
-from curvwatch.kernels.cross_entropy import cross_entropy_logit_hvp
+from curvwatch.kernels import cross_entropy_logit_hvp
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import check_params, zeros_for_none
 
