@@ -80,3 +80,51 @@ def loss_closure_factory(
         "similar); otherwise pass loss_fn=lambda model, batch: ...; dict batches with "
         "'labels' work as they are (model(**batch).loss)"
     )
+
+
+def first_batch(loader: Any) -> Any:
+    """The first batch of ``loader``, leaving training exactly as it was.
+
+    Fetching a batch must not change what training sees next, so:
+
+    * the global random states (torch CPU, Python ``random``, NumPy if loaded)
+      are restored afterwards (a ``RandomSampler`` and a ``DataLoader``'s base
+      seed draw from them);
+    * a ``torch.utils.data.DataLoader`` with worker processes is read through a
+      single-process copy (same dataset, sampler and collate function): no
+      workers are started, and a ``persistent_workers`` iterator that training
+      is using is never reset.
+
+    Args:
+        loader: any iterable of batches (a ``DataLoader``, a list, ...).
+
+    Raises:
+        CurvatureError: ``loader`` yields no batch.
+    """
+    import random
+    import sys
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    if isinstance(loader, DataLoader) and loader.num_workers > 0:
+        if isinstance(loader.dataset, IterableDataset):
+            loader = DataLoader(
+                loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                collate_fn=loader.collate_fn,
+            )
+        elif loader.batch_sampler is not None:
+            loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
+        else:
+            loader = DataLoader(loader.dataset, sampler=loader.sampler, batch_size=None, collate_fn=loader.collate_fn)
+    numpy = sys.modules.get("numpy")
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        for batch in loader:
+            return batch
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+    raise CurvatureError(f"the {type(loader).__name__} yields no batch: cannot take a probe batch from it")

@@ -1,0 +1,281 @@
+"""PyTorch Lightning: ``CurvatureCallback`` logs curvature next to the loss.
+
+The callback is a thin adapter around :class:`~curvwatch.CurvatureMonitor`: it
+finds the model (``pl_module``, never the DDP wrapper), the probe batch, the
+optimizer step (``trainer.global_step``), the loggers and the process rank;
+the measurement itself is the monitor's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch.batch_sharpness import batch_length, take
+from curvwatch.monitor import CurvatureMonitor
+from curvwatch.probe import LossFn, first_batch
+from curvwatch.results import CurvatureResult
+from curvwatch.sinks import margin_scalars, write_layout
+
+__all__ = ["CurvatureCallback"]
+
+# CurvatureMonitor arguments the callback fills in itself.
+_OWN_ARGUMENTS = {"self", "model", "batch", "loss_fn", "criterion", "every", "optimizer", "reduce"}
+MONITOR_OPTIONS = frozenset(inspect.signature(CurvatureMonitor.__init__).parameters) - _OWN_ARGUMENTS
+
+
+class CurvatureCallback(Callback):
+    r"""Measure and log the loss curvature every ``every`` optimizer steps.
+
+    After every ``every``-th optimizer step (``trainer.global_step``, so
+    gradient accumulation, the short last accumulation window of an epoch and
+    manual optimization all count real updates only) the callback measures the
+    top Hessian eigenvalues, the trace and the edge-of-stability ratio of the
+    loss on a fixed probe batch, and logs ``result.scalars()``
+    (``curvature/lambda_max``, ``curvature/threshold``, ...; see DESIGN.md)
+    with ``logger.log_metrics(..., step=trainer.global_step)`` on every logger
+    of the trainer, next to the module's own curves. A TensorBoard logger also
+    gets the custom-scalars chart (sharpness overlaid with its threshold).
+
+    The probe batch is ``batch`` if given, else the first batch of the
+    validation dataloader (taken at train start, before any validation run),
+    else the first batch of the training dataloader; it is moved with the
+    module's ``transfer_batch_to_device`` hooks. Under DDP each process
+    measures its share (the first validation batch of its sampler, or its
+    slice of ``batch``) and the Hessian-vector products are averaged with the
+    strategy's ``reduce``, so the result is that of the whole probe batch;
+    every process runs the same solver, process zero writes.
+
+    The loss is the module's own ``training_step`` on the probe batch (a
+    tensor, or the ``"loss"`` entry of a dict), with its ``self.log`` calls
+    muted, unless ``loss_fn`` or ``criterion`` is given. The threshold comes
+    from ``trainer.optimizers[0]`` at its current learning rate.
+
+    Args:
+        every: measure after every ``every``-th optimizer step. Default 100.
+        batch: the probe batch (as a dataloader yields it); ``None``: the first
+            validation batch, else the first training batch.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar loss`` instead of
+            ``training_step``.
+        criterion: shortcut for ``(inputs, targets)`` batches:
+            ``criterion(pl_module(inputs), targets)``.
+        **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
+            (``top_k``, ``trace``, ``budget``, ``method``, ``train_mode``,
+            ``param_group``, ``seed``, ``batch_size``, ``sinks``, ...).
+
+    Raises:
+        CurvatureError: ``every`` is not a positive integer, both ``loss_fn`` and
+            ``criterion`` are given, or an unknown monitor option; at train start,
+            manual optimization without ``loss_fn``/``criterion`` (its
+            ``training_step`` steps the optimizer itself).
+        MisconfigurationException: at train start, the ``Trainer`` has no logger.
+
+    A measurement that fails is one warning (``CurvatureWarning``) and a
+    skipped point; training continues (``strict=True`` raises instead).
+    ``state_dict``/``load_state_dict`` carry the schedule and the warm-start
+    vectors through checkpoints. For the identical probe batch after a resume,
+    pass ``batch`` or use an unshuffled validation dataloader.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from curvwatch.integrations.lightning import CurvatureCallback
+        >>> trainer = Trainer(callbacks=[CurvatureCallback(every=100)])
+    """
+
+    def __init__(
+        self,
+        every: int = 100,
+        batch: Any = None,
+        loss_fn: LossFn | None = None,
+        criterion: Callable | None = None,
+        **monitor_options: Any,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise CurvatureError(f"every must be a positive integer, got {every!r}")
+        if loss_fn is not None and criterion is not None:
+            raise CurvatureError("pass loss_fn or criterion, not both")
+        for name, value in (("loss_fn", loss_fn), ("criterion", criterion)):
+            if value is not None and not callable(value):
+                raise CurvatureError(f"{name} must be callable, got {type(value).__name__}")
+        unknown = sorted(set(monitor_options) - MONITOR_OPTIONS)
+        if unknown:
+            raise CurvatureError(
+                f"unknown CurvatureMonitor option(s) {unknown}; expected some of "
+                f"{sorted(MONITOR_OPTIONS)} (the callback sets {sorted(_OWN_ARGUMENTS - {'self'})})"
+            )
+        self.every = every
+        self.batch = batch
+        self.loss_fn = loss_fn
+        self.criterion = criterion
+        self.monitor_options = monitor_options
+        self.monitor: CurvatureMonitor | None = None
+        self._last_step: int | None = None
+        self._loaded_state: dict[str, Any] | None = None
+        self._layout_written = False
+
+    # -- hooks -------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the trainer, take the probe batch and build the monitor.
+
+        Raises:
+            MisconfigurationException: the ``Trainer`` has no logger.
+            CurvatureError: manual optimization without ``loss_fn``/``criterion``.
+        """
+        if not trainer.loggers:
+            raise MisconfigurationException("Cannot use `CurvatureCallback` callback with `Trainer` that has no logger.")
+        manual = not pl_module.automatic_optimization
+        if manual and self.loss_fn is None and self.criterion is None:
+            raise CurvatureError(
+                "CurvatureCallback under manual optimization needs loss_fn=... or criterion=...: "
+                "the module's training_step steps the optimizer itself, so it cannot be the probe loss"
+            )
+        loss_fn = self.loss_fn if self.loss_fn is not None or self.criterion is not None else _training_step_loss
+        self.monitor = CurvatureMonitor(
+            pl_module,
+            self._probe_batch(trainer, pl_module),
+            loss_fn=loss_fn,
+            criterion=self.criterion,
+            every=self.every,
+            optimizer=trainer.optimizers[0] if trainer.optimizers else None,
+            reduce=_strategy_mean(trainer) if trainer.world_size > 1 else None,
+            **self.monitor_options,
+        )
+        self._layout_written = False
+        if self._loaded_state is not None:
+            self.monitor.load_state_dict(self._loaded_state["monitor"])
+            self._last_step = self._loaded_state["last_step"]
+            self._loaded_state = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Measure when the optimizer step count moved to a multiple of ``every``."""
+        step = trainer.global_step
+        if self.monitor is None or step == self._last_step:
+            return
+        self._last_step = step
+        if not self.monitor.due(step):
+            return
+        result = self.monitor.measure(step)
+        if result is not None:
+            self._log(trainer, result)
+
+    # -- checkpointing -------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The monitor's schedule and warm-start state, and the last step seen."""
+        if self.monitor is None:
+            return dict(self._loaded_state) if self._loaded_state is not None else {}
+        return {"every": self.every, "last_step": self._last_step, "monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (applied when training starts)."""
+        if state_dict:
+            self._loaded_state = dict(state_dict)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _log(self, trainer: pl.Trainer, result: CurvatureResult) -> None:
+        metrics = {**result.scalars(), **margin_scalars(result)}
+        if not self._layout_written and trainer.is_global_zero:
+            adaptive = result.preconditioned_lambda_max == result.preconditioned_lambda_max
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger) and hasattr(logger.experiment, "add_custom_scalars"):
+                    write_layout(logger.experiment, adaptive)
+        self._layout_written = True
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _probe_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The given batch (this rank's slice), else the first validation or training batch."""
+        if self.batch is not None:
+            batch = _rank_share(self.batch, trainer.global_rank, trainer.world_size)
+        else:
+            loader = _first_loader(_validation_loaders(trainer)) or _first_loader(trainer.train_dataloader)
+            if loader is None:
+                raise CurvatureError(
+                    "CurvatureCallback found no probe batch: pass batch=<a held-out batch>, or give the "
+                    "Trainer a validation or training dataloader"
+                )
+            batch = first_batch(loader)
+        return trainer.strategy.batch_to_device(batch)
+
+
+def _training_step_loss(pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    """``pl_module.training_step(batch, 0)`` as a loss, with ``self.log`` muted."""
+    args = (batch, 0) if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2) else (batch,)
+    with _muted_logging(pl_module):
+        output = pl_module.training_step(*args)
+    if isinstance(output, dict):
+        output = output.get("loss")
+    if not isinstance(output, torch.Tensor):
+        raise CurvatureError(
+            f"training_step returned {type(output).__name__} on the probe batch, expected the loss (a tensor "
+            "or a dict with 'loss'); pass loss_fn=lambda module, batch: ... to CurvatureCallback"
+        )
+    return output
+
+
+@contextlib.contextmanager
+def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Replace ``pl_module.log``/``log_dict`` with no-ops for the duration."""
+    saved = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
+    pl_module.__dict__["log"] = pl_module.__dict__["log_dict"] = _no_op
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            pl_module.__dict__.pop(name, None)
+        pl_module.__dict__.update(saved)
+
+
+def _no_op(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def _strategy_mean(trainer: pl.Trainer) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Mean over processes through the strategy (a copy: Lightning reduces in place)."""
+    return lambda tensor: trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
+
+
+def _validation_loaders(trainer: pl.Trainer) -> Any:
+    """``trainer.val_dataloaders``, set up now if Lightning has not validated yet."""
+    if trainer.val_dataloaders is None:
+        # the same setup Lightning runs before its first validation (sources, samplers)
+        trainer.fit_loop.epoch_loop.val_loop.setup_data()
+    return trainer.val_dataloaders
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first dataloader of ``loaders`` (one loader, a sequence or a mapping of them)."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def _rank_share(batch: Any, rank: int, world_size: int) -> Any:
+    """This rank's contiguous slice of ``batch``; the whole batch if it does not split evenly."""
+    if world_size == 1:
+        return batch
+    size = batch_length(batch)
+    if size % world_size:
+        rank_zero_warn(
+            f"curvwatch: the probe batch has {size} examples, which do not split evenly over {world_size} "
+            "processes; every process measures the whole batch",
+            category=CurvatureWarning,
+        )
+        return batch
+    share = size // world_size
+    return take(batch, torch.arange(rank * share, (rank + 1) * share))
