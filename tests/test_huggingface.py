@@ -1,0 +1,249 @@
+"""CurvatureTrainerCallback end to end with the real transformers Trainer (CPU).
+
+A tiny GPT-2 built from a config (default attention: SDPA), random token
+datasets, 20 optimizer steps with ``every=5``; the TensorBoard event files the
+Trainer writes are read back.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tensorboard")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.custom_scalar import layout_pb2  # noqa: E402
+from transformers import (  # noqa: E402
+    AttentionInterface,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+
+from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning  # noqa: E402
+from curvwatch.integrations.huggingface import CurvatureTrainerCallback  # noqa: E402
+
+STEPS, EVERY, LR = 20, 5, 1e-3
+MEASURED = [5, 10, 15, 20]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models on a shared CPU: one thread is faster and its timing predictable
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Random token sequences as causal-LM examples (``labels = input_ids``)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 128, (n, 32), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2(**config) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=32,
+        bos_token_id=0, eos_token_id=0, **config,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def train(tmp_path, callbacks, eval_dataset=True, model=None, **overrides):
+    args = dict(
+        output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, learning_rate=LR, lr_scheduler_type="linear",
+        report_to="tensorboard", logging_steps=EVERY, use_cpu=True, disable_tqdm=True,
+        save_strategy="no", dataloader_num_workers=0, seed=0,
+    )
+    args.update(overrides)
+    trainer = Trainer(
+        model=model if model is not None else tiny_gpt2(),
+        args=TrainingArguments(**args),
+        train_dataset=TokenDataset(160, seed=1),
+        eval_dataset=TokenDataset(16, seed=2) if eval_dataset else None,
+        callbacks=callbacks,
+    )
+    trainer.train()
+    return trainer
+
+
+def read_run(output_dir) -> tuple[str, EventAccumulator]:
+    """The one TensorBoard run the Trainer wrote, and its single event file's directory."""
+    files = glob.glob(os.path.join(str(output_dir), "**", "events.out.tfevents.*"), recursive=True)
+    assert len(files) == 1, f"expected the Trainer's one event file, found {files}"
+    run = EventAccumulator(os.path.dirname(files[0]), size_guidance={"scalars": 0, "tensors": 0})
+    run.Reload()
+    return os.path.dirname(files[0]), run
+
+
+def scalars(run: EventAccumulator, tag: str) -> dict[int, float]:
+    return {event.step: event.value for event in run.Scalars(tag)}
+
+
+def test_curves_land_in_the_trainers_run_with_adamw_and_a_linear_schedule(tmp_path):
+    callback = CurvatureTrainerCallback(every=EVERY)
+    trainer = train(tmp_path, [callback])
+    model = trainer.model
+    assert model.config._attn_implementation == "sdpa"  # the default, fused on CPU
+    _, run = read_run(tmp_path)
+    tags = run.Tags()["scalars"]
+
+    # beside the Trainer's own loss, in the same event file, at the optimizer steps
+    assert sorted(scalars(run, "train/loss")) == MEASURED
+    for tag in ("lambda_max", "lambda_1", "lambda_2", "trace", "preconditioned_lambda_max",
+                "sharpness_ratio", "hvps"):
+        values = scalars(run, "curvature/" + tag)
+        assert sorted(values) == MEASURED, tag
+        assert all(math.isfinite(v) for v in values.values()), tag
+    lam = scalars(run, "curvature/lambda_max")
+    assert all(v > 0 for v in lam.values())
+
+    # AdamW: 38 / lr at the lr in effect after the scheduler's step (linear decay to 0)
+    threshold = scalars(run, "curvature/threshold")
+    assert sorted(threshold) == [5, 10, 15]  # lr = 0 at step 20: infinite, not logged
+    for step, value in threshold.items():
+        lr_t = LR * (1 - step / STEPS)
+        assert value == pytest.approx(38 / lr_t, rel=1e-5)
+    ratio = scalars(run, "curvature/sharpness_ratio")
+    pre = scalars(run, "curvature/preconditioned_lambda_max")
+    for step in (5, 10, 15):
+        assert ratio[step] == pytest.approx(pre[step] / threshold[step], rel=1e-5)
+    assert ratio[20] == 0.0
+    assert "curvature/batch_sharpness" not in tags
+
+    # the custom-scalars chart, written once, overlays the preconditioned sharpness
+    layouts = run.Tensors("custom_scalars__config__")
+    assert len(layouts) == 1
+    layout = layout_pb2.Layout.FromString(layouts[0].tensor_proto.string_val[0])
+    chart = layout.category[0].chart[0]
+    assert list(chart.multiline.tag)[:2] == ["curvature/preconditioned_lambda_max", "curvature/threshold"]
+
+    # the probe batch: the first evaluation batch through the Trainer's collator
+    probe = default_data_collator([trainer.eval_dataset[i] for i in range(8)])
+    assert set(callback.monitor.batch) == {"input_ids", "labels"}
+    assert torch.equal(callback.monitor.batch["input_ids"], probe["input_ids"])
+
+    # the last logged point equals a direct measurement on the final weights
+    direct = CurvatureMonitor(model, probe, optimizer=trainer.optimizer, strict=True).measure(STEPS)
+    assert direct.converged
+    assert lam[20] == pytest.approx(direct.lambda_max, rel=1e-3)
+    assert pre[20] == pytest.approx(direct.preconditioned_lambda_max, rel=1e-2)
+    assert [r.step for r in callback.monitor.history] == MEASURED
+
+
+def test_gradient_accumulation_measures_at_optimizer_steps(tmp_path):
+    callback = CurvatureTrainerCallback(every=EVERY, trace=False)
+    trainer = train(tmp_path, [callback], gradient_accumulation_steps=2)
+    assert trainer.state.global_step == STEPS
+    _, run = read_run(tmp_path)
+    assert sorted(scalars(run, "train/loss")) == MEASURED
+    assert sorted(scalars(run, "curvature/lambda_max")) == MEASURED
+    assert [r.step for r in callback.monitor.history] == MEASURED
+    assert "curvature/trace" not in run.Tags()["scalars"]
+
+
+def test_measuring_leaves_training_bit_exact_and_probes_the_first_training_batch(tmp_path):
+    plain = train(tmp_path / "plain", None, eval_dataset=False, report_to="none", max_steps=10)
+    callback = CurvatureTrainerCallback(every=EVERY, trace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched = train(tmp_path / "watched", [callback], eval_dataset=False, report_to="none", max_steps=10)
+    assert any(
+        issubclass(w.category, CurvatureWarning) and "no TensorBoardCallback" in str(w.message)
+        for w in caught
+    )
+    assert [r.step for r in callback.monitor.history] == [5, 10]
+    # no eval dataset: a training batch of the Trainer's batch size, through its collator
+    assert callback.monitor.batch["input_ids"].shape == (8, 32)
+    rows = {tuple(row.tolist()) for row in watched.train_dataset.ids}
+    assert all(tuple(row.tolist()) in rows for row in callback.monitor.batch["input_ids"])
+    # fetching the probe batch and measuring changed neither data order, RNG nor weights
+    for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters()):
+        assert torch.equal(a, b), name
+    assert not glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True)
+
+
+class _NoDerivative(torch.autograd.Function):
+    """Identity whose own backward is missing, like a fused kernel's backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("derivative for fused_attention_backward is not implemented")
+
+
+class _FusedKernel(torch.autograd.Function):
+    """Identity with a first derivative but no second one (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _NoDerivative.apply(grad)
+
+
+def _fused_attention(module, query, key, value, attention_mask, **kwargs):
+    out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return _FusedKernel.apply(out), weights
+
+
+@pytest.mark.filterwarnings("ignore:curvwatch. no optimizer given")
+def test_fused_attention_without_double_backward_is_switched_to_eager(tmp_path):
+    AttentionInterface.register("curvwatch_fused_test", _fused_attention)
+    model = tiny_gpt2()
+    model.set_attn_implementation("curvwatch_fused_test")
+    probe = default_data_collator([TokenDataset(16, seed=2)[i] for i in range(8)])
+    with pytest.raises(CurvatureError, match="second derivative"):
+        CurvatureMonitor(model, probe, method="double_backward", strict=True).measure(0)
+
+    callback = CurvatureTrainerCallback(every=EVERY, trace=False, method="double_backward", strict=True)
+    trainer = train(tmp_path, [callback], model=model, max_steps=10)
+    assert [r.method for r in callback.monitor.history] == ["double_backward"] * 2
+    assert trainer.model.config._attn_implementation == "curvwatch_fused_test"  # switched back
+    _, run = read_run(tmp_path)
+    lam = scalars(run, "curvature/lambda_max")
+    assert sorted(lam) == [5, 10]
+    trainer.model.set_attn_implementation("eager")
+    direct = CurvatureMonitor(trainer.model, probe, strict=True, trace=False).measure(10)
+    assert lam[10] == pytest.approx(direct.lambda_max, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every": 0}, "every must be a positive integer"),
+        ({"every": 2.5}, "every must be a positive integer"),
+        ({"loss_fn": lambda m, b: m(**b).loss, "criterion": torch.nn.MSELoss()}, "not both"),
+        ({"optimizer": None}, "set by the callback"),
+        ({"top_kk": 3}, "unknown CurvatureMonitor options"),
+    ],
+)
+def test_bad_arguments_name_the_fix(kwargs, message):
+    with pytest.raises(CurvatureError, match=message):
+        CurvatureTrainerCallback(**kwargs)
