@@ -25,18 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
-# Finite stand-in for -inf as the initial running max: exp(m - m_new) stays 0
-# or 1 instead of NaN when a lane has seen only masked (-inf) entries.
-_NEG_BIG = -3.0e38
-
 _CONFIGS = [
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=4),
     triton.Config({"BLOCK": 2048}, num_warps=8),
+    triton.Config({"BLOCK": 2048}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK": 4096}, num_warps=8),
     triton.Config({"BLOCK": 4096}, num_warps=16),
+    triton.Config({"BLOCK": 4096}, num_warps=16, num_stages=1),
     triton.Config({"BLOCK": 8192}, num_warps=16),
 ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop blocks wider than the row needs (a 37-class row tunes nothing)."""
+    widest = max(1024, triton.next_power_of_2(int(named_args["C"])))
+    return [c for c in configs if c.kwargs["BLOCK"] <= widest]
 
 
 @triton.jit
@@ -50,6 +54,7 @@ def _ce_logit_hvp_kernel(
     stride_u,
     stride_out,
     BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -57,14 +62,16 @@ def _ce_logit_hvp_kernel(
     out_row = out_ptr + row * stride_out
     offs = tl.arange(0, BLOCK)
 
-    # pass 1: per-lane online max, sum exp, sum exp * u
-    m = tl.full([BLOCK], _NEG_BIG, tl.float32)
+    # pass 1: per-lane online max, sum exp, sum exp * u. The running max starts
+    # at a finite -3e38, not -inf, so exp(m - m_new) stays 0 or 1 (never NaN)
+    # in lanes that have seen only masked (-inf) entries.
+    m = tl.full([BLOCK], -3.0e38, tl.float32)
     s = tl.zeros([BLOCK], tl.float32)
     t = tl.zeros([BLOCK], tl.float32)
     for start in range(0, C, BLOCK):
         cols = start + offs
         mask = cols < C
-        z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        z = tl.load(z_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
         u = tl.load(u_row + cols, mask=mask, other=0.0).to(tl.float32)
         m_new = tl.maximum(m, z)
         rescale = tl.exp(m - m_new)
@@ -81,12 +88,15 @@ def _ce_logit_hvp_kernel(
     w = tl.load(w_ptr + row).to(tl.float32)
     scale = w * inv_s
 
-    # pass 2: last block first, out = w * p * (u - <p, u>)
+    # pass 2: out = w * p * (u - <p, u>), last block first when REVERSE
     num_blocks = tl.cdiv(C, BLOCK)
     for i in range(0, num_blocks):
-        cols = (num_blocks - 1 - i) * BLOCK + offs
+        if REVERSE:
+            cols = (num_blocks - 1 - i) * BLOCK + offs
+        else:
+            cols = i * BLOCK + offs
         mask = cols < C
-        z = tl.load(z_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+        z = tl.load(z_row + cols, mask=mask, other=-float("inf"), eviction_policy="evict_first")
         u = tl.load(u_row + cols, mask=mask, other=0.0, eviction_policy="evict_first")
         p_w = tl.exp(z.to(tl.float32) - m_row) * scale
         out = p_w * (u.to(tl.float32) - pu)
@@ -95,7 +105,9 @@ def _ce_logit_hvp_kernel(
 
 # Tuned once per (C, dtypes) on the GPU; the interpreter (TRITON_INTERPRET=1,
 # for debugging on a CPU) cannot time configs, so it runs the plain kernel.
-_ce_logit_hvp_tuned = triton.autotune(configs=_CONFIGS, key=["C"])(_ce_logit_hvp_kernel)
+_ce_logit_hvp_tuned = triton.autotune(
+    configs=_CONFIGS, key=["C"], prune_configs_by={"early_config_prune": _prune}
+)(_ce_logit_hvp_kernel)
 
 
 def logit_hvp_rows_triton(
@@ -123,7 +135,7 @@ def logit_hvp_rows_triton(
     w = weights.to(device=logits.device, dtype=torch.float32).contiguous()
     args = (logits, tangent, w, out, classes, logits.stride(0), tangent.stride(0), out.stride(0))
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        _ce_logit_hvp_kernel[(rows,)](*args, BLOCK=1024)
+        _ce_logit_hvp_kernel[(rows,)](*args, BLOCK=1024, REVERSE=True)
     else:
-        _ce_logit_hvp_tuned[(rows,)](*args)
+        _ce_logit_hvp_tuned[(rows,)](*args, REVERSE=True)
     return out
