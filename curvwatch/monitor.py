@@ -33,6 +33,7 @@ from curvwatch.guard import measurement_guard
 from curvwatch.operators.distributed import Reduce, ReducedOperator
 from curvwatch.operators.hessian import METHODS, HessianOperator
 from curvwatch.operators.preconditioned import PreconditionedOperator
+from curvwatch.operators.sharded import ShardedHessianOperator, check_supported
 from curvwatch.probe import LossFn, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
 from curvwatch.solvers.density import slq
@@ -126,6 +127,7 @@ class CurvatureMonitor:
             raise CurvatureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not any(p.requires_grad for p in model.parameters()):
             raise CurvatureError("the model has no trainable parameters (requires_grad=True)")
+        check_supported(model)
         if not isinstance(every, int) or every < 1:
             raise CurvatureError(f"every must be a positive integer, got {every!r}")
         if not isinstance(top_k, int) or top_k < 1:
@@ -249,7 +251,7 @@ class CurvatureMonitor:
             self._warn_once("auto-fd", f"curvwatch: {error}. Using finite differences from now on.")
             operator = self._operator(params)
             eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
-        overlap = _overlap(self._warm, eig.eigenvectors)
+        overlap = _overlap(self._warm, eig.eigenvectors, operator.dot)
         self._warm = eig.eigenvectors.detach()
         converged = eig.converged
 
@@ -311,6 +313,15 @@ class CurvatureMonitor:
         closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
         if self._resolved_method is None:
             self._resolved_method = "finite_difference" if is_sharded(self.model) else "double_backward"
+        check_supported(self.model)
+        if is_sharded(self.model):  # FSDP: local shards, reduces itself (no `reduce`)
+            if self._resolved_method != "finite_difference":
+                raise CurvatureError(
+                    f"method={self._resolved_method!r} cannot run under FSDP (autograd cannot "
+                    "differentiate through its sharded parameters): use method='auto' or "
+                    "'finite_difference'"
+                )
+            return ShardedHessianOperator(closure, params, module=self.model)
         operator = HessianOperator(closure, params, self._resolved_method, module=self.model)
         return operator if self.reduce is None else ReducedOperator(operator, self.reduce)
 
@@ -393,8 +404,9 @@ def limit_adaptive(limit: Threshold | None) -> bool:
     return limit is not None and limit.adaptive
 
 
-def _overlap(previous: torch.Tensor | None, current: torch.Tensor) -> float:
+def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot) -> float:
+    # `dot` is the operator's: all-reduced when vectors are FSDP shards
     if previous is None or previous.shape[0] != current.shape[0]:
         return math.nan
     a, b = previous[:, 0], current[:, 0].to(previous.device)
-    return abs(torch.dot(a, b).item()) / max((a.norm() * b.norm()).item(), 1e-300)
+    return abs(dot(a, b).item()) / max((dot(a, a) * dot(b, b)).sqrt().item(), 1e-300)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from curvwatch._errors import CurvatureError
-from curvwatch._flat import flatten
+from curvwatch._flat import flatten, local
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ def preconditioner_diagonal(optimizer, params: Sequence[torch.Tensor]) -> torch.
     Adam: ``P = sqrt(v / (1 - beta2^t)) + eps``; RMSprop: ``P = sqrt(v) + eps``,
     with ``v`` the second-moment state of each parameter (``exp_avg_sq`` or
     ``square_avg``) and ``t`` its step count. Returns ``None`` before the first
-    step (no state yet) or when a parameter is not optimized.
+    step (no state yet) or when a parameter is not optimized. Under FSDP the
+    diagonal is this rank's local shard (DTensor states are read with ``to_local()``).
     """
     optimizer = unwrap_optimizer(optimizer)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -118,13 +119,13 @@ def preconditioner_diagonal(optimizer, params: Sequence[torch.Tensor]) -> torch.
         if group is None:
             return None
         if "exp_avg_sq" in state:
-            v = state["exp_avg_sq"]
+            v = local(state["exp_avg_sq"])  # FSDP2: the local shard
             t = state["step"]
             t = float(t.item() if isinstance(t, torch.Tensor) else t)
             beta2 = float(group["betas"][1])
             p_diag = (v / (1 - beta2**t)).sqrt() + group["eps"]
         elif "square_avg" in state:
-            p_diag = state["square_avg"].sqrt() + group["eps"]
+            p_diag = local(state["square_avg"]).sqrt() + group["eps"]
         else:
             return None
         parts.append(p_diag.to(p.dtype))
