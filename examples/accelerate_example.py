@@ -56,13 +56,16 @@ def main() -> None:
     accelerator.init_trackers("gd_lr%g" % args.lr)
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)
+        torch.nn.Linear(16, 64), torch.nn.Tanh(),
+        torch.nn.Linear(64, 64), torch.nn.Tanh(),
+        torch.nn.Linear(64, 4),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     x, y = make_data(args.examples, seed=1)
     # full batch: every update sees all examples (split across processes and micro-batches)
     per_micro_batch = args.examples // (accelerator.num_processes * args.grad_accum)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=per_micro_batch)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_micro_batch)
     # The probe batch: edge of stability concerns the loss that gradient descent
     # follows, so here it is the training set itself (the same on every process;
     # watch() keeps each process's share). For a mini-batch run pass a held-out batch.
@@ -84,7 +87,8 @@ def main() -> None:
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
                 updates += 1
-                accelerator.log({"train/loss": accelerator.reduce(loss.detach(), "mean").item()}, step=updates)
+                mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+                accelerator.log({"train/loss": mean_loss}, step=updates)
             if updates >= args.steps:
                 break
 
@@ -92,7 +96,8 @@ def main() -> None:
         print(f"{updates} updates in {time.perf_counter() - start:.1f} s; 2/lr = {2 / args.lr:.2f}")
         print(" step  lambda_max  ratio   trace    hvps")
         for r in monitor.history:
-            print(f"{r.step:5d}  {r.lambda_max:10.3f}  {r.sharpness_ratio:5.2f}  {r.trace:7.2f}  {r.hvps:4d}")
+            print(f"{r.step:5d}  {r.lambda_max:10.3f}  {r.sharpness_ratio:5.2f}"
+                  f"  {r.trace:7.2f}  {r.hvps:4d}")
         print(f"TensorBoard: tensorboard --logdir {args.out}")
     accelerator.end_training()
 

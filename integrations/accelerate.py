@@ -148,14 +148,16 @@ def watch(
             )
     inner = _inner_optimizer(optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    loss = _full_precision(loss_closure_factory(batch, loss_fn, criterion))
     if split_batch:
         batch = _process_share(batch, accelerator.num_processes, accelerator.process_index)
-    loss = _full_precision(loss_closure_factory(batch, loss_fn, criterion))
     if accelerator.num_processes > 1:
         monitor_options.setdefault("reduce", lambda t: accelerator.reduce(t, reduction="mean"))
     sinks = (*monitor_options.pop("sinks", ()), AcceleratorLogSink(accelerator))
     monitor_options.setdefault("optimizer", inner)
-    monitor = CurvatureMonitor(unwrapped, batch, loss_fn=loss, every=every, sinks=sinks, **monitor_options)
+    monitor = CurvatureMonitor(
+        unwrapped, batch, loss_fn=loss, every=every, sinks=sinks, **monitor_options
+    )
     if accelerator.is_main_process and not getattr(accelerator, "log_with", None):
         warnings.warn(
             "curvwatch: the Accelerator has no trackers (log_with=...): curvature values "
@@ -221,7 +223,7 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     hook machinery, so hooks go on ``.optimizer`` inside it.
     """
     seen = 0
-    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
         seen += 1
         if seen > 5:

@@ -273,3 +273,14 @@ def test_two_processes_equal_one_process_on_the_whole_probe_batch(tmp_path):
     assert logged["lambda_max"] == pytest.approx(direct.lambda_max, rel=1e-3)
     assert logged["loss"] == pytest.approx(direct.loss, rel=1e-5)
     assert events.Scalars("curvature/lambda_max")[-1].value == pytest.approx(direct.lambda_max, rel=1e-3)
+
+
+def test_probe_batch_split_by_process_index():
+    from curvwatch.integrations.accelerate import _process_share
+
+    x, y = script.make_data(12, seed=2)
+    share = _process_share((x, y), num_processes=3, index=1)
+    assert torch.equal(share[0], x[4:8]) and torch.equal(share[1], y[4:8])
+    assert _process_share((x, y), 1, 0)[0] is x
+    with pytest.raises(ValueError, match="12 examples.*5 processes"):
+        _process_share((x, y), num_processes=5, index=0)
