@@ -250,7 +250,7 @@ def _strategy_mean(trainer: pl.Trainer) -> Callable[[torch.Tensor], torch.Tensor
 
 def _validation_loaders(trainer: pl.Trainer) -> Any:
     """``trainer.val_dataloaders``, set up now if Lightning has not validated yet."""
-    if trainer.val_dataloaders is None:
+    if trainer.val_dataloaders is None and trainer.enable_validation:
         # the same setup Lightning runs before its first validation (sources, samplers)
         trainer.fit_loop.epoch_loop.val_loop.setup_data()
     return trainer.val_dataloaders
