@@ -46,6 +46,8 @@ def take(batch: Any, index: torch.Tensor) -> Any:
         return batch[index.to(batch.device)]
     if isinstance(batch, Mapping):
         return {k: take(v, index) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(take(v, index) for v in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(take(v, index) for v in batch)
     return batch

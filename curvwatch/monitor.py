@@ -228,7 +228,16 @@ class CurvatureMonitor:
         self.history.append(result)
         self._threshold_event(result)
         for sink in self.sinks:
-            sink(result)
+            try:
+                sink(result)
+            except Exception as error:  # noqa: BLE001 - a broken sink must not stop training
+                if self.strict:
+                    raise
+                self._warn_once(
+                    f"sink {id(sink)}",
+                    f"curvwatch: sink {sink!r} failed ({type(error).__name__}: {error}); its "
+                    "results are dropped, training continues",
+                )
         return result
 
     def _measure(self, step: int) -> CurvatureResult:

@@ -51,12 +51,11 @@ class Threshold:
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside framework wrappers (Accelerate, Lightning, HF)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-        seen += 1
-        if seen > 5:
+    for _ in range(5):  # AcceleratedOptimizer & co. subclass Optimizer and hold the real one
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
             break
+        optimizer = inner
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise CurvatureError(
             f"expected a torch.optim.Optimizer (or a wrapper with .optimizer), got "
@@ -118,6 +117,9 @@ def preconditioner_diagonal(optimizer, params: Sequence[torch.Tensor]) -> torch.
         group, state = group_of.get(id(p)), optimizer.state.get(p, {})
         if group is None:
             return None
+        if local(p).numel() == 0:  # FSDP1: no piece of p on this rank, hence no state
+            parts.append(local(p).detach().reshape(-1))
+            continue
         if "exp_avg_sq" in state:
             v = local(state["exp_avg_sq"])  # FSDP2: the local shard
             t = state["step"]

@@ -1,0 +1,299 @@
+"""CurvatureMonitor: demo claims, non-interference, TensorBoard, failure policy."""
+
+import math
+import os
+import random
+import warnings
+
+import pytest
+import torch
+
+import curvwatch as cw
+from curvwatch.demo import run_demo
+from curvwatch.report import read_run
+
+
+def _event_accumulator(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+# -- the demo's claims --------------------------------------------------------
+@pytest.mark.slow
+def test_gd_demo_progressive_sharpening_then_edge_of_stability(tmp_path):
+    run = run_demo(str(tmp_path), optimizer="gd", steps=500, every=20, progress=False)
+    ratios = [r.sharpness_ratio for r in run.history]
+    assert run.history[0].threshold == pytest.approx(2 / 2.0)
+    assert ratios[0] < 0.7
+    assert all(0.85 <= r <= 1.3 for r in ratios[-8:]), ratios
+    rises = sum(b > a for a, b in zip(run.losses[250:], run.losses[251:]))
+    assert rises > 10  # the loss is non-monotone at the edge of stability
+    assert run.losses[-1] < 0.2 * run.losses[0]
+
+
+@pytest.mark.slow
+def test_adam_demo_preconditioned_sharpness_at_38_over_lr(tmp_path):
+    run = run_demo(str(tmp_path), optimizer="adam", steps=500, every=20, progress=False)
+    first, last = run.history[0], run.history[-1]
+    assert first.threshold == pytest.approx(38 / 3e-3)
+    assert first.sharpness_ratio == pytest.approx(first.preconditioned_lambda_max / first.threshold)
+    assert first.sharpness_ratio < 0.7
+    assert all(0.85 <= r.sharpness_ratio <= 1.3 for r in run.history[-8:])
+    assert last.lambda_max < 0.1 * last.preconditioned_lambda_max  # raw sharpness is far smaller
+
+
+# -- measuring never changes training -----------------------------------------
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+            torch.nn.Linear(16, 3),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _train(monitor_kwargs, steps=12, seed=0):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = _Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    probe = (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    monitor = None
+    if monitor_kwargs is not None:
+        monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), every=3, **monitor_kwargs)
+        monitor.attach(opt)
+    losses = []
+    for i in range(steps):
+        idx = torch.randint(0, 64, (16,))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses, torch.rand(3), monitor
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"train_mode": True}, {"method": "finite_difference", "batch_size": 8}])
+def test_training_with_monitor_is_bit_identical(kwargs):
+    ref_model, ref_opt, ref_losses, ref_rng, _ = _train(None)
+    model, opt, losses, rng, monitor = _train(kwargs)
+    assert len(monitor.history) == 4
+    assert losses == ref_losses
+    assert torch.equal(rng, ref_rng)  # the random stream continues unchanged
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        assert torch.equal(a, b)  # parameters and BatchNorm buffers
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, ref_opt.state[q][k])
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_monitor_leaves_eval_mode_and_no_grad_context_alone():
+    model = _Net().eval()
+    monitor = cw.CurvatureMonitor(model, (torch.randn(8, 6), torch.randint(0, 3, (8,))),
+                                  criterion=torch.nn.CrossEntropyLoss(), strict=True)
+    with torch.no_grad():
+        result = monitor.measure(1)
+    assert result is not None and not model.training and all(not m.training for m in model.modules())
+
+
+# -- the result ----------------------------------------------------------------
+def _regression_monitor(**kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    y = torch.randn(40, 1, dtype=torch.float64)
+    return model, x, y, cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), **kwargs)
+
+
+def test_result_matches_dense_hessian_and_reports_honestly():
+    from tests.cases import dense_hessian
+
+    model, x, y, monitor = _regression_monitor(top_k=3, strict=True, budget=cw.Budget(max_hvps=60, trace_hvps=20, tol=1e-6))
+    r = monitor.measure(7)
+    H = dense_hessian(model, lambda ps: torch.nn.functional.mse_loss(torch.func.functional_call(model, ps, (x,)), y))
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    assert r.step == 7 and r.converged and r.method == "double_backward"
+    assert r.eigenvalues == pytest.approx(exact[:3].tolist(), rel=1e-6)
+    assert r.lambda_max == r.eigenvalues[0]
+    assert abs(r.trace - torch.trace(H).item()) <= 4 * r.trace_stderr + 1e-9
+    assert r.hvps <= 60 and r.seconds > 0
+    assert math.isnan(r.threshold) and math.isnan(r.sharpness_ratio)  # no optimizer
+    assert r.loss == pytest.approx(torch.nn.functional.mse_loss(model(x), y).item())
+
+
+def test_warm_start_overlap_and_cheap_repeat():
+    _, _, _, monitor = _regression_monitor(top_k=1, trace=False, strict=True)
+    first = monitor.measure(1)
+    second = monitor.measure(2)
+    assert math.isnan(first.top_overlap)
+    assert second.top_overlap == pytest.approx(1.0, abs=1e-4)
+    assert second.hvps <= 5 < first.hvps
+    assert second.lambda_max == pytest.approx(first.lambda_max, rel=1e-5)
+
+
+def test_budget_is_honoured_by_the_monitor():
+    _, _, _, monitor = _regression_monitor(top_k=2, budget=cw.Budget(max_hvps=7, trace_hvps=3, tol=1e-12))
+    r = monitor.measure(1)
+    assert r.hvps == 7 and not r.converged
+
+
+def test_threshold_events_fire_once_per_crossing(caplog):
+    _, _, _, monitor = _regression_monitor(trace=False, top_k=1)
+    opt = torch.optim.SGD(monitor.model.parameters(), lr=1e-3)
+    events = []
+    monitor.optimizer = opt
+    monitor.on_threshold = events.append
+    lam = monitor.measure(0).lambda_max
+    for step, lr in enumerate([0.5 / lam, 1.5 / lam, 2.5 / lam, 3.0 / lam, 1.0 / lam, 0.9 / lam], start=1):
+        opt.param_groups[0]["lr"] = lr
+        monitor.measure(step)
+    assert [e.step for e in events] == [3, 5]
+    assert events[0].sharpness_ratio >= 1 > events[1].sharpness_ratio
+    assert sum("crossed" in m for m in caplog.messages) == 1
+    assert sum("fell back" in m for m in caplog.messages) == 1
+
+
+# -- sinks ---------------------------------------------------------------------
+def test_tensorboard_tags_steps_values_and_layout(tmp_path):
+    model, x, y, monitor = _regression_monitor(top_k=2, every=5, spectrum_every=2,
+                                               sinks=[cw.TensorBoardSink(str(tmp_path)), cw.JsonlSink(tmp_path / "c.jsonl")])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    monitor.attach(opt)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    monitor.sinks[0].close()
+    acc = _event_accumulator(tmp_path)
+    scalars = acc.Tags()["scalars"]
+    for tag in ["lambda_max", "lambda_1", "lambda_2", "trace", "trace_stderr", "threshold",
+                "sharpness_ratio", "hvps", "seconds", "converged", "top_overlap"]:
+        assert "curvature/" + tag in scalars, tag
+    events = acc.Scalars("curvature/lambda_max")
+    assert [e.step for e in events] == [5, 10, 15, 20]
+    assert [e.value for e in events] == pytest.approx([r.lambda_max for r in monitor.history], rel=1e-6)
+    assert acc.Scalars("curvature/threshold")[0].value == pytest.approx(3.8 / 0.01, rel=1e-6)
+    assert "curvature/spectrum" in acc.Tags()["histograms"]
+    assert [e.step for e in acc.Histograms("curvature/spectrum")] == [5, 15]
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    chart = layout.category[0].chart[0]
+    assert list(chart.multiline.tag)[:2] == ["curvature/lambda_max", "curvature/threshold"]
+    jsonl = read_run(str(tmp_path / "c.jsonl"))
+    assert [s for s, _ in jsonl["curvature/lambda_max"]] == [5, 10, 15, 20]
+
+
+def test_report_png_from_tensorboard_and_cli(tmp_path):
+    from curvwatch.cli import main
+
+    run_demo(str(tmp_path / "run"), steps=60, every=10, progress=False)
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.png")]) == 0
+    with open(tmp_path / "r.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+# -- failure policy and bad arguments -------------------------------------------
+def test_failed_measurement_warns_once_and_training_continues():
+    model = torch.nn.Linear(4, 1)
+    bad = (torch.full((8, 4), float("nan")), torch.zeros(8, 1))
+    monitor = cw.CurvatureMonitor(model, bad, criterion=torch.nn.MSELoss(), every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor.attach(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).pow(2).mean().backward()
+            opt.step()
+    skipped = [w for w in caught if issubclass(w.category, cw.CurvatureWarning) and "skipped" in str(w.message)]
+    assert len(skipped) == 1 and "nan" in str(skipped[0].message)
+    assert monitor.history == []
+    strict = cw.CurvatureMonitor(model, bad, criterion=torch.nn.MSELoss(), strict=True)
+    with pytest.raises(cw.CurvatureError, match="nan"):
+        strict.measure(1)
+
+
+def test_probe_batch_of_the_wrong_shape_is_skipped_with_a_warning():
+    model = torch.nn.Linear(4, 1)
+    monitor = cw.CurvatureMonitor(model, (torch.randn(8, 5), torch.zeros(8, 1)), criterion=torch.nn.MSELoss())
+    with pytest.warns(cw.CurvatureWarning, match="skipped.*RuntimeError"):
+        assert monitor.measure(1) is None
+
+
+def test_model_without_double_backward_falls_back_to_finite_differences():
+    from tests.test_core_solvers import _OnceDifferentiableCube
+
+    class Cube(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return (_OnceDifferentiableCube.apply(self.w) * x).sum()
+
+    model = Cube()
+    monitor = cw.CurvatureMonitor(model, torch.ones(2, dtype=torch.float64), loss_fn=lambda m, b: m(b), trace=False)
+    with pytest.warns(cw.CurvatureWarning, match="finite differences"):
+        r = monitor.measure(1)
+    assert r.method == "finite_difference"
+    assert r.lambda_max == pytest.approx(12.0, rel=1e-6)  # H = diag(6 w) = diag(6, 12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, "every must be a positive integer"),
+        ({"top_k": 0}, "top_k"),
+        ({"method": "magic"}, "unknown method"),
+        ({"sinks": ["runs/x"]}, "sinks must be callables"),
+        ({"budget": 5}, "curvwatch.Budget"),
+        ({"optimizer": "adam"}, "torch.optim.Optimizer"),
+        ({"criterion": None}, "no loss was given"),
+        ({"loss_fn": lambda m, b: 0.0}, "not both"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(kwargs, match):
+    model = torch.nn.Linear(3, 1)
+    base = {"criterion": torch.nn.MSELoss()}
+    base.update(kwargs)
+    if base.get("criterion") is None:
+        base.pop("criterion")
+    with pytest.raises(cw.CurvatureError, match=match):
+        cw.CurvatureMonitor(model, (torch.randn(4, 3), torch.randn(4, 1)), **base)
+
+
+def test_bad_batch_and_model_errors():
+    with pytest.raises(cw.CurvatureError, match=r"\(inputs, targets\)"):
+        cw.CurvatureMonitor(torch.nn.Linear(3, 1), torch.randn(4, 3), criterion=torch.nn.MSELoss())
+    frozen = torch.nn.Linear(3, 1).requires_grad_(False)
+    with pytest.raises(cw.CurvatureError, match="no trainable parameters"):
+        cw.CurvatureMonitor(frozen, (torch.randn(4, 3), torch.randn(4, 1)), criterion=torch.nn.MSELoss())
+    with pytest.raises(cw.CurvatureError, match="no probe batch"):
+        cw.CurvatureMonitor(torch.nn.Linear(3, 1), None, criterion=torch.nn.MSELoss())
+    with pytest.raises(cw.CurvatureError, match="Budget.trace_hvps"):
+        cw.Budget(max_hvps=5, trace_hvps=5)
+
+
+def test_state_dict_round_trip_keeps_schedule_and_warm_start():
+    _, _, _, monitor = _regression_monitor(top_k=1, trace=False, strict=True)
+    first = monitor.measure(1)
+    state = monitor.state_dict()
+    _, _, _, fresh = _regression_monitor(top_k=1, trace=False, strict=True)
+    fresh.load_state_dict(state)
+    assert fresh.measurements == 1
+    again = fresh.measure(2)
+    assert again.hvps <= 5 and again.top_overlap == pytest.approx(1.0, abs=1e-4)
+    assert again.lambda_max == pytest.approx(first.lambda_max, rel=1e-5)
