@@ -107,7 +107,8 @@ def main() -> None:
 
     history = curvature.monitor.history
     print(f"{'step':>6} {'lambda_max':>11} {'2/lr':>7} {'ratio':>6}")
-    for r in history[:: max(1, len(history) // 10)] + history[-1:]:
+    rows = history[:: max(1, len(history) // 10)]
+    for r in rows + ([history[-1]] if rows[-1] is not history[-1] else []):
         print(f"{r.step:6d} {r.lambda_max:11.4f} {r.threshold:7.3f} {r.sharpness_ratio:6.2f}")
     print(f"TensorBoard run: {trainer.logger.log_dir}  (tensorboard --logdir {args.out})")
 
