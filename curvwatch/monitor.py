@@ -175,6 +175,7 @@ class CurvatureMonitor:
         self._warm: torch.Tensor | None = None
         self._warm_preconditioned: torch.Tensor | None = None
         self._above: bool | None = None
+        self._crossed_before = False
         self._resolved_method: str | None = None if method == "auto" else method
         self._warned: set[str] = set()
         self._attached_steps = 0
@@ -360,23 +361,28 @@ class CurvatureMonitor:
         return diagonal
 
     def _threshold_event(self, result: CurvatureResult) -> None:
+        """Log a line and call ``on_threshold`` when the ratio crosses 1 either way.
+
+        The first upward crossing is a warning; later crossings (sharpness
+        hovering at the edge of stability crosses often) are logged at INFO.
+        """
         ratio = result.sharpness_ratio
         if not math.isfinite(ratio):
             return
         above = ratio >= 1.0
-        if self._above is not None and above != self._above:
-            direction = "crossed" if above else "fell back below"
-            logger.warning(
-                "curvwatch: step %d: sharpness %s the edge-of-stability threshold (ratio %.3f, threshold %.4g)",
-                result.step, direction, ratio, result.threshold,
-            )
-            if self.on_threshold is not None:
-                self.on_threshold(result)
-        elif self._above is None and above:
-            logger.warning("curvwatch: step %d: sharpness is at or above the threshold (ratio %.3f)", result.step, ratio)
-            if self.on_threshold is not None:
-                self.on_threshold(result)
+        crossed = above != self._above if self._above is not None else above
         self._above = above
+        if not crossed:
+            return
+        first = not self._crossed_before
+        self._crossed_before = True
+        logger.log(
+            logging.WARNING if first and above else logging.INFO,
+            "curvwatch: step %d: sharpness %s the edge-of-stability threshold (ratio %.3f, threshold %.4g)",
+            result.step, "crossed" if above else "fell back below", ratio, result.threshold,
+        )
+        if self.on_threshold is not None:
+            self.on_threshold(result)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -1,7 +1,7 @@
 """CurvatureMonitor: demo claims, non-interference, TensorBoard, failure policy."""
 
+import logging
 import math
-import os
 import random
 import warnings
 
@@ -148,6 +148,7 @@ def test_budget_is_honoured_by_the_monitor():
 
 
 def test_threshold_events_fire_once_per_crossing(caplog):
+    caplog.set_level(logging.INFO, logger="curvwatch")
     _, _, _, monitor = _regression_monitor(trace=False, top_k=1)
     opt = torch.optim.SGD(monitor.model.parameters(), lr=1e-3)
     events = []
