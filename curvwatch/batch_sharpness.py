@@ -14,7 +14,7 @@ and one Hessian-vector product per mini-batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,26 +63,31 @@ def batch_sharpness(
     max_batches: int = 32,
     seed: int = 0,
     reduce: Reduce | None = None,
+    source: Callable[[], Any] | None = None,
 ) -> tuple[float, float]:
     """Estimate the batch sharpness and its standard error.
 
     Draws mini-batches of ``batch_size`` examples without replacement within a
     mini-batch from ``batch`` and averages ``g^T H g / |g|^2`` until the
     standard error is below 1% of the mean (at least 4 mini-batches) or
-    ``max_batches`` were used. Under data parallelism (``reduce``) each rank
+    ``max_batches`` were used. With ``source``, mini-batches come from
+    ``source()`` instead (e.g. the next training batches), used as they are.
+    Under data parallelism (``reduce``) each rank
     draws from its own share and the per-batch values are averaged over ranks.
 
     Returns:
         ``(mean, stderr)``.
     """
     n = batch_length(batch)
-    if batch_size > n:
+    if source is None and batch_size > n:
         raise CurvatureError(f"batch_size={batch_size} is larger than the probe batch ({n} examples)")
     generator = torch.Generator().manual_seed(seed)
     values: list[float] = []
     for _ in range(max_batches):
-        index = torch.randperm(n, generator=generator)[:batch_size]
-        sub = take(batch, index)
+        if source is None:
+            sub = take(batch, torch.randperm(n, generator=generator)[:batch_size])
+        else:
+            sub = source()
         op = HessianOperator(lambda: loss_fn(model, sub), params, method, module=model)
         g = op.gradient_at_theta()
         hg = op.matvec(g)

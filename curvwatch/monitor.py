@@ -84,6 +84,10 @@ class CurvatureMonitor:
         batch_size: also measure the batch sharpness on mini-batches of this size
             drawn from the probe batch (mini-batch SGD's stability quantity).
         batch_sharpness_batches: at most this many mini-batches per measurement.
+        minibatches: an iterable of training mini-batches (e.g. the training
+            ``DataLoader``); batch sharpness then draws from it (cycling) instead
+            of subsampling the probe batch. Needs ``batch_size`` (documentation of
+            the size; the batches are used as they come).
         spectrum_every: every ``M``-th measurement also estimates the spectral
             density by SLQ (``curvature/spectrum``); 0: never.
         on_threshold: ``on_threshold(result)`` called when ``sharpness_ratio``
@@ -120,6 +124,7 @@ class CurvatureMonitor:
         basis_device: str | torch.device | None = None,
         batch_size: int | None = None,
         batch_sharpness_batches: int = 32,
+        minibatches: Iterable[Any] | None = None,
         spectrum_every: int = 0,
         on_threshold: Callable[[CurvatureResult], Any] | None = None,
     ) -> None:
@@ -143,6 +148,8 @@ class CurvatureMonitor:
             )
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise CurvatureError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if minibatches is not None and batch_size is None:
+            raise CurvatureError("minibatches=... is for batch sharpness: also pass batch_size=<training batch size>")
         if optimizer is not None:
             unwrap_optimizer(optimizer)
         sinks = tuple(sinks)
@@ -168,6 +175,8 @@ class CurvatureMonitor:
         self.basis_device = basis_device
         self.batch_size = batch_size
         self.batch_sharpness_batches = batch_sharpness_batches
+        self.minibatches = minibatches
+        self._minibatch_iter: Any = None
         self.spectrum_every = spectrum_every
         self.on_threshold = on_threshold
         self.history: list[CurvatureResult] = []
@@ -288,6 +297,7 @@ class CurvatureMonitor:
                 self.model, self.loss_fn, self.batch, params, self.batch_size,
                 method=self._resolved_method or "double_backward",
                 max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
+                source=None if self.minibatches is None else self._next_minibatch,
             )
         hvps = operator.matvecs
         loss = operator.loss
@@ -334,6 +344,17 @@ class CurvatureMonitor:
             return ShardedHessianOperator(closure, params, module=self.model)
         operator = HessianOperator(closure, params, self._resolved_method, module=self.model)
         return operator if self.reduce is None else ReducedOperator(operator, self.reduce)
+
+    def _next_minibatch(self) -> Any:
+        """The next training mini-batch (cycling through ``minibatches``), on the model's device."""
+        if self._minibatch_iter is None:
+            self._minibatch_iter = iter(self.minibatches)
+        try:
+            batch = next(self._minibatch_iter)
+        except StopIteration:
+            self._minibatch_iter = iter(self.minibatches)
+            batch = next(self._minibatch_iter)
+        return move_to(batch, next(self.model.parameters()).device)
 
     def _lanczos(self, operator, k, max_matvecs, deadline, warm, seed) -> LanczosResult:
         seconds = None if deadline is None else max(0.0, deadline - time.perf_counter())
