@@ -192,6 +192,7 @@ class ShardedHessianOperator(CurvatureOperator):
         self.global_size = sum(lay.global_numel for lay in self._layouts)
         self.loss: float | None = None
         self.gradient: torch.Tensor | None = None
+        self._rms: float | None = None
 
     # -- communication ---------------------------------------------------------
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -237,7 +238,7 @@ class ShardedHessianOperator(CurvatureOperator):
                     torch.zeros_like(lp) if p.grad is None else local(p.grad).reshape(lp.shape)
                     for p, lp in zip(self.params, self._local_params())
                 ]
-                flat = flatten(grads).detach().clone() if grads else torch.zeros(0)
+                flat = flatten(grads) if grads else torch.zeros(0, dtype=self.dtype, device=self.device)
         finally:
             for p, g in stash:
                 p.grad = g
@@ -278,10 +279,12 @@ class ShardedHessianOperator(CurvatureOperator):
             self.gradient_at_theta()
         with torch.no_grad():
             saved = [lp.detach().clone() for lp in self._local_params()]
-            squares = sum((s.to(torch.float64).pow(2).sum() for s in saved), torch.zeros((), dtype=torch.float64))
-            squares = self._all_reduce_sum(squares.to(self.device).reshape(1)).item()
-        rms = math.sqrt(squares / max(self.global_size, 1))
-        h = self.step if self.step is not None else finite_difference_step(self._compute_dtype, rms, self.scheme)
+        if self._rms is None:  # theta is the same for every product of this operator
+            squares = torch.zeros(1, dtype=torch.float64, device=self.device)
+            for t in saved:
+                squares += t.to(torch.float64).pow(2).sum()
+            self._rms = math.sqrt(self._all_reduce_sum(squares).item() / max(self.global_size, 1))
+        h = self.step if self.step is not None else finite_difference_step(self._compute_dtype, self._rms, self.scheme)
         eps = h / vnorm
         try:
             self._shift(saved, v, eps)
@@ -289,8 +292,8 @@ class ShardedHessianOperator(CurvatureOperator):
             if self.scheme == "central":
                 self._shift(saved, v, -eps)
                 g_minus, _ = self._gradient()
-                return (g_plus - g_minus).div_(2 * eps)
-            return (g_plus - self.gradient).div_(eps)
+                return g_plus.sub_(g_minus).div_(2 * eps)
+            return g_plus.sub_(self.gradient).div_(eps)
         finally:
             with torch.no_grad():
                 for lp, p0 in zip(self._local_params(), saved):
