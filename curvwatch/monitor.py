@@ -22,6 +22,7 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import replace
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -44,7 +45,10 @@ from curvwatch.stability import Threshold, preconditioner_diagonal, threshold, u
 logger = logging.getLogger("curvwatch")
 
 Sink = Callable[[CurvatureResult], Any]
-MethodChoice = Literal["auto", "double_backward", "forward_over_reverse", "finite_difference"]
+MethodChoice = Literal[
+    "auto", "double_backward", "forward_over_reverse", "finite_difference", "forward_difference"
+]
+MONITOR_METHODS = (*METHODS, "forward_difference")
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -137,8 +141,8 @@ class CurvatureMonitor:
             raise CurvatureError(f"every must be a positive integer, got {every!r}")
         if not isinstance(top_k, int) or top_k < 1:
             raise CurvatureError(f"top_k must be a positive integer, got {top_k!r}")
-        if method != "auto" and method not in METHODS:
-            raise CurvatureError(f"unknown method {method!r}; choose 'auto' or one of {METHODS}")
+        if method != "auto" and method not in MONITOR_METHODS:
+            raise CurvatureError(f"unknown method {method!r}; choose 'auto' or one of {MONITOR_METHODS}")
         budget = budget if budget is not None else Budget()
         if not isinstance(budget, Budget):
             raise CurvatureError("budget must be a curvwatch.Budget(max_hvps=..., max_seconds=...)")
@@ -270,6 +274,9 @@ class CurvatureMonitor:
             self._warn_once("auto-fd", f"curvwatch: {error}. Using finite differences from now on.")
             operator = self._operator(params)
             eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
+        certificate = self._certificate(params)
+        if certificate is not None:
+            eig = certify_top(certificate, eig)
         overlap = _overlap(self._warm, eig.eigenvectors, operator.dot)
         self._warm = eig.eigenvectors.detach()
         converged = eig.converged
@@ -278,6 +285,8 @@ class CurvatureMonitor:
         if diagonal is not None:
             pre_op = PreconditionedOperator(operator, diagonal)
             pre = self._lanczos(pre_op, 1, eig_hvps - eig.matvecs, deadline, self._warm_preconditioned, seed + 1)
+            if certificate is not None:
+                pre = certify_top(PreconditionedOperator(certificate, diagonal), pre)
             self._warm_preconditioned = pre.eigenvectors.detach()
             pre_lambda, converged = pre.lambda_max, converged and pre.converged
 
@@ -295,11 +304,11 @@ class CurvatureMonitor:
         if self.batch_size is not None:
             bs, bs_err = batch_sharpness(
                 self.model, self.loss_fn, self.batch, params, self.batch_size,
-                method=self._resolved_method or "double_backward",
+                method="finite_difference" if self._resolved_method == "forward_difference" else self._resolved_method,
                 max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
                 source=None if self.minibatches is None else self._next_minibatch,
             )
-        hvps = operator.matvecs
+        hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0)
         loss = operator.loss
         if self.reduce is not None and loss is not None:
             loss = self.reduce(torch.tensor(loss, dtype=torch.float64, device=operator.device)).item()
@@ -328,11 +337,32 @@ class CurvatureMonitor:
             spectrum=spectrum,
         )
 
-    def _operator(self, params: Sequence[torch.Tensor]):
+    def _auto_method(self, params: Sequence[torch.Tensor]) -> str:
+        """``method="auto"``: the cheapest method accurate for this model.
+
+        * FSDP: central finite differences on local shards (no double backward);
+        * float64 parameters: double backward (exact, and what float64 is for);
+        * otherwise: one-sided differences against the cached probe gradient
+          (about one training step per product, no second-order graph), with the
+          top eigenvalue certified by one central-difference Rayleigh quotient.
+        """
+        if is_sharded(self.model):
+            return "finite_difference"
+        if params[0].dtype == torch.float64:
+            return "double_backward"
+        return "forward_difference"
+
+    def _certificate(self, params: Sequence[torch.Tensor]):
+        """A central-difference operator to certify the top eigenvalue, or ``None``."""
+        if self._resolved_method != "forward_difference":
+            return None
+        return self._operator(params, scheme="central")
+
+    def _operator(self, params: Sequence[torch.Tensor], scheme: str | None = None):
         """The Hessian operator, resolving ``method="auto"`` on first use."""
         closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
         if self._resolved_method is None:
-            self._resolved_method = "finite_difference" if is_sharded(self.model) else "double_backward"
+            self._resolved_method = self._auto_method(params)
         check_supported(self.model)
         if is_sharded(self.model):  # FSDP: local shards, reduces itself (no `reduce`)
             if self._resolved_method != "finite_difference":
@@ -342,7 +372,14 @@ class CurvatureMonitor:
                     "'finite_difference'"
                 )
             return ShardedHessianOperator(closure, params, module=self.model)
-        operator = HessianOperator(closure, params, self._resolved_method, module=self.model)
+        method, default_scheme = (
+            ("finite_difference", "forward")
+            if self._resolved_method == "forward_difference"
+            else (self._resolved_method, "central")
+        )
+        operator = HessianOperator(
+            closure, params, method, module=self.model, scheme=scheme or default_scheme
+        )
         return operator if self.reduce is None else ReducedOperator(operator, self.reduce)
 
     def _next_minibatch(self) -> Any:
@@ -433,6 +470,26 @@ class CurvatureMonitor:
         self._above = state.get("above")
         if self.method == "auto":
             self._resolved_method = state.get("method")
+
+
+def certify_top(operator, eig: LanczosResult) -> LanczosResult:
+    r"""Replace the top Ritz value by the Rayleigh quotient ``y^T A y`` under ``operator``.
+
+    Lanczos driven by cheap, slightly biased products (one-sided differences,
+    O(h) error) gives a Ritz vector ``y`` whose error is first order in the
+    bias; the Rayleigh quotient of a more accurate operator (central
+    differences, O(h^2)) at ``y`` is off by only the *square* of that error
+    (Parlett 1998, Thm. 11.7.1). One product. The residual becomes
+    ``||A y - theta y||`` under the accurate operator.
+    """
+    y = eig.eigenvectors[:, 0]
+    ay = operator.matvec(y.contiguous())
+    theta = operator.dot(y, ay) / operator.dot(y, y)
+    residual = operator.norm(ay - theta * y)
+    values = eig.eigenvalues.clone()
+    residuals = eig.residuals.clone()
+    values[0], residuals[0] = theta.item(), residual.item()
+    return replace(eig, eigenvalues=values, residuals=residuals)
 
 
 def limit_adaptive(limit: Threshold | None) -> bool:
