@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch.batch_sharpness import batch_sharpness
+from curvwatch.batch_sharpness import batch_length, batch_sharpness
 from curvwatch.guard import measurement_guard
 from curvwatch.operators.distributed import Reduce, ReducedOperator
 from curvwatch.operators.hessian import METHODS, HessianOperator
@@ -164,6 +164,12 @@ class CurvatureMonitor:
         self.loss_fn = loss_closure_factory(batch, loss_fn, criterion)
         device = next(p for p in model.parameters() if p.requires_grad).device
         self.batch = move_to(batch, device) if device.type != "meta" else batch
+        if batch_size is not None and minibatches is None and _known_length(self.batch) < batch_size:
+            raise CurvatureError(
+                f"batch_size={batch_size} is larger than the probe batch ({_known_length(self.batch)} "
+                "examples), which batch sharpness subsamples: pass a larger probe batch, or "
+                "minibatches=<the training loader>"
+            )
         self.every = every
         self.top_k = top_k
         self.trace = trace
@@ -490,6 +496,14 @@ def certify_top(operator, eig: LanczosResult) -> LanczosResult:
     residuals = eig.residuals.clone()
     values[0], residuals[0] = theta.item(), residual.item()
     return replace(eig, eigenvalues=values, residuals=residuals)
+
+
+def _known_length(batch: Any) -> float:
+    """Examples in ``batch``; infinity where its batch dimension cannot be told."""
+    try:
+        return batch_length(batch)
+    except CurvatureError:
+        return math.inf
 
 
 def limit_adaptive(limit: Threshold | None) -> bool:

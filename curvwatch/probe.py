@@ -85,15 +85,13 @@ def loss_closure_factory(
 def first_batch(loader: Any) -> Any:
     """The first batch of ``loader``, leaving training exactly as it was.
 
-    Fetching a batch must not change what training sees next, so:
-
-    * the global random states (torch CPU, Python ``random``, NumPy if loaded)
-      are restored afterwards (a ``RandomSampler`` and a ``DataLoader``'s base
-      seed draw from them);
-    * a ``torch.utils.data.DataLoader`` with worker processes is read through a
-      single-process copy (same dataset, sampler and collate function): no
-      workers are started, and a ``persistent_workers`` iterator that training
-      is using is never reset.
+    Fetching a batch must not change what training sees next, so a
+    ``torch.utils.data.DataLoader`` is read through a single-process copy (same
+    dataset and collate function, its own copy of the sampler): no workers are
+    started, a ``persistent_workers`` iterator that training is using is never
+    reset, and a sampler's own generator is not advanced; the global random
+    states (torch CPU, Python ``random``, NumPy if loaded) are restored
+    afterwards. See :mod:`curvwatch.loaders`.
 
     Args:
         loader: any iterable of batches (a ``DataLoader``, a list, ...).
@@ -101,30 +99,6 @@ def first_batch(loader: Any) -> Any:
     Raises:
         CurvatureError: ``loader`` yields no batch.
     """
-    import random
-    import sys
+    from curvwatch.loaders import TrainingBatches
 
-    from torch.utils.data import DataLoader, IterableDataset
-
-    if isinstance(loader, DataLoader) and loader.num_workers > 0:
-        if isinstance(loader.dataset, IterableDataset):
-            loader = DataLoader(
-                loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last,
-                collate_fn=loader.collate_fn,
-            )
-        elif loader.batch_sampler is not None:
-            loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn)
-        else:
-            loader = DataLoader(loader.dataset, sampler=loader.sampler, batch_size=None, collate_fn=loader.collate_fn)
-    numpy = sys.modules.get("numpy")
-    torch_state, python_state = torch.get_rng_state(), random.getstate()
-    numpy_state = numpy.random.get_state() if numpy is not None else None
-    try:
-        for batch in loader:
-            return batch
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
-        if numpy is not None:
-            numpy.random.set_state(numpy_state)
-    raise CurvatureError(f"the {type(loader).__name__} yields no batch: cannot take a probe batch from it")
+    return next(iter(TrainingBatches(loader, empty="cannot take a probe batch from it")))
