@@ -371,13 +371,17 @@ class CurvatureMonitor:
             self._resolved_method = self._auto_method(params)
         check_supported(self.model)
         if is_sharded(self.model):  # FSDP: local shards, reduces itself (no `reduce`)
-            if self._resolved_method != "finite_difference":
+            if self._resolved_method not in ("finite_difference", "forward_difference"):
                 raise CurvatureError(
                     f"method={self._resolved_method!r} cannot run under FSDP (autograd cannot "
-                    "differentiate through its sharded parameters): use method='auto' or "
-                    "'finite_difference'"
+                    "differentiate through its sharded parameters): use method='auto', "
+                    "'finite_difference' or 'forward_difference'"
                 )
-            return ShardedHessianOperator(closure, params, module=self.model)
+            forward = self._resolved_method == "forward_difference"
+            return ShardedHessianOperator(
+                closure, params, module=self.model,
+                scheme=scheme or ("forward" if forward else "central"),
+            )
         method, default_scheme = (
             ("finite_difference", "forward")
             if self._resolved_method == "forward_difference"

@@ -25,7 +25,7 @@ def init() -> tuple[int, int, argparse.Namespace]:
     """Join the gloo process group; parse ``--out``."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--wrap", default="fsdp2", choices=("fsdp2", "fsdp1"))
+    parser.add_argument("--wrap", default="fsdp2", choices=("fsdp2", "hsdp", "fsdp1"))
     args = parser.parse_args()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -67,7 +67,8 @@ def reference(plain: nn.Module, batch, optimizer=None) -> dict:
     ``plain`` is an unwrapped model holding the full parameters (no
     communication happens here); ``optimizer`` optimizes ``plain``.
     """
-    return summary(monitor(plain, batch, optimizer=optimizer).measure(0))
+    exact = monitor(plain, batch, optimizer=optimizer, method="double_backward")
+    return summary(exact.measure(0))
 
 
 def summary(result) -> dict:

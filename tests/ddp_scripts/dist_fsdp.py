@@ -1,10 +1,13 @@
 """FSDP, 2 gloo processes: finite differences on the local shards.
 
-``--wrap fsdp2`` (``fully_shard`` per layer and on the root) or ``--wrap fsdp1``
-(``FullyShardedDataParallel(use_orig_params=True)`` on the CPU). Three parts:
+``--wrap fsdp2`` (``fully_shard`` per layer and on the root), ``--wrap hsdp``
+(the same on a 2 x 1 mesh: replicated over the two ranks, sharded over one), or
+``--wrap fsdp1`` (``FullyShardedDataParallel(use_orig_params=True)`` on the
+CPU). Three parts:
 
 1. Train 3 Adam steps, leave gradients (one set to ``None``), then measure twice
-   with each rank holding half of the probe batch; check that parameters and
+   (central differences, the second warm-started) and once with one-sided
+   differences, each rank holding half of the probe batch; check that parameters and
    ``.grad`` are bit-exact afterwards. Every rank gathers the full parameters
    and Adam state into a plain model and measures it on the whole probe batch
    (double backward, no communication): the single-process reference.
@@ -46,14 +49,20 @@ LR = 1e-2
 
 
 def wrap(model: nn.Module, kind: str) -> nn.Module:
-    """Shard ``model`` with FSDP2 (per layer, then the root) or FSDP1."""
-    if kind == "fsdp2":
+    """Shard ``model`` with FSDP2 (per layer, then the root; HSDP: 2 x 1 mesh) or FSDP1."""
+    if kind in ("fsdp2", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        world = dist.get_world_size()
+        if kind == "fsdp2":
+            mesh = init_device_mesh("cpu", (world,))
+        else:
+            mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
         for layer in model:
             if any(True for _ in layer.parameters()):
-                fully_shard(layer)
-        return fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
@@ -121,6 +130,7 @@ def measure_and_compare(kind: str, rank: int, world: int) -> dict:
     mon = monitor(model, local_probe, optimizer=opt)
     first = summary(mon.measure(3))
     second = summary(mon.measure(4))  # warm-started: overlap with the first
+    forward = monitor(model, local_probe, optimizer=opt, method="forward_difference").measure(5)
     after = {
         "params_exact": same(before, local_values(params)),
         "grads_same_objects": all(g is p.grad for g, p in zip(grads, params)),
@@ -135,9 +145,11 @@ def measure_and_compare(kind: str, rank: int, world: int) -> dict:
     return {
         "sharded": first,
         "second": second,
+        "forward": summary(forward),
         "reference": reference(plain, probe, ref_opt),
         "local_size": op.size,
         "global_size": op.global_size,
+        "replicas": op._replicas,
         "random_vector": torch.cat([f.reshape(-1) for f in full]).tolist() if rank == 0 else None,
         **after,
     }
