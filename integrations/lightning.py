@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.batch_sharpness import batch_length, take
+from curvwatch.loaders import TrainingBatches, loader_batch_size
 from curvwatch.monitor import CurvatureMonitor
 from curvwatch.probe import LossFn, first_batch
 from curvwatch.results import CurvatureResult
@@ -62,6 +63,15 @@ class CurvatureCallback(Callback):
     muted, unless ``loss_fn`` or ``criterion`` is given. The threshold comes
     from ``trainer.optimizers[0]`` at its current learning rate.
 
+    With ``batch_sharpness=True`` the callback also logs the batch sharpness
+    (``curvature/batch_sharpness`` and ``_stderr``, mini-batch SGD's stability
+    quantity) at the training dataloader's ``batch_size`` (per device), on
+    mini-batches drawn from the training data: a private single-process copy
+    of the training dataloader (its own copy of the sampler; no workers; the
+    random states put back), moved like training's batches, so training sees
+    the same data in the same order. ``batch_sharpness_source="probe"``
+    subsamples the probe batch instead.
+
     Args:
         every: measure after every ``every``-th optimizer step. Default 100.
         batch: the probe batch (as a dataloader yields it); ``None``: the first
@@ -70,6 +80,11 @@ class CurvatureCallback(Callback):
             ``training_step``.
         criterion: shortcut for ``(inputs, targets)`` batches:
             ``criterion(pl_module(inputs), targets)``.
+        batch_sharpness: also measure the batch sharpness at the training
+            batch size (an explicit ``batch_size=`` option wins). Default False.
+        batch_sharpness_source: where its mini-batches come from: ``"train"``
+            (default) the training dataloader, ``"probe"`` random subsets of the
+            probe batch.
         **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
             (``top_k``, ``trace``, ``budget``, ``method``, ``train_mode``,
             ``param_group``, ``seed``, ``batch_size``, ``sinks``, ...).
@@ -78,7 +93,9 @@ class CurvatureCallback(Callback):
         CurvatureError: ``every`` is not a positive integer, both ``loss_fn`` and
             ``criterion`` are given, or an unknown monitor option; at train start,
             manual optimization without ``loss_fn``/``criterion`` (its
-            ``training_step`` steps the optimizer itself).
+            ``training_step`` steps the optimizer itself), or batch sharpness from
+            several training dataloaders, or from one without a ``batch_size``
+            (pass ``batch_size=``).
         MisconfigurationException: at train start, the ``Trainer`` has no logger.
 
     A measurement that fails is one warning (``CurvatureWarning``) and a
@@ -92,6 +109,7 @@ class CurvatureCallback(Callback):
         >>> from lightning.pytorch import Trainer
         >>> from curvwatch.integrations.lightning import CurvatureCallback
         >>> trainer = Trainer(callbacks=[CurvatureCallback(every=100)])
+        >>> sgd = CurvatureCallback(every=100, batch_sharpness=True)  # mini-batch SGD
     """
 
     def __init__(
@@ -100,8 +118,14 @@ class CurvatureCallback(Callback):
         batch: Any = None,
         loss_fn: LossFn | None = None,
         criterion: Callable | None = None,
+        batch_sharpness: bool = False,
+        batch_sharpness_source: Literal["train", "probe"] = "train",
         **monitor_options: Any,
     ) -> None:
+        if not isinstance(batch_sharpness, bool):
+            raise CurvatureError(f"batch_sharpness must be True or False, got {batch_sharpness!r}")
+        if batch_sharpness_source not in ("train", "probe"):
+            raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {batch_sharpness_source!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise CurvatureError(f"every must be a positive integer, got {every!r}")
         if loss_fn is not None and criterion is not None:
@@ -120,6 +144,8 @@ class CurvatureCallback(Callback):
         self.loss_fn = loss_fn
         self.criterion = criterion
         self.monitor_options = monitor_options
+        self.batch_sharpness = batch_sharpness
+        self.batch_sharpness_source = batch_sharpness_source
         self.monitor: CurvatureMonitor | None = None
         self._last_step: int | None = None
         self._loaded_state: dict[str, Any] | None = None
@@ -151,6 +177,7 @@ class CurvatureCallback(Callback):
             optimizer=trainer.optimizers[0] if trainer.optimizers else None,
             reduce=_strategy_mean(trainer) if trainer.world_size > 1 else None,
             **self.monitor_options,
+            **self._batch_sharpness_options(trainer),
         )
         self._layout_written = False
         if self._loaded_state is not None:
@@ -195,6 +222,30 @@ class CurvatureCallback(Callback):
         self._layout_written = True
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _batch_sharpness_options(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """``batch_size`` from the training dataloader and, by default, its mini-batches."""
+        if not self.batch_sharpness:
+            return {}
+        loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple, dict)):  # several loaders: training_step gets combined batches
+            loader = None
+        options: dict[str, Any] = {}
+        if "batch_size" not in self.monitor_options:
+            options["batch_size"] = loader_batch_size(loader)
+            if options["batch_size"] is None:
+                raise CurvatureError(
+                    "CurvatureCallback(batch_sharpness=True) cannot tell the training batch size (no single "
+                    "training dataloader with a batch_size): pass batch_size=<training batch size per device>"
+                )
+        if self.batch_sharpness_source == "train" and "minibatches" not in self.monitor_options:
+            if loader is None:
+                raise CurvatureError(
+                    "CurvatureCallback(batch_sharpness=True) draws mini-batches from one training dataloader, "
+                    "the Trainer has several: pass batch_sharpness_source='probe' (or minibatches=...)"
+                )
+            options["minibatches"] = TrainingBatches(loader, transform=trainer.strategy.batch_to_device)
+        return options
 
     def _probe_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """The given batch (this rank's slice), else the first validation or training batch."""

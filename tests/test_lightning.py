@@ -237,6 +237,49 @@ def test_measuring_does_not_change_training(tmp_path):
         assert torch.equal(a, b)
 
 
+class _LoaderGeneratorAtStart(pl.Callback):
+    """Records the training loader's own generator state when training starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = trainer.train_dataloader.generator.get_state()
+
+
+def test_batch_sharpness_on_training_minibatches(tmp_path):
+    # shuffled by the loader's own generator, dropout in training: drawing the
+    # mini-batches consumes neither that generator nor the global random states
+    def run(callbacks, where):
+        torch.manual_seed(0)
+        module = Classifier(dropout=0.3)
+        train = DataLoader(datasets()[0], batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(7))
+        logger = TensorBoardLogger(str(tmp_path / where), name="tb", version=0)
+        pl.Trainer(
+            max_steps=STEPS, logger=logger, callbacks=callbacks, accelerator="cpu", devices=1, log_every_n_steps=1,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        ).fit(module, train)
+        return module, events(logger.log_dir)
+
+    start = _LoaderGeneratorAtStart()
+    callback = CurvatureCallback(every=EVERY, trace=False, batch_sharpness=True, batch_sharpness_batches=4)
+    (watched, acc), (plain, _) = run([start, callback], "watched"), run([], "plain")
+    assert watched.train_losses == plain.train_losses
+    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))
+
+    assert callback.monitor.batch_size == 16  # the training dataloader's
+    for tag in ("curvature/batch_sharpness", "curvature/batch_sharpness_stderr"):
+        assert steps_of(acc, tag) == [5, 10, 15, 20]
+        assert all(math.isfinite(e.value) and e.value > 0 for e in acc.Scalars(tag))
+    # 4 mini-batches per measurement, from passes over a private copy of the loader
+    # (its generator as at train start): step 20 used batches 2..5 of the second pass
+    copy = DataLoader(datasets()[0], batch_size=16, shuffle=True, generator=torch.Generator().set_state(start.state))
+    second_pass = [batch for _ in range(2) for batch in copy][10:]
+    reference = CurvatureMonitor(
+        watched, second_pass[0], criterion=torch.nn.CrossEntropyLoss(), trace=False, batch_size=16,
+        minibatches=second_pass[2:6], batch_sharpness_batches=4, strict=True,
+    ).measure(20)
+    assert last(acc, "curvature/batch_sharpness") == pytest.approx(reference.batch_sharpness, rel=1e-5)
+    assert last(acc, "curvature/batch_sharpness_stderr") == pytest.approx(reference.batch_sharpness_stderr, rel=1e-4)
+
+
 def test_checkpoint_resume_keeps_schedule_and_warm_start(tmp_path, uninterrupted):
     first = CurvatureCallback(every=EVERY)
     trainer, _, acc0 = fit(tmp_path, first, steps=10, version=0)
