@@ -33,13 +33,14 @@ import inspect
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch.loaders import TrainingBatches
 from curvwatch.monitor import CurvatureMonitor, is_sharded
 from curvwatch.operators.distributed import all_reduce_mean
 from curvwatch.probe import first_batch
@@ -77,6 +78,15 @@ class CurvatureTrainerCallback(TrainerCallback):
     (Cohen et al. 2022). At lr = 0 (the last step of a linear decay) the
     threshold is infinite and not logged.
 
+    With ``batch_sharpness=True`` the callback also logs the batch sharpness
+    (``curvature/batch_sharpness`` and ``_stderr``, mini-batch SGD's stability
+    quantity) at ``args.per_device_train_batch_size``, on mini-batches drawn
+    from the training data: a private single-process copy of the Trainer's
+    training dataloader (same dataset, collator and sampler shard, its own copy
+    of the sampler; no workers; the random states put back), so training sees
+    the same data in the same order. ``batch_sharpness_source="probe"``
+    subsamples the probe batch instead.
+
     Args:
         every: measure after every ``every``-th optimizer step. Default 100.
         batch: the probe batch, a dict the model accepts as ``model(**batch)``
@@ -88,6 +98,11 @@ class CurvatureTrainerCallback(TrainerCallback):
             ``model(**batch).loss``.
         criterion: for ``(inputs, targets)`` batches:
             ``criterion(model(inputs), targets)``.
+        batch_sharpness: also measure the batch sharpness at the training
+            batch size (an explicit ``batch_size=`` option wins). Default False.
+        batch_sharpness_source: where its mini-batches come from: ``"train"``
+            (default) the training dataloader, ``"probe"`` random subsets of the
+            probe batch.
         **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
             (``top_k``, ``trace``, ``budget``, ``method``, ``sinks``,
             ``strict``, ``train_mode``, ``param_group``, ``seed``, ``reduce``,
@@ -101,7 +116,8 @@ class CurvatureTrainerCallback(TrainerCallback):
     Raises:
         CurvatureError: ``every`` is not a positive integer, both ``loss_fn``
             and ``criterion`` are given, or an option is unknown or one the
-            callback sets itself.
+            callback sets itself, or ``batch_sharpness_source`` is neither
+            ``"train"`` nor ``"probe"``.
 
     A Trainer without ``report_to="tensorboard"`` gets one warning at the start
     of training; the curves then only reach ``monitor.history`` and the extra
@@ -119,6 +135,9 @@ class CurvatureTrainerCallback(TrainerCallback):
             callbacks=[CurvatureTrainerCallback(every=100)],
         )
         trainer.train()                    # tensorboard --logdir out
+
+        # mini-batch SGD: batch sharpness on training mini-batches of the Trainer's batch size
+        CurvatureTrainerCallback(every=100, batch_sharpness=True)
     """
 
     def __init__(
@@ -127,8 +146,14 @@ class CurvatureTrainerCallback(TrainerCallback):
         batch: Any = None,
         loss_fn: Any = None,
         criterion: Any = None,
+        batch_sharpness: bool = False,
+        batch_sharpness_source: Literal["train", "probe"] = "train",
         **monitor_options: Any,
     ) -> None:
+        if not isinstance(batch_sharpness, bool):
+            raise CurvatureError(f"batch_sharpness must be True or False, got {batch_sharpness!r}")
+        if batch_sharpness_source not in ("train", "probe"):
+            raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {batch_sharpness_source!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise CurvatureError(f"every must be a positive integer, got {every!r}")
         if loss_fn is not None and criterion is not None:
@@ -150,6 +175,8 @@ class CurvatureTrainerCallback(TrainerCallback):
         self.loss_fn = loss_fn
         self.criterion = criterion
         self.monitor_options = monitor_options
+        self.batch_sharpness = batch_sharpness
+        self.batch_sharpness_source = batch_sharpness_source
         self.monitor: CurvatureMonitor | None = None
         self._tensorboard: TensorBoardCallback | None = None
         self._sink: TensorBoardSink | None = None
@@ -174,6 +201,10 @@ class CurvatureTrainerCallback(TrainerCallback):
         options = dict(self.monitor_options)
         if "reduce" not in options and args.world_size > 1 and not is_sharded(model):
             options["reduce"] = all_reduce_mean
+        if self.batch_sharpness:
+            options.setdefault("batch_size", args.per_device_train_batch_size)
+            if self.batch_sharpness_source == "train" and "minibatches" not in options:
+                options["minibatches"] = _training_batches(kwargs.get("train_dataloader"))
         extra_sinks = tuple(options.pop("sinks", ()))
         sinks = (*extra_sinks, self._write) if state.is_world_process_zero else ()
         self.monitor = CurvatureMonitor(
@@ -253,6 +284,16 @@ def _first_batch(loader: Any) -> Any:
     is read, through :func:`curvwatch.probe.first_batch` (random states restored).
     """
     return first_batch(getattr(loader, "base_dataloader", loader))
+
+
+def _training_batches(loader: Any) -> TrainingBatches:
+    """The training mini-batches, read like :func:`_first_batch` reads (the plain loader underneath)."""
+    if loader is None:
+        raise CurvatureError(
+            "CurvatureTrainerCallback(batch_sharpness=True) got no train_dataloader from the Trainer: "
+            "pass batch_sharpness_source='probe' to subsample the probe batch instead"
+        )
+    return TrainingBatches(getattr(loader, "base_dataloader", loader))
 
 
 @contextlib.contextmanager

@@ -10,8 +10,10 @@ from __future__ import annotations
 import glob
 import math
 import os
+import random
 import warnings
 
+import numpy
 import pytest
 import torch
 
@@ -182,6 +184,47 @@ def test_measuring_leaves_training_bit_exact_and_probes_the_first_training_batch
     for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters()):
         assert torch.equal(a, b), name
     assert not glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True)
+
+
+class RandomWindowCollator:
+    """Causal-LM batches of random 24-token windows; the offset comes from Python's and NumPy's global RNGs."""
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        start = random.randrange(5) + int(numpy.random.randint(4))
+        ids = torch.stack([example["input_ids"] for example in examples])[:, start : start + 24]
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def test_batch_sharpness_on_training_minibatches_leaves_training_bit_exact(tmp_path):
+    def run(callbacks, where):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / where), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=LR,
+            report_to="tensorboard", logging_steps=EVERY, use_cpu=True, disable_tqdm=True, save_strategy="no",
+            dataloader_num_workers=0, seed=0,
+        )
+        trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=TokenDataset(160, seed=1),
+                          data_collator=RandomWindowCollator(), callbacks=callbacks)
+        trainer.train()
+        return trainer
+
+    callback = CurvatureTrainerCallback(every=EVERY, trace=False, batch_sharpness=True, batch_sharpness_batches=4)
+    watched, plain = run([callback], "watched"), run(None, "plain")
+    # drawing the mini-batches (shuffled sampler, collator on Python/NumPy RNGs) left training as it was
+    for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters()):
+        assert torch.equal(a, b), name
+
+    assert callback.monitor.batch_size == watched.args.per_device_train_batch_size == 8
+    _, run_events = read_run(tmp_path / "watched")
+    value = scalars(run_events, "curvature/batch_sharpness")
+    stderr = scalars(run_events, "curvature/batch_sharpness_stderr")
+    assert sorted(value) == sorted(stderr) == MEASURED
+    assert all(math.isfinite(v) for v in value.values())
+    assert all(math.isfinite(v) and v > 0 for v in stderr.values())  # different mini-batches, not one batch
+    assert [r.batch_sharpness for r in callback.monitor.history] == pytest.approx([value[s] for s in MEASURED])
+    # the mini-batches are training batches through the Trainer's collator
+    drawn = next(iter(callback.monitor.minibatches))["input_ids"]
+    windows = {tuple(row[s : s + 24].tolist()) for row in watched.train_dataset.ids for s in range(9)}
+    assert drawn.shape == (8, 24) and all(tuple(row.tolist()) in windows for row in drawn)
 
 
 class _NoDerivative(torch.autograd.Function):
