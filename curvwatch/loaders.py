@@ -5,7 +5,8 @@ sharpness, from the loaders that training iterates. Reading them must leave
 training exactly as it was:
 
 * a ``torch.utils.data.DataLoader`` is read through a plain, single-process
-  copy (same dataset and collate function, a deep copy of its batch sampler):
+  copy (same dataset and collate function, deep copies of its sampler and of
+  its generator, so a copy made before an epoch repeats that epoch's order):
   no worker process starts, a ``persistent_workers`` iterator of training is
   never reset, wrappers such as Accelerate's prepared loaders (which register
   with the gradient-accumulation state and synchronize RNGs when iterated) are
@@ -54,11 +55,10 @@ def plain_loader(loader: Any) -> Any:
     # one memo: the copied sampler and loader share their copied generator, as the originals do
     memo = {id(loader.dataset): loader.dataset}
     generator = _private_copy(loader.generator, memo)
+    common = {"collate_fn": loader.collate_fn, "generator": generator}
     if loader.batch_sampler is not None:
-        batch_sampler = _private_copy(loader.batch_sampler, memo)
-        return DataLoader(loader.dataset, batch_sampler=batch_sampler, collate_fn=loader.collate_fn, generator=generator)
-    sampler = _private_copy(loader.sampler, memo)
-    return DataLoader(loader.dataset, sampler=sampler, batch_size=None, collate_fn=loader.collate_fn, generator=generator)
+        return DataLoader(loader.dataset, batch_sampler=_private_copy(loader.batch_sampler, memo), **common)
+    return DataLoader(loader.dataset, sampler=_private_copy(loader.sampler, memo), batch_size=None, **common)
 
 
 def _private_copy(obj: Any, memo: dict) -> Any:

@@ -51,12 +51,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.batch_sharpness import batch_length, take
+from curvwatch.loaders import TrainingBatches, loader_batch_size
 from curvwatch.monitor import CurvatureMonitor
 from curvwatch.probe import LossFn, loss_closure_factory
 from curvwatch.results import CurvatureResult
@@ -76,6 +77,9 @@ def watch(
     *,
     split_batch: bool = True,
     checkpoint: bool = True,
+    batch_sharpness: bool = False,
+    batch_sharpness_source: Literal["train", "probe"] = "train",
+    train_dataloader: Any = None,
     **monitor_options: Any,
 ) -> CurvatureMonitor:
     r"""Measure curvature after every ``every``-th real update of an Accelerate loop.
@@ -90,6 +94,16 @@ def watch(
     ``completed_steps`` counter. With a TensorBoard tracker, the custom-scalars
     chart (sharpness overlaid with its threshold) is written once on the main
     process through ``accelerator.get_tracker("tensorboard", unwrap=True)``.
+
+    With ``batch_sharpness=True`` it also logs the batch sharpness
+    (``curvature/batch_sharpness`` and ``_stderr``, mini-batch SGD's stability
+    quantity) at the per-process batch size of ``train_dataloader`` (or an
+    explicit ``batch_size=``), on mini-batches drawn from ``train_dataloader``
+    through a private single-process copy of the plain loader underneath the
+    prepared one (same dataset, collate function and sampler shard, its own
+    copy of the sampler; no workers, no gradient-accumulation bookkeeping, the
+    random states put back), so the loop sees the same data in the same order.
+    ``batch_sharpness_source="probe"`` subsamples the probe batch instead.
 
     The measurement runs in the parameters' dtype: under
     ``mixed_precision="bf16"``/``"fp16"`` the autocast wrapper that
@@ -111,6 +125,14 @@ def watch(
         checkpoint: ``accelerator.register_for_checkpointing(monitor)``, so
             ``save_state``/``load_state`` keep the schedule and the warm start
             (call :func:`watch` at the same point of the resumed script).
+        batch_sharpness: also measure the batch sharpness at the training batch
+            size. Default False.
+        batch_sharpness_source: where its mini-batches come from: ``"train"``
+            (default) ``train_dataloader``, ``"probe"`` random subsets of this
+            process's probe batch.
+        train_dataloader: the training dataloader (prepared or not); gives the
+            batch size (an explicit ``batch_size=`` option wins) and the
+            mini-batches.
         **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
             (``top_k``, ``budget``, ``trace``, ``sinks``, ``strict``, ...).
             ``reduce`` defaults to ``accelerator.reduce(t, reduction="mean")``
@@ -123,7 +145,9 @@ def watch(
     Raises:
         CurvatureError: not an ``Accelerator``, an optimizer without a torch
             optimizer inside, a probe batch that does not split evenly across
-            processes, or a bad monitor option.
+            processes, a bad monitor option, or ``batch_sharpness=True`` without
+            a ``train_dataloader`` (or, with ``batch_sharpness_source="probe"``, a
+            ``batch_size=``).
 
     Example::
 
@@ -139,6 +163,8 @@ def watch(
                 optimizer.step()
                 optimizer.zero_grad()
         accelerator.end_training()
+
+    For mini-batch SGD, ``watch(..., batch_sharpness=True, train_dataloader=loader)``.
     """
     for name in ("unwrap_model", "log", "reduce", "num_processes", "process_index"):
         if not hasattr(accelerator, name):
@@ -151,6 +177,9 @@ def watch(
     loss = _full_precision(loss_closure_factory(batch, loss_fn, criterion))
     if split_batch:
         batch = _process_share(batch, accelerator.num_processes, accelerator.process_index)
+    monitor_options.update(
+        _batch_sharpness_options(batch_sharpness, batch_sharpness_source, train_dataloader, monitor_options)
+    )
     if accelerator.num_processes > 1:
         monitor_options.setdefault("reduce", lambda t: accelerator.reduce(t, reduction="mean"))
     sinks = (*monitor_options.pop("sinks", ()), AcceleratorLogSink(accelerator))
@@ -214,6 +243,35 @@ class AcceleratorLogSink:
         if not any(getattr(t, "name", None) == "tensorboard" for t in self.accelerator.trackers):
             return None
         return self.accelerator.get_tracker("tensorboard", unwrap=True)
+
+
+def _batch_sharpness_options(enabled: bool, source: str, loader: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """``batch_size`` from ``loader`` (unless given) and, for ``source="train"``, its mini-batches."""
+    if not isinstance(enabled, bool):
+        raise CurvatureError(f"batch_sharpness must be True or False, got {enabled!r}")
+    if source not in ("train", "probe"):
+        raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {source!r}")
+    if not enabled:
+        if loader is not None:
+            raise CurvatureError("train_dataloader=... is for batch sharpness: also pass batch_sharpness=True")
+        return {}
+    added: dict[str, Any] = {}
+    if "batch_size" not in options:
+        added["batch_size"] = loader_batch_size(loader) if loader is not None else None
+        if added["batch_size"] is None:
+            raise CurvatureError(
+                "watch(batch_sharpness=True) needs the training batch size: pass "
+                "train_dataloader=<the training DataLoader> (its batch_size is used) or batch_size=<per process>"
+            )
+    if source == "train" and "minibatches" not in options:
+        if loader is None:
+            raise CurvatureError(
+                "watch(batch_sharpness=True) draws mini-batches from the training data: pass "
+                "train_dataloader=<the training DataLoader>, or batch_sharpness_source='probe' to "
+                "subsample the probe batch"
+            )
+        added["minibatches"] = TrainingBatches(getattr(loader, "base_dataloader", loader))
+    return added
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:

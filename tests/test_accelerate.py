@@ -220,6 +220,48 @@ def test_checkpoint_resume_keeps_the_schedule(tmp_path):
     assert [e.step for e in _events(tmp_path / "b" / "run").Scalars("curvature/lambda_max")] == [15, 20]
 
 
+@pytest.mark.filterwarnings("ignore:curvwatch. no optimizer given")  # the reference monitor
+def test_batch_sharpness_from_the_training_loader(tmp_path):
+    x, y = script.make_data(160, seed=1)
+
+    def shuffled():  # shuffled by its own generator, which drawing must not advance
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True,
+                                           generator=torch.Generator().manual_seed(7))
+
+    def run(where, watched):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path / where))
+        accelerator.init_trackers("run")
+        model = script.build_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=script.LR, momentum=script.MOMENTUM)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, shuffled())
+        monitor = watch(accelerator, model, optimizer, script.make_data(32, seed=2), every=5, trace=False,
+                        criterion=torch.nn.CrossEntropyLoss(), batch_sharpness=True, train_dataloader=loader,
+                        batch_sharpness_batches=4) if watched else None
+        assert _train(accelerator, model, optimizer, loader) == 20
+        accelerator.end_training()
+        return accelerator.unwrap_model(model), monitor, _events(tmp_path / where / "run")
+
+    model, monitor, events = run("watched", True)
+    plain, _, _ = run("plain", False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))  # training unchanged
+
+    assert monitor.batch_size == 8  # the training loader's
+    for tag in ("curvature/batch_sharpness", "curvature/batch_sharpness_stderr"):
+        points = events.Scalars(tag)
+        assert [e.step for e in points] == [5, 10, 15, 20], tag
+        assert all(math.isfinite(e.value) and e.value > 0 for e in points), tag
+    # 4 mini-batches per measurement in the loop's own order: step 20 used batches 12..15
+    minibatches = list(shuffled())[12:16]
+    reference = CurvatureMonitor(model, minibatches[0], criterion=torch.nn.CrossEntropyLoss(), trace=False,
+                                 batch_size=8, minibatches=minibatches, batch_sharpness_batches=4, strict=True)
+    expected = reference.measure(20)
+    assert events.Scalars("curvature/batch_sharpness")[-1].value == pytest.approx(expected.batch_sharpness, rel=1e-5)
+    assert events.Scalars("curvature/batch_sharpness_stderr")[-1].value == pytest.approx(
+        expected.batch_sharpness_stderr, rel=1e-4)
+
+
 def test_errors_name_the_fix(tmp_path):
     accelerator = Accelerator(cpu=True)
     model = script.build_model()

@@ -244,6 +244,7 @@ class _LoaderGeneratorAtStart(pl.Callback):
         self.state = trainer.train_dataloader.generator.get_state()
 
 
+@pytest.mark.filterwarnings("ignore:curvwatch. no optimizer given")  # the reference monitor
 def test_batch_sharpness_on_training_minibatches(tmp_path):
     # shuffled by the loader's own generator, dropout in training: drawing the
     # mini-batches consumes neither that generator nor the global random states
