@@ -31,6 +31,7 @@ import torch
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.batch_sharpness import batch_length, batch_sharpness
 from curvwatch.guard import measurement_guard
+from curvwatch.loaders import TrainingBatches
 from curvwatch.operators.distributed import Reduce, ReducedOperator
 from curvwatch.operators.hessian import METHODS, HessianOperator
 from curvwatch.operators.preconditioned import PreconditionedOperator
@@ -185,7 +186,13 @@ class CurvatureMonitor:
         self.basis_device = basis_device
         self.batch_size = batch_size
         self.batch_sharpness_batches = batch_sharpness_batches
-        self.minibatches = minibatches
+        # A raw DataLoader is read through a private copy, so drawing from it never
+        # advances training's sampler, generator or workers.
+        self.minibatches = (
+            TrainingBatches(minibatches)
+            if isinstance(minibatches, torch.utils.data.DataLoader)
+            else minibatches
+        )
         self._minibatch_iter: Any = None
         self.spectrum_every = spectrum_every
         self.on_threshold = on_threshold
