@@ -45,6 +45,13 @@ stashed before each backward and put back afterwards, the same tensor objects,
 ``None`` included; FSDP modules are resharded after each gradient so no
 perturbed unsharded copy outlives a product.
 
+Supported layouts: FSDP2 (``fully_shard``; also HSDP, a mesh replicated over
+some dimensions and sharded over the others: every dot product is divided by
+the replication factor), FSDP1 with ``use_orig_params=True`` (the local views
+of the original parameters, including empty ones) or with flat parameters,
+sharding strategies ``FULL_SHARD`` and ``SHARD_GRAD_OP``. All checked on the CPU
+with gloo and two processes (tests/test_distributed.py).
+
 Limitations: gradient sync must be on (``set_requires_gradient_sync(True)``,
 the default); ranks' shares of the probe batch must be of equal size (FSDP
 averages per-rank mean losses); under a mixed-precision policy whose
@@ -120,7 +127,7 @@ class _Layout:
 
 
 class ShardedHessianOperator(CurvatureOperator):
-    """Central finite-difference Hessian products on local FSDP shards.
+    """Finite-difference Hessian products on the local shards of an FSDP model.
 
     ``size`` is this rank's local length; all ranks must call :meth:`matvec`,
     :meth:`dot` and :meth:`random_vector` in the same order (as every solver in

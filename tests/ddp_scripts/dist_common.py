@@ -100,6 +100,13 @@ def same(a, b) -> bool:
 
 
 def dump(out: str, rank: int, data: dict) -> None:
-    """Write this rank's results."""
+    """Write this rank's results, then leave the process group cleanly.
+
+    (Exiting with gloo groups alive can abort a rank at shutdown, "terminate
+    called without an active exception"; torch 2.13 does so now and then when
+    ``init_device_mesh`` was called more than once, so the scripts build one mesh.)
+    """
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(data, f)
+    dist.barrier()
+    dist.destroy_process_group()

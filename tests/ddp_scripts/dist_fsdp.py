@@ -46,6 +46,7 @@ from curvwatch._flat import local
 from curvwatch.operators.sharded import ShardedHessianOperator
 
 LR = 1e-2
+_MESHES: dict = {}
 
 
 def wrap(model: nn.Module, kind: str) -> nn.Module:
@@ -54,11 +55,14 @@ def wrap(model: nn.Module, kind: str) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        world = dist.get_world_size()
-        if kind == "fsdp2":
-            mesh = init_device_mesh("cpu", (world,))
-        else:
-            mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+        if kind not in _MESHES:  # one mesh per process (see dist_common.dump)
+            world = dist.get_world_size()
+            _MESHES[kind] = (
+                init_device_mesh("cpu", (world,))
+                if kind == "fsdp2"
+                else init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+            )
+        mesh = _MESHES[kind]
         for layer in model:
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)
