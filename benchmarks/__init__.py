@@ -1,0 +1,1 @@
+"""Benchmarks of curvwatch (run ``python benchmarks/run.py --mode cpu|gpu``)."""
