@@ -29,14 +29,15 @@ Krylov basis. Nothing ever gathers the full parameters or a full vector.
 Random vectors: every rank draws its local shard of one *global* random
 vector, defined per parameter and independent of the world size: the global
 parameter (flattened row-major) is cut into chunks of :data:`CHUNK` elements,
-chunk ``c`` of parameter ``i`` is drawn from a CPU generator seeded with a hash
-of ``(s, i, c)``, ``s`` drawn from the solver's generator (advanced identically
-on every rank). A rank draws only the chunks its shard overlaps, so the cost
-is O(local size). The same seed thus gives the same global vector for any
-number of ranks (and for the unsharded model through this operator), though
-not the vector :meth:`CurvatureOperator.random_vector` draws for an unsharded
-operator. Lanczos itself only needs consistent dot products; the shared
-global vector makes results reproducible across world sizes as well.
+chunk ``c`` of parameter ``i`` is drawn on the operator's device from a
+generator seeded with a hash of ``(s, i, c)``, ``s`` drawn from the solver's
+CPU generator (advanced identically on every rank). A rank draws only the
+chunks its shard overlaps, so the cost is O(local size) and nothing crosses the
+host-device link. The same seed thus gives the same global vector for any
+number of ranks of one device type (and for the unsharded model through this
+operator), though not the vector :meth:`CurvatureOperator.random_vector` draws
+for an unsharded operator. Lanczos itself only needs consistent dot products;
+the shared global vector makes results reproducible across world sizes too.
 
 Measurements leave no trace: the local shards are perturbed in place under
 ``no_grad`` and restored from a saved copy (never by subtracting), so they are
@@ -78,7 +79,7 @@ from curvwatch.operators._closure import Closure, check_params, checked_loss
 from curvwatch.operators.hessian import finite_difference_step
 
 # Elements per independently seeded chunk of a parameter's global random vector.
-CHUNK = 1 << 16
+CHUNK = 1 << 18
 
 DEEPSPEED_ZERO3_MSG = (
     "DeepSpeed ZeRO stage 3 is not supported: it partitions parameters outside "
@@ -218,9 +219,10 @@ class ShardedHessianOperator(CurvatureOperator):
     def random_vector(self, generator: torch.Generator, kind: str = "normal") -> torch.Tensor:
         """This rank's shard of one global random vector (see the module doc)."""
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        parts = [_draw_shard(lay, seed, i, kind) for i, lay in enumerate(self._layouts)]
-        v = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-        return v.to(device=self.device, dtype=self.dtype)
+        parts = [
+            _draw_shard(lay, seed, i, kind, self.device, self.dtype) for i, lay in enumerate(self._layouts)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=self.device)
 
     # -- gradients ----------------------------------------------------------------
     def _local_params(self) -> list[torch.Tensor]:
@@ -466,17 +468,18 @@ def _mix(*values: int) -> int:
     return h >> 1
 
 
-def _draw_chunk(seed: int, index: int, chunk: int, length: int, kind: str) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(_mix(seed, index, chunk))
+def _draw_chunk(seed: int, index: int, chunk: int, length: int, kind: str, device, dtype) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(_mix(seed, index, chunk))
     if kind == "rademacher":
-        return torch.randint(0, 2, (length,), generator=generator).to(torch.float64).mul_(2).sub_(1)
-    return torch.randn(length, generator=generator, dtype=torch.float64)
+        bits = torch.randint(0, 2, (length,), generator=generator, device=device, dtype=dtype)
+        return bits.mul_(2).sub_(1)
+    return torch.randn(length, generator=generator, device=device, dtype=dtype)
 
 
-def _draw_shard(layout: _Layout, seed: int, index: int, kind: str) -> torch.Tensor:
+def _draw_shard(layout: _Layout, seed: int, index: int, kind: str, device, dtype) -> torch.Tensor:
     """The local box of parameter ``index``'s global random vector, flattened."""
     if layout.numel == 0:
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=dtype, device=device)
     strides = [math.prod(layout.global_shape[d + 1 :]) for d in range(len(layout.global_shape))]
     lo = sum(o * s for o, s in zip(layout.offset, strides))
     hi = sum((o + n - 1) * s for o, n, s in zip(layout.offset, layout.shape, strides))
@@ -484,7 +487,7 @@ def _draw_shard(layout: _Layout, seed: int, index: int, kind: str) -> torch.Tens
     pieces = []
     for c in range(lo // CHUNK, hi // CHUNK + 1):
         start = c * CHUNK
-        values = _draw_chunk(seed, index, c, min(CHUNK, total - start), kind)
+        values = _draw_chunk(seed, index, c, min(CHUNK, total - start), kind, device, dtype)
         pieces.append(values[max(lo - start, 0) : hi + 1 - start])
     segment = torch.cat(pieces)
     return segment.as_strided(layout.shape, strides, 0).reshape(-1)
