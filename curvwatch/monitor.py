@@ -277,7 +277,9 @@ class CurvatureMonitor:
         eig_hvps = self.budget.max_hvps - (self.budget.trace_hvps if self.trace else 0)
         raw_hvps = eig_hvps if diagonal is None else max(self.top_k, eig_hvps // 2)
 
+        discarded_hvps = 0
         operator = self._operator(params)
+        method_used = None
         try:
             eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
         except CurvatureError as error:
@@ -289,7 +291,25 @@ class CurvatureMonitor:
             eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
         certificate = self._certificate(params)
         if certificate is not None:
-            eig = certify_top(certificate, eig)
+            certified = certify_top(certificate, eig)
+            disagree = _disagree(certified.lambda_max, eig.lambda_max)
+            if disagree and self.method == "auto" and not is_sharded(self.model):
+                # Finite differences are unreliable here (strong third-order terms,
+                # typically in a sharp, fast-changing region): measure exactly.
+                self._warn_once(
+                    "fd-disagree",
+                    f"curvwatch: step {step}: one-sided and central differences disagree "
+                    f"({eig.lambda_max:.6g} vs {certified.lambda_max:.6g}); measuring with "
+                    "double backward where that happens (method='double_backward' forces it)",
+                )
+                operator.release()
+                discarded_hvps += operator.matvecs + certificate.matvecs
+                certificate = None
+                operator = self._operator(params, method="double_backward")
+                eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
+                method_used = "double_backward"
+            else:  # forced, or FSDP (no exact fallback): report it as not converged
+                eig = replace(certified, converged=certified.converged and not disagree)
         overlap = _overlap(self._warm, eig.eigenvectors, operator.dot)
         self._warm = eig.eigenvectors.detach()
         converged = eig.converged
@@ -321,7 +341,7 @@ class CurvatureMonitor:
                 max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
                 source=None if self.minibatches is None else self._next_minibatch,
             )
-        hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0)
+        hvps = discarded_hvps + operator.matvecs + (certificate.matvecs if certificate is not None else 0)
         loss = operator.loss
         if self.reduce is not None and loss is not None:
             loss = self.reduce(torch.tensor(loss, dtype=torch.float64, device=operator.device)).item()
@@ -343,7 +363,7 @@ class CurvatureMonitor:
             converged=converged,
             lr=limit.lr if limit else math.nan,
             loss=math.nan if loss is None else float(loss),
-            method=self._resolved_method or "",
+            method=method_used or self._resolved_method or "",
             top_overlap=overlap,
             batch_sharpness=bs,
             batch_sharpness_stderr=bs_err,
@@ -371,32 +391,32 @@ class CurvatureMonitor:
             return None
         return self._operator(params, scheme="central")
 
-    def _operator(self, params: Sequence[torch.Tensor], scheme: str | None = None):
-        """The Hessian operator, resolving ``method="auto"`` on first use."""
+    def _operator(self, params: Sequence[torch.Tensor], scheme: str | None = None, method: str | None = None):
+        """The Hessian operator, resolving ``method="auto"`` on first use.
+
+        ``method`` overrides the resolved method for this one operator.
+        """
         closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
         if self._resolved_method is None:
             self._resolved_method = self._auto_method(params)
+        resolved = method or self._resolved_method
         check_supported(self.model)
         if is_sharded(self.model):  # FSDP: local shards, reduces itself (no `reduce`)
-            if self._resolved_method not in ("finite_difference", "forward_difference"):
+            if resolved not in ("finite_difference", "forward_difference"):
                 raise CurvatureError(
-                    f"method={self._resolved_method!r} cannot run under FSDP (autograd cannot "
+                    f"method={resolved!r} cannot run under FSDP (autograd cannot "
                     "differentiate through its sharded parameters): use method='auto', "
                     "'finite_difference' or 'forward_difference'"
                 )
-            forward = self._resolved_method == "forward_difference"
+            forward = resolved == "forward_difference"
             return ShardedHessianOperator(
                 closure, params, module=self.model,
                 scheme=scheme or ("forward" if forward else "central"),
             )
-        method, default_scheme = (
-            ("finite_difference", "forward")
-            if self._resolved_method == "forward_difference"
-            else (self._resolved_method, "central")
+        base, default_scheme = (
+            ("finite_difference", "forward") if resolved == "forward_difference" else (resolved, "central")
         )
-        operator = HessianOperator(
-            closure, params, method, module=self.model, scheme=scheme or default_scheme
-        )
+        operator = HessianOperator(closure, params, base, module=self.model, scheme=scheme or default_scheme)
         return operator if self.reduce is None else ReducedOperator(operator, self.reduce)
 
     def _next_minibatch(self) -> Any:
@@ -515,6 +535,15 @@ def _known_length(batch: Any) -> float:
         return batch_length(batch)
     except CurvatureError:
         return math.inf
+
+
+# One-sided and central estimates of lambda_max further apart than this (relative)
+# mean the finite-difference steps are outside their accurate range at this point.
+FD_AGREEMENT_RTOL = 1e-2
+
+
+def _disagree(central: float, one_sided: float) -> bool:
+    return abs(central - one_sided) > FD_AGREEMENT_RTOL * max(abs(central), 1e-30)
 
 
 def limit_adaptive(limit: Threshold | None) -> bool:

@@ -298,3 +298,37 @@ def test_state_dict_round_trip_keeps_schedule_and_warm_start():
     again = fresh.measure(2)
     assert again.hvps <= 5 and again.top_overlap == pytest.approx(1.0, abs=1e-4)
     assert again.lambda_max == pytest.approx(first.lambda_max, rel=1e-5)
+
+
+def test_auto_falls_back_to_double_backward_where_finite_differences_disagree():
+    # L = sum(sin(1000 w)) / 1000: H = diag(-1000 sin(1000 w)); over a float32 step of
+    # ~1e-3 the curvature swings completely, so one-sided and central differences disagree.
+    class Wiggly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([0.3, 0.1, 0.2]))
+
+        def forward(self, x):
+            return torch.sin(1000 * self.w * x).sum() / 1000
+
+    model = Wiggly()
+    exact = sorted((-1000 * torch.sin(1000 * model.w.detach().double())).tolist(), reverse=True)
+    monitor = cw.CurvatureMonitor(model, torch.ones(3), loss_fn=lambda m, b: m(b), trace=False, top_k=1)
+    with pytest.warns(cw.CurvatureWarning, match="disagree"):
+        r = monitor.measure(1)
+    assert r.method == "double_backward"
+    assert r.lambda_max == pytest.approx(exact[0], rel=1e-4)
+    forced = cw.CurvatureMonitor(model, torch.ones(3), loss_fn=lambda m, b: m(b), trace=False, top_k=1,
+                                 method="forward_difference").measure(1)
+    assert forced.method == "forward_difference" and not forced.converged
+
+
+def test_auto_uses_certified_one_sided_differences_in_float32():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x, y = torch.randn(64, 5), torch.randn(64, 1)
+    r = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), trace=False, top_k=1).measure(1)
+    ref = cw.CurvatureMonitor(model.double(), (x.double(), y.double()), criterion=torch.nn.MSELoss(), trace=False,
+                              top_k=1, budget=cw.Budget(tol=1e-8, max_hvps=80, trace_hvps=0)).measure(1)
+    assert r.method == "forward_difference" and ref.method == "double_backward"
+    assert r.lambda_max == pytest.approx(ref.lambda_max, rel=1e-3)

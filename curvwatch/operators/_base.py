@@ -60,17 +60,20 @@ class CurvatureOperator:
         return self.dot(a, a).clamp_min(0).sqrt()
 
     def random_vector(self, generator: torch.Generator, kind: str = "normal") -> torch.Tensor:
-        """A random vector from ``generator`` (normal or Rademacher), on ``device``.
+        """A random vector (standard normal or Rademacher +-1) on ``device``.
 
-        Drawn on the CPU and moved, so the same seed gives the same vector on
-        every device and every rank.
+        ``generator`` (a CPU generator) gives one seed per vector; the vector is
+        drawn on the operator's device from a generator seeded with it, so the
+        same seed gives the same vector on every rank of one device type and
+        nothing of size ``n`` crosses the host-device link (drawing 124M floats
+        on the host and copying took 4.4 s on an H100 machine; on the GPU, 0.3 ms).
         """
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        local = torch.Generator(device=self.device).manual_seed(seed)
         if kind == "rademacher":
-            bits = torch.randint(0, 2, (self.size,), generator=generator)
-            v = bits.to(torch.float64).mul_(2).sub_(1)
-        else:
-            v = torch.randn(self.size, generator=generator, dtype=torch.float64)
-        return v.to(device=self.device, dtype=self.dtype)
+            v = torch.randint(0, 2, (self.size,), generator=local, device=self.device, dtype=self.dtype)
+            return v.mul_(2).sub_(1)
+        return torch.randn(self.size, generator=local, device=self.device, dtype=self.dtype)
 
     def _check_vector(self, v: torch.Tensor) -> None:
         if not isinstance(v, torch.Tensor):
