@@ -84,7 +84,7 @@ def fsdp(request, tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_ddp_matches_single_process(ddp):
     for rank in ddp:
         result, ref = rank["distributed"], rank["reference"]
-        assert result["method"] == "forward_difference" and result["converged"]  # auto, float32
+        assert result["method"] == "double_backward" and result["converged"]  # auto, unsharded
         _assert_close(result["eigenvalues"], ref["eigenvalues"])
         assert result["threshold"] == ref["threshold"]
         assert math.isclose(result["loss"], ref["loss"], rel_tol=1e-6)  # mean over ranks
