@@ -36,7 +36,7 @@ class Setup:
 
 
 CPU = Setup("tiny GPT-2", n_layer=2, n_embd=128, n_head=4, vocab=1024, batch=8, seq=64, warmup_steps=30)
-GPU = Setup("GPT-2 small", n_layer=12, n_embd=768, n_head=12, vocab=50257, batch=8, seq=256, warmup_steps=50)
+GPU = Setup("GPT-2 small", n_layer=12, n_embd=768, n_head=12, vocab=50257, batch=8, seq=256, warmup_steps=50, lr=1e-4)
 
 
 class CausalLM(torch.nn.Module):
