@@ -55,6 +55,15 @@ class CurvatureOperator:
         """Inner product ``<a, b>`` as a 0-d tensor (all-reduced when sharded)."""
         return torch.dot(a, b)
 
+    def any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any process (a solver's shared stop decision).
+
+        Single-process operators return ``flag``; distributed ones all-reduce it,
+        so every rank leaves an iteration at the same step (a per-rank wall-clock
+        check would otherwise leave the others waiting in a collective).
+        """
+        return flag
+
     def norm(self, a: torch.Tensor) -> torch.Tensor:
         """Euclidean norm ``sqrt(<a, a>)`` as a 0-d tensor."""
         return self.dot(a, a).clamp_min(0).sqrt()

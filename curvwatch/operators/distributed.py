@@ -53,6 +53,10 @@ class ReducedOperator(CurvatureOperator):
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self.reduce(self.operator.matvec(v))
 
+    def any_rank(self, flag: bool) -> bool:
+        flag_tensor = torch.tensor([1.0 if flag else 0.0], dtype=self.dtype, device=self.device)
+        return self.reduce(flag_tensor).item() > 0
+
     def __getattr__(self, name: str):
         # loss, gradient, release(), ... of the wrapped operator
         return getattr(self.__dict__["operator"], name)

@@ -41,3 +41,6 @@ class PreconditionedOperator(CurvatureOperator):
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.operator.dot(a, b)
+
+    def any_rank(self, flag: bool) -> bool:
+        return self.operator.any_rank(flag)

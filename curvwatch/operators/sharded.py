@@ -212,6 +212,10 @@ class ShardedHessianOperator(CurvatureOperator):
             tensor.div_(self._replicas)
         return tensor
 
+    def any_rank(self, flag: bool) -> bool:
+        flag_tensor = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=self.device)
+        return self._all_reduce_sum(flag_tensor).item() > 0
+
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Global inner product: local ``<a, b>`` summed over ranks (0-d tensor)."""
         return self._all_reduce_sum(torch.dot(a, b).reshape(1)).reshape(())

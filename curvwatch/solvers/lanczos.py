@@ -110,7 +110,7 @@ def lanczos(
         converged = len(top) == k and bool(
             torch.all(residuals[top] <= tol * theta[top].abs())
         )
-        out_of_time = deadline is not None and time.perf_counter() >= deadline
+        out_of_time = deadline is not None and operator.any_rank(time.perf_counter() >= deadline)
         if converged or process.steps >= budget or out_of_time:
             break
     return LanczosResult(

@@ -25,6 +25,8 @@ from dist_common import (
     summary,
 )
 from torch import nn
+
+from curvwatch import Budget
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from curvwatch.operators.distributed import all_reduce_mean
@@ -50,12 +52,17 @@ def main() -> None:
     first = summary(mon.measure(3))
     plain = copy.deepcopy(module)
     second = summary(mon.measure(4))  # warm-started: overlap with the first
+    # Ranks with different wall-clock budgets still stop Lanczos at the same step
+    # (rank 0 runs out at once; without a shared decision rank 1 would wait forever).
+    budget = Budget(max_hvps=60, trace_hvps=0, tol=1e-12, max_seconds=1e-9 if rank == 0 else 1e3)
+    timed = summary(monitor(module, share(probe, rank, world), reduce=all_reduce_mean, budget=budget, trace=False).measure(5))
     dump(
         args.out,
         rank,
         {
             "distributed": first,
             "second": second,
+            "timed": timed,
             "reference": reference(plain, probe, torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)),
             "params_exact": same(params, snapshot(module.parameters())),
             "grads_same_objects": all(g is p.grad for g, p in zip(grads, module.parameters())),
