@@ -32,10 +32,10 @@ from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.batch_sharpness import batch_length, batch_sharpness
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
-from curvwatch.operators.distributed import Reduce, ReducedOperator
-from curvwatch.operators.hessian import METHODS, HessianOperator
+from curvwatch._methods import MONITOR_METHODS, auto_method, build_operator, certify_top, disagree
+from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.preconditioned import PreconditionedOperator
-from curvwatch.operators.sharded import ShardedHessianOperator, check_supported
+from curvwatch.operators.sharded import check_supported
 from curvwatch.probe import LossFn, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
 from curvwatch.solvers.density import slq
@@ -49,14 +49,6 @@ Sink = Callable[[CurvatureResult], Any]
 MethodChoice = Literal[
     "auto", "double_backward", "forward_over_reverse", "finite_difference", "forward_difference"
 ]
-MONITOR_METHODS = (*METHODS, "forward_difference")
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True for FSDP-wrapped models (FSDP1 wrappers or FSDP2 DTensor parameters)."""
-    if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()):
-        return True
-    return any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") for p in model.parameters())
 
 
 class CurvatureMonitor:
@@ -290,7 +282,7 @@ class CurvatureMonitor:
         certificate = self._certificate(params)
         if certificate is not None:
             certified = certify_top(certificate, eig)
-            if _disagree(certified.lambda_max, eig.lambda_max):
+            if disagree(certified.lambda_max, eig.lambda_max):
                 # The finite-difference steps are outside their accurate range here
                 # (kinks, strong third-order terms): say so rather than hide it.
                 self._warn_once(
@@ -361,58 +353,18 @@ class CurvatureMonitor:
             spectrum=spectrum,
         )
 
-    def _auto_method(self, params: Sequence[torch.Tensor]) -> str:
-        """``method="auto"``: exact where possible, finite differences where not.
-
-        * FSDP: central finite differences on local shards (no double backward);
-        * otherwise double backward, one first-order graph per measurement (a
-          model without a second derivative switches to finite differences at
-          its first measurement).
-
-        ``method="forward_difference"`` (one-sided differences against the cached
-        probe gradient, about 1.3 training steps and 1.3x its memory per product
-        on GPT-2 small, with lambda_max certified by one central-difference
-        Rayleigh quotient) is the cheap choice for large models; it is not the
-        default because differences see what double backward does not: the kinks
-        of ReLU-type activations (lambda_max 2.33 vs 0.64 on a ReLU transformer)
-        and strong third-order terms in sharp regions.
-        """
-        del params  # the choice depends on the model's wrapping only
-        return "finite_difference" if is_sharded(self.model) else "double_backward"
-
     def _certificate(self, params: Sequence[torch.Tensor]):
         """A central-difference operator to certify the top eigenvalue, or ``None``."""
         if self._resolved_method != "forward_difference":
             return None
         return self._operator(params, scheme="central")
 
-    def _operator(self, params: Sequence[torch.Tensor], scheme: str | None = None, method: str | None = None):
-        """The Hessian operator, resolving ``method="auto"`` on first use.
-
-        ``method`` overrides the resolved method for this one operator.
-        """
-        closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
+    def _operator(self, params: Sequence[torch.Tensor], scheme: str | None = None):
+        """The Hessian operator, resolving ``method="auto"`` on first use."""
         if self._resolved_method is None:
-            self._resolved_method = self._auto_method(params)
-        resolved = method or self._resolved_method
-        check_supported(self.model)
-        if is_sharded(self.model):  # FSDP: local shards, reduces itself (no `reduce`)
-            if resolved not in ("finite_difference", "forward_difference"):
-                raise CurvatureError(
-                    f"method={resolved!r} cannot run under FSDP (autograd cannot "
-                    "differentiate through its sharded parameters): use method='auto', "
-                    "'finite_difference' or 'forward_difference'"
-                )
-            forward = resolved == "forward_difference"
-            return ShardedHessianOperator(
-                closure, params, module=self.model,
-                scheme=scheme or ("forward" if forward else "central"),
-            )
-        base, default_scheme = (
-            ("finite_difference", "forward") if resolved == "forward_difference" else (resolved, "central")
-        )
-        operator = HessianOperator(closure, params, base, module=self.model, scheme=scheme or default_scheme)
-        return operator if self.reduce is None else ReducedOperator(operator, self.reduce)
+            self._resolved_method = auto_method(self.model)
+        closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
+        return build_operator(self.model, closure, params, self._resolved_method, scheme, self.reduce)
 
     def _next_minibatch(self) -> Any:
         """The next training mini-batch (cycling through ``minibatches``), on the model's device."""
@@ -504,41 +456,12 @@ class CurvatureMonitor:
             self._resolved_method = state.get("method")
 
 
-def certify_top(operator, eig: LanczosResult) -> LanczosResult:
-    r"""Replace the top Ritz value by the Rayleigh quotient ``y^T A y`` under ``operator``.
-
-    Lanczos driven by cheap, slightly biased products (one-sided differences,
-    O(h) error) gives a Ritz vector ``y`` whose error is first order in the
-    bias; the Rayleigh quotient of a more accurate operator (central
-    differences, O(h^2)) at ``y`` is off by only the *square* of that error
-    (Parlett 1998, Thm. 11.7.1). One product. The residual becomes
-    ``||A y - theta y||`` under the accurate operator.
-    """
-    y = eig.eigenvectors[:, 0]
-    ay = operator.matvec(y.contiguous())
-    theta = operator.dot(y, ay) / operator.dot(y, y)
-    residual = operator.norm(ay - theta * y)
-    values = eig.eigenvalues.clone()
-    residuals = eig.residuals.clone()
-    values[0], residuals[0] = theta.item(), residual.item()
-    return replace(eig, eigenvalues=values, residuals=residuals)
-
-
 def _known_length(batch: Any) -> float:
     """Examples in ``batch``; infinity where its batch dimension cannot be told."""
     try:
         return batch_length(batch)
     except CurvatureError:
         return math.inf
-
-
-# One-sided and central estimates of lambda_max further apart than this (relative)
-# mean the finite-difference steps are outside their accurate range at this point.
-FD_AGREEMENT_RTOL = 1e-2
-
-
-def _disagree(central: float, one_sided: float) -> bool:
-    return abs(central - one_sided) > FD_AGREEMENT_RTOL * max(abs(central), 1e-30)
 
 
 def limit_adaptive(limit: Threshold | None) -> bool:

@@ -41,7 +41,8 @@ from transformers.integrations import TensorBoardCallback
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.loaders import TrainingBatches
-from curvwatch.monitor import CurvatureMonitor, is_sharded
+from curvwatch._methods import is_sharded
+from curvwatch.monitor import CurvatureMonitor
 from curvwatch.operators.distributed import all_reduce_mean
 from curvwatch.probe import first_batch
 from curvwatch.results import CurvatureResult
