@@ -7,7 +7,7 @@ of ``CurvatureOperator.random_vector`` against ``torch.randn`` on the device;
 lambda_max over the next three AdamW steps. ``DEV=cpu`` runs it on the tiny
 CPU model. Usage: ``python benchmarks/fd_step_check.py``.
 """
-import sys, time, math, copy
+import sys, copy
 sys.path.insert(0, '.')
 import torch
 from benchmarks import models, hvp

@@ -53,6 +53,28 @@ def take(batch: Any, index: torch.Tensor) -> Any:
     return batch
 
 
+def process_share(batch: Any, rank: int, world_size: int) -> Any:
+    """Rows ``[rank * n / R, (rank + 1) * n / R)`` of a batch of ``n`` examples.
+
+    Under data parallelism each of ``R`` processes measures its share; with a
+    mean loss the average of the shares' Hessians is the whole batch's.
+
+    Raises:
+        CurvatureError: ``n`` is not a multiple of ``R``.
+    """
+    if world_size == 1:
+        return batch
+    n = batch_length(batch)
+    if n % world_size:
+        raise CurvatureError(
+            f"the probe batch has {n} examples, which does not split evenly across "
+            f"{world_size} processes: pass a multiple of {world_size} examples, or give "
+            "each process its own equal share"
+        )
+    size = n // world_size
+    return take(batch, torch.arange(rank * size, (rank + 1) * size))
+
+
 def batch_sharpness(
     model: torch.nn.Module,
     loss_fn: LossFn,

@@ -18,6 +18,7 @@ Failures inside a measurement are one warning and a skipped point, unless
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -475,3 +476,20 @@ def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot
         return math.nan
     a, b = previous[:, 0], current[:, 0].to(previous.device)
     return abs(dot(a, b).item()) / max((dot(a, a) * dot(b, b)).sqrt().item(), 1e-300)
+
+
+def check_adapter_options(options: dict[str, Any], reserved: Iterable[str]) -> None:
+    """Validate the ``**monitor_options`` a framework adapter passes through.
+
+    Raises:
+        CurvatureError: an option the adapter sets itself (``reserved``), or a
+            name :class:`CurvatureMonitor` does not take.
+    """
+    reserved = set(reserved)
+    own = sorted(set(options) & reserved)
+    if own:
+        raise CurvatureError(f"{own} are set by the callback; remove them from the options")
+    known = set(inspect.signature(CurvatureMonitor.__init__).parameters) - {"self"} - reserved
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CurvatureError(f"unknown CurvatureMonitor options {unknown}; choose from {sorted(known)}")

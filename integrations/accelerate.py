@@ -56,7 +56,7 @@ from typing import Any, Literal
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch.batch_sharpness import batch_length, take
+from curvwatch.batch_sharpness import process_share
 from curvwatch.loaders import TrainingBatches, loader_batch_size
 from curvwatch.monitor import CurvatureMonitor
 from curvwatch.probe import LossFn, loss_closure_factory
@@ -176,7 +176,7 @@ def watch(
     unwrapped = accelerator.unwrap_model(model)
     loss = _full_precision(loss_closure_factory(batch, loss_fn, criterion))
     if split_batch:
-        batch = _process_share(batch, accelerator.num_processes, accelerator.process_index)
+        batch = process_share(batch, accelerator.process_index, accelerator.num_processes)
     monitor_options.update(
         _batch_sharpness_options(batch_sharpness, batch_sharpness_source, train_dataloader, monitor_options)
     )
@@ -292,21 +292,6 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             f"torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     return optimizer
-
-
-def _process_share(batch: Any, num_processes: int, index: int) -> Any:
-    """Rows ``[index * n / R, (index + 1) * n / R)`` of a batch of ``n`` examples."""
-    if num_processes == 1:
-        return batch
-    n = batch_length(batch)
-    if n % num_processes:
-        raise CurvatureError(
-            f"the probe batch has {n} examples, which does not split evenly across "
-            f"{num_processes} processes: pass a multiple of {num_processes} examples, or "
-            "split_batch=False with each process's own equal share"
-        )
-    size = n // num_processes
-    return take(batch, torch.arange(index * size, (index + 1) * size))
 
 
 @contextlib.contextmanager

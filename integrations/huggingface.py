@@ -29,7 +29,6 @@ switched to ``"eager"`` for the measurement and back afterwards.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 import warnings
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ from transformers.integrations import TensorBoardCallback
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.loaders import TrainingBatches
 from curvwatch._methods import is_sharded
-from curvwatch.monitor import CurvatureMonitor
+from curvwatch.monitor import CurvatureMonitor, check_adapter_options
 from curvwatch.operators.distributed import all_reduce_mean
 from curvwatch.probe import first_batch
 from curvwatch.results import CurvatureResult
@@ -159,18 +158,7 @@ class CurvatureTrainerCallback(TrainerCallback):
             raise CurvatureError(f"every must be a positive integer, got {every!r}")
         if loss_fn is not None and criterion is not None:
             raise CurvatureError("pass loss_fn or criterion, not both")
-        own = sorted(set(monitor_options) & set(_OWN_ARGUMENTS))
-        if own:
-            raise CurvatureError(
-                f"{own} are set by the callback (the Trainer's model and optimizer, "
-                "and the callback's own arguments); remove them from the options"
-            )
-        known = set(inspect.signature(CurvatureMonitor.__init__).parameters) - {"self"}
-        unknown = sorted(set(monitor_options) - known)
-        if unknown:
-            raise CurvatureError(
-                f"unknown CurvatureMonitor options {unknown}; choose from {sorted(known - set(_OWN_ARGUMENTS))}"
-            )
+        check_adapter_options(monitor_options, _OWN_ARGUMENTS)
         self.every = every
         self.batch = batch
         self.loss_fn = loss_fn

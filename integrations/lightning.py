@@ -9,7 +9,6 @@ the measurement itself is the monitor's.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -22,9 +21,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch.batch_sharpness import batch_length, take
+from curvwatch.batch_sharpness import process_share
 from curvwatch.loaders import TrainingBatches, loader_batch_size
-from curvwatch.monitor import CurvatureMonitor
+from curvwatch.monitor import CurvatureMonitor, check_adapter_options
 from curvwatch.probe import LossFn, first_batch
 from curvwatch.results import CurvatureResult
 from curvwatch.sinks import margin_scalars, write_layout
@@ -33,7 +32,6 @@ __all__ = ["CurvatureCallback"]
 
 # CurvatureMonitor arguments the callback fills in itself.
 _OWN_ARGUMENTS = {"self", "model", "batch", "loss_fn", "criterion", "every", "optimizer", "reduce"}
-MONITOR_OPTIONS = frozenset(inspect.signature(CurvatureMonitor.__init__).parameters) - _OWN_ARGUMENTS
 
 
 class CurvatureCallback(Callback):
@@ -133,12 +131,7 @@ class CurvatureCallback(Callback):
         for name, value in (("loss_fn", loss_fn), ("criterion", criterion)):
             if value is not None and not callable(value):
                 raise CurvatureError(f"{name} must be callable, got {type(value).__name__}")
-        unknown = sorted(set(monitor_options) - MONITOR_OPTIONS)
-        if unknown:
-            raise CurvatureError(
-                f"unknown CurvatureMonitor option(s) {unknown}; expected some of "
-                f"{sorted(MONITOR_OPTIONS)} (the callback sets {sorted(_OWN_ARGUMENTS - {'self'})})"
-            )
+        check_adapter_options(monitor_options, _OWN_ARGUMENTS - {"self"})
         self.every = every
         self.batch = batch
         self.loss_fn = loss_fn
@@ -318,15 +311,8 @@ def _first_loader(loaders: Any) -> Any:
 
 def _rank_share(batch: Any, rank: int, world_size: int) -> Any:
     """This rank's contiguous slice of ``batch``; the whole batch if it does not split evenly."""
-    if world_size == 1:
+    try:
+        return process_share(batch, rank, world_size)
+    except CurvatureError as error:
+        rank_zero_warn(f"curvwatch: {error}; every process measures the whole batch", category=CurvatureWarning)
         return batch
-    size = batch_length(batch)
-    if size % world_size:
-        rank_zero_warn(
-            f"curvwatch: the probe batch has {size} examples, which do not split evenly over {world_size} "
-            "processes; every process measures the whole batch",
-            category=CurvatureWarning,
-        )
-        return batch
-    share = size // world_size
-    return take(batch, torch.arange(rank * share, (rank + 1) * share))

@@ -318,11 +318,11 @@ def test_two_processes_equal_one_process_on_the_whole_probe_batch(tmp_path):
 
 
 def test_probe_batch_split_by_process_index():
-    from curvwatch.integrations.accelerate import _process_share
+    from curvwatch.batch_sharpness import process_share
 
     x, y = script.make_data(12, seed=2)
-    share = _process_share((x, y), num_processes=3, index=1)
+    share = process_share((x, y), rank=1, world_size=3)
     assert torch.equal(share[0], x[4:8]) and torch.equal(share[1], y[4:8])
-    assert _process_share((x, y), 1, 0)[0] is x
+    assert process_share((x, y), 0, 1)[0] is x
     with pytest.raises(ValueError, match="12 examples.*5 processes"):
-        _process_share((x, y), num_processes=5, index=0)
+        process_share((x, y), rank=0, world_size=5)

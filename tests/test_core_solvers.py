@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import curvwatch as cw
-from tests.cases import linear_regression, tanh_mlp_ce
+from tests.cases import tanh_mlp_ce
 
 
 def _spread_operator(n=200, seed=0):
