@@ -478,13 +478,34 @@ def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot
     return abs(dot(a, b).item()) / max((dot(a, a) * dot(b, b)).sqrt().item(), 1e-300)
 
 
-def check_adapter_options(options: dict[str, Any], reserved: Iterable[str]) -> None:
-    """Validate the ``**monitor_options`` a framework adapter passes through.
+def check_adapter_arguments(
+    every: Any,
+    loss_fn: Any,
+    criterion: Any,
+    batch_sharpness: Any,
+    batch_sharpness_source: Any,
+    options: dict[str, Any],
+    reserved: Iterable[str],
+) -> None:
+    """Validate the arguments every framework adapter shares, at construction.
 
     Raises:
-        CurvatureError: an option the adapter sets itself (``reserved``), or a
-            name :class:`CurvatureMonitor` does not take.
+        CurvatureError: a bad ``every``, both or non-callable ``loss_fn`` /
+            ``criterion``, a bad batch-sharpness switch, an option the adapter
+            sets itself (``reserved``), or a name :class:`CurvatureMonitor` does
+            not take.
     """
+    if not isinstance(batch_sharpness, bool):
+        raise CurvatureError(f"batch_sharpness must be True or False, got {batch_sharpness!r}")
+    if batch_sharpness_source not in ("train", "probe"):
+        raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {batch_sharpness_source!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise CurvatureError(f"every must be a positive integer, got {every!r}")
+    if loss_fn is not None and criterion is not None:
+        raise CurvatureError("pass loss_fn or criterion, not both")
+    for name, value in (("loss_fn", loss_fn), ("criterion", criterion)):
+        if value is not None and not callable(value):
+            raise CurvatureError(f"{name} must be callable, got {type(value).__name__}")
     reserved = set(reserved)
     own = sorted(set(options) & reserved)
     if own:

@@ -41,7 +41,7 @@ from transformers.integrations import TensorBoardCallback
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.loaders import TrainingBatches
 from curvwatch._methods import is_sharded
-from curvwatch.monitor import CurvatureMonitor, check_adapter_options
+from curvwatch.monitor import CurvatureMonitor, check_adapter_arguments
 from curvwatch.operators.distributed import all_reduce_mean
 from curvwatch.probe import first_batch
 from curvwatch.results import CurvatureResult
@@ -150,15 +150,9 @@ class CurvatureTrainerCallback(TrainerCallback):
         batch_sharpness_source: Literal["train", "probe"] = "train",
         **monitor_options: Any,
     ) -> None:
-        if not isinstance(batch_sharpness, bool):
-            raise CurvatureError(f"batch_sharpness must be True or False, got {batch_sharpness!r}")
-        if batch_sharpness_source not in ("train", "probe"):
-            raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {batch_sharpness_source!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise CurvatureError(f"every must be a positive integer, got {every!r}")
-        if loss_fn is not None and criterion is not None:
-            raise CurvatureError("pass loss_fn or criterion, not both")
-        check_adapter_options(monitor_options, _OWN_ARGUMENTS)
+        check_adapter_arguments(
+            every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, _OWN_ARGUMENTS
+        )
         self.every = every
         self.batch = batch
         self.loss_fn = loss_fn

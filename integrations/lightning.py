@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.batch_sharpness import process_share
 from curvwatch.loaders import TrainingBatches, loader_batch_size
-from curvwatch.monitor import CurvatureMonitor, check_adapter_options
+from curvwatch.monitor import CurvatureMonitor, check_adapter_arguments
 from curvwatch.probe import LossFn, first_batch
 from curvwatch.results import CurvatureResult
 from curvwatch.sinks import margin_scalars, write_layout
@@ -120,18 +120,9 @@ class CurvatureCallback(Callback):
         batch_sharpness_source: Literal["train", "probe"] = "train",
         **monitor_options: Any,
     ) -> None:
-        if not isinstance(batch_sharpness, bool):
-            raise CurvatureError(f"batch_sharpness must be True or False, got {batch_sharpness!r}")
-        if batch_sharpness_source not in ("train", "probe"):
-            raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {batch_sharpness_source!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise CurvatureError(f"every must be a positive integer, got {every!r}")
-        if loss_fn is not None and criterion is not None:
-            raise CurvatureError("pass loss_fn or criterion, not both")
-        for name, value in (("loss_fn", loss_fn), ("criterion", criterion)):
-            if value is not None and not callable(value):
-                raise CurvatureError(f"{name} must be callable, got {type(value).__name__}")
-        check_adapter_options(monitor_options, _OWN_ARGUMENTS - {"self"})
+        check_adapter_arguments(
+            every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, _OWN_ARGUMENTS - {"self"}
+        )
         self.every = every
         self.batch = batch
         self.loss_fn = loss_fn
