@@ -44,6 +44,15 @@ On a CPU machine the multi-process launch is::
 ``accelerate launch --cpu`` alone starts a single process. ``torchrun
 --nproc_per_node 2`` with ``ACCELERATE_USE_CPU=1`` works too.) Call
 ``accelerator.end_training()`` at the end, or gloo may abort at exit.
+
+FSDP (``FullyShardedDataParallelPlugin``, versions 1 and 2): the prepared
+(sharded) model is measured, not unwrapped, with finite differences on the
+local shards; the sharded operator all-reduces its own dot products, so no
+``reduce`` is set. Accelerate 1.15 enables FSDP only on accelerator devices:
+on a CPU machine (``MULTI_CPU``) the plugin is ignored and the model is
+wrapped in DDP (measured as DDP above); an FSDP1 plugin with
+``sync_module_states=True`` raises ``RuntimeError: There are currently no
+available devices found``.
 """
 
 from __future__ import annotations
@@ -56,6 +65,7 @@ from typing import Any, Literal
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch._methods import is_sharded
 from curvwatch.batch_sharpness import process_share
 from curvwatch.loaders import TrainingBatches, loader_batch_size
 from curvwatch.monitor import CurvatureMonitor
@@ -87,7 +97,8 @@ def watch(
     Registers a post-step hook on the inner torch optimizer; after every
     ``every``-th update that was applied (not while accumulating gradients, not
     after an fp16 step the ``GradScaler`` skipped) it measures on
-    ``accelerator.unwrap_model(model)`` and the probe batch, and logs
+    ``accelerator.unwrap_model(model)`` (under FSDP on the prepared model) and
+    the probe batch, and logs
     ``curvature/*`` through ``accelerator.log(..., step=updates)`` to every
     tracker. The step is the number of applied updates since :func:`watch`
     (restored by ``accelerator.load_state``), the same as a loop's own
@@ -136,7 +147,7 @@ def watch(
         **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
             (``top_k``, ``budget``, ``trace``, ``sinks``, ``strict``, ...).
             ``reduce`` defaults to ``accelerator.reduce(t, reduction="mean")``
-            when there are several processes.
+            when there are several processes and the model is not sharded.
 
     Returns:
         The :class:`~curvwatch.CurvatureMonitor` (``.history`` holds every result
@@ -173,14 +184,17 @@ def watch(
                 f"{type(accelerator).__name__})"
             )
     inner = _inner_optimizer(optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    # FSDP: measure the sharded module itself (unwrapping FSDP1 leaves flat-parameter
+    # views whose forward does not gather); the sharded operator reduces itself.
+    sharded = is_sharded(model)
+    unwrapped = model if sharded else accelerator.unwrap_model(model)
     loss = _full_precision(loss_closure_factory(batch, loss_fn, criterion))
     if split_batch:
         batch = process_share(batch, accelerator.process_index, accelerator.num_processes)
     monitor_options.update(
         _batch_sharpness_options(batch_sharpness, batch_sharpness_source, train_dataloader, monitor_options)
     )
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and not sharded:
         monitor_options.setdefault("reduce", lambda t: accelerator.reduce(t, reduction="mean"))
     sinks = (*monitor_options.pop("sinks", ()), AcceleratorLogSink(accelerator))
     monitor_options.setdefault("optimizer", inner)

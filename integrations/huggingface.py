@@ -17,7 +17,12 @@
   files as ``train/loss``;
 * the rank: only world process zero writes; under multi-process data
   parallelism every rank measures on its share of the probe batch and the
-  Hessian-vector products are averaged over ranks.
+  Hessian-vector products are averaged over ranks. Under FSDP
+  (``TrainingArguments(fsdp=...)``) the sharded operator works on the local
+  shards and reduces itself. On a CPU machine FSDP does not run: with
+  ``use_cpu=True`` Accelerate 1.15 ignores the FSDP2 plugin (the model is
+  wrapped in DDP) and the FSDP1 plugin raises ``RuntimeError: There are
+  currently no available devices found``.
 
 The measurement itself is the core's. The only model-level intervention here is
 the attention implementation: SDPA (the default) needs nothing, the guard runs

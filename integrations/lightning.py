@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch._methods import is_sharded
 from curvwatch.batch_sharpness import process_share
 from curvwatch.loaders import TrainingBatches, loader_batch_size
 from curvwatch.monitor import CurvatureMonitor, check_adapter_arguments
@@ -54,7 +55,13 @@ class CurvatureCallback(Callback):
     measures its share (the first validation batch of its sampler, or its
     slice of ``batch``) and the Hessian-vector products are averaged with the
     strategy's ``reduce``, so the result is that of the whole probe batch;
-    every process runs the same solver, process zero writes.
+    every process runs the same solver, process zero writes. Under
+    ``ModelParallelStrategy`` with ``fully_shard`` in ``configure_model``
+    (FSDP2, DTensor parameters; runs on the CPU with gloo) the products are
+    finite differences on the local shards and the operator all-reduces its
+    own dot products (no ``reduce``). ``FSDPStrategy`` (FSDP1) requires a GPU
+    accelerator in Lightning 2.6 (``Trainer(accelerator="cpu")`` raises
+    ``ValueError``); on a GPU it needs ``use_orig_params=True``.
 
     The loss is the module's own ``training_step`` on the probe batch (a
     tensor, or the ``"loss"`` entry of a dict), with its ``self.log`` calls
@@ -159,7 +166,7 @@ class CurvatureCallback(Callback):
             criterion=self.criterion,
             every=self.every,
             optimizer=trainer.optimizers[0] if trainer.optimizers else None,
-            reduce=_strategy_mean(trainer) if trainer.world_size > 1 else None,
+            reduce=_strategy_mean(trainer) if trainer.world_size > 1 and not is_sharded(pl_module) else None,
             **self.monitor_options,
             **self._batch_sharpness_options(trainer),
         )
