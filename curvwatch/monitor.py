@@ -33,7 +33,7 @@ from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.batch_sharpness import batch_length, batch_sharpness
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
-from curvwatch._methods import MONITOR_METHODS, auto_method, build_operator, certify_top, disagree
+from curvwatch._methods import MONITOR_METHODS, auto_method, build_operator, certify_top, disagree, is_sharded
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.operators.sharded import check_supported
@@ -327,8 +327,14 @@ class CurvatureMonitor:
             )
         hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0)
         loss = operator.loss
-        if self.reduce is not None and loss is not None:
-            loss = self.reduce(torch.tensor(loss, dtype=torch.float64, device=operator.device)).item()
+        if loss is None:  # central differences never evaluate the loss at theta itself
+            if is_sharded(self.model):  # FSDP1 must not run a forward without backward
+                operator.gradient_at_theta()
+                loss = operator.loss
+            else:
+                with torch.no_grad():
+                    loss = float(self.loss_fn(self.model, self.batch))
+        loss = operator.mean_over_ranks(loss)
         operator.release()
 
         sharp = pre_lambda if diagonal is not None else (bs if self.batch_size is not None and not limit_adaptive(limit) else eig.lambda_max)

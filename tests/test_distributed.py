@@ -111,6 +111,7 @@ def test_fsdp_matches_single_process(fsdp):
         _assert_close(result["eigenvalues"], ref["eigenvalues"])
         _assert_close([result["preconditioned"]], [ref["preconditioned"]])  # Adam's local state
         assert result["threshold"] == ref["threshold"]
+        assert math.isclose(result["loss"], ref["loss"], rel_tol=1e-5)  # mean over ranks, not NaN
         second = rank["second"]  # warm start: the all-reduced overlap, fewer products
         _assert_close(second["eigenvalues"], ref["eigenvalues"])
         assert abs(second["top_overlap"] - 1.0) < 1e-3

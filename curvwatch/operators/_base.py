@@ -64,6 +64,10 @@ class CurvatureOperator:
         """
         return flag
 
+    def mean_over_ranks(self, value: float) -> float:
+        """The mean of a per-process scalar (e.g. the probe loss of each rank's share)."""
+        return value
+
     def norm(self, a: torch.Tensor) -> torch.Tensor:
         """Euclidean norm ``sqrt(<a, a>)`` as a 0-d tensor."""
         return self.dot(a, a).clamp_min(0).sqrt()

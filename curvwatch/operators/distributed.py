@@ -57,6 +57,9 @@ class ReducedOperator(CurvatureOperator):
         flag_tensor = torch.tensor([1.0 if flag else 0.0], dtype=self.dtype, device=self.device)
         return self.reduce(flag_tensor).item() > 0
 
+    def mean_over_ranks(self, value: float) -> float:
+        return self.reduce(torch.tensor([value], dtype=self.dtype, device=self.device)).item()
+
     def __getattr__(self, name: str):
         # loss, gradient, release(), ... of the wrapped operator
         return getattr(self.__dict__["operator"], name)

@@ -212,6 +212,15 @@ class ShardedHessianOperator(CurvatureOperator):
             tensor.div_(self._replicas)
         return tensor
 
+    def mean_over_ranks(self, value: float) -> float:
+        if self._world == 1:
+            return value
+        import torch.distributed as dist
+
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.item() / self._world
+
     def any_rank(self, flag: bool) -> bool:
         flag_tensor = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=self.device)
         return self._all_reduce_sum(flag_tensor).item() > 0
