@@ -16,8 +16,9 @@ at lambda_max 888).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -29,6 +30,19 @@ from curvwatch.operators.sharded import ShardedHessianOperator, check_supported
 from curvwatch.solvers.lanczos import LanczosResult
 
 MONITOR_METHODS = (*METHODS, "forward_difference")
+
+CURVATURES = ("hessian", "ggn")
+
+# What ``curvature="ggn"`` runs (and what ``CurvatureResult.method`` reads).
+GGN_CRITERION = "ggn"  # GGNOperator on model(inputs) with a criterion's output Hessian
+GGN_LM_HEAD = "ggn_lm_head"  # chunked, fused LM head of a Hugging Face causal LM
+
+_GGN_FIX = (
+    "curvature='ggn' supports criterion=torch.nn.CrossEntropyLoss() or torch.nn.MSELoss() "
+    "(reduction='mean') with (inputs, targets) batches, and Hugging Face causal LMs with "
+    "dict batches holding 'input_ids' and 'labels' (no loss_fn); pass curvature='hessian' "
+    "for anything else"
+)
 
 # One-sided and central estimates of lambda_max further apart than this (relative)
 # mean the finite-difference steps are outside their accurate range at this point.
@@ -77,6 +91,129 @@ def build_operator(
         return ShardedHessianOperator(closure, params, module=model, scheme=scheme)
     base = "finite_difference" if forward else method
     operator = HessianOperator(closure, params, base, module=model, scheme=scheme)
+    return operator if reduce is None else ReducedOperator(operator, reduce)
+
+
+def ggn_kind(model: torch.nn.Module, batch: Any, loss_fn: Any, criterion: Any) -> str:
+    """Which Gauss-Newton path fits this loss: :data:`GGN_CRITERION` or :data:`GGN_LM_HEAD`.
+
+    The GGN needs the loss's Hessian with respect to the model outputs, so the
+    loss has to be one curvwatch knows: a mean ``CrossEntropyLoss`` (no class
+    weights; label smoothing and soft targets have the same logit Hessian) or a
+    mean ``MSELoss`` given as ``criterion``, or a Hugging Face causal LM's own
+    loss (``model(**batch).loss`` with ``labels``).
+
+    Raises:
+        CurvatureError: FSDP, or a loss whose output Hessian is unknown (the
+            message names the fix).
+    """
+    if is_sharded(model):
+        raise CurvatureError(
+            "curvature='ggn' is not supported under FSDP (sharded parameters); pass "
+            "curvature='hessian' (method='auto' measures sharded models by finite differences)"
+        )
+    if loss_fn is not None:
+        raise CurvatureError(
+            "curvature='ggn' cannot take loss_fn=...: the Gauss-Newton matrix needs the "
+            f"loss's Hessian with respect to the model outputs. {_GGN_FIX}"
+        )
+    if criterion is not None:
+        if isinstance(criterion, torch.nn.CrossEntropyLoss):
+            if criterion.reduction != "mean" or criterion.weight is not None:
+                raise CurvatureError(
+                    "curvature='ggn' needs CrossEntropyLoss(reduction='mean') without class "
+                    f"weights, got reduction={criterion.reduction!r}"
+                    f"{'' if criterion.weight is None else ' with weight=...'}. {_GGN_FIX}"
+                )
+            return GGN_CRITERION
+        if isinstance(criterion, torch.nn.MSELoss):
+            if criterion.reduction != "mean":
+                raise CurvatureError(
+                    f"curvature='ggn' needs MSELoss(reduction='mean'), got "
+                    f"reduction={criterion.reduction!r}. {_GGN_FIX}"
+                )
+            return GGN_CRITERION
+        raise CurvatureError(
+            f"curvature='ggn' does not know the output Hessian of criterion "
+            f"{type(criterion).__name__}. {_GGN_FIX}"
+        )
+    if not (isinstance(batch, Mapping) and "input_ids" in batch and "labels" in batch):
+        raise CurvatureError(
+            f"curvature='ggn' without a criterion needs a Hugging Face causal LM and a dict "
+            f"batch with 'input_ids' and 'labels'. {_GGN_FIX}"
+        )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or not _is_causal_lm(model):
+        raise CurvatureError(
+            f"curvature='ggn' with a dict batch needs a Hugging Face causal LM with a linear "
+            f"output head; {type(model).__name__} is not one "
+            f"(get_output_embeddings() -> {type(head).__name__}). {_GGN_FIX}"
+        )
+    return GGN_LM_HEAD
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    """True for ``transformers`` causal LMs (whose loss shifts the labels by one)."""
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except Exception:  # noqa: BLE001 - transformers absent or reorganised
+        return False
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def build_ggn_operator(
+    model: torch.nn.Module,
+    batch: Any,
+    criterion: Any,
+    params: Sequence[torch.Tensor],
+    kind: str,
+    reduce: Reduce | None = None,
+    check: bool = True,
+) -> CurvatureOperator:
+    """The Gauss-Newton operator of the probe loss for ``kind`` (from :func:`ggn_kind`).
+
+    :data:`GGN_LM_HEAD`: :func:`~curvwatch.kernels.lm_head.causal_lm_ggn_operator`
+    (``check``: compare the head's logits with the model's once).
+    :data:`GGN_CRITERION`: :class:`~curvwatch.GGNOperator` on ``model(inputs)``;
+    for cross-entropy the class dimension (1 for ``(N, C, d1, ...)`` outputs)
+    is moved last and ``ignore_index`` targets are masked; for the mean squared
+    error the output Hessian ``2/numel I`` does not depend on the targets.
+    ``reduce`` (data parallelism) wraps the operator.
+
+    Raises:
+        CurvatureError: FSDP (the model may have been sharded after construction).
+    """
+    from curvwatch.kernels.lm_head import DEFAULT_CHUNK_SIZE, causal_lm_ggn_operator
+    from curvwatch.operators.ggn import GGNOperator
+
+    check_supported(model)
+    if is_sharded(model):
+        raise CurvatureError(
+            "curvature='ggn' is not supported under FSDP (sharded parameters); pass "
+            "curvature='hessian'"
+        )
+    if kind == GGN_LM_HEAD:
+        operator: CurvatureOperator = causal_lm_ggn_operator(
+            model, batch, chunk_size=DEFAULT_CHUNK_SIZE, params=params, check=check
+        )
+    elif isinstance(criterion, torch.nn.CrossEntropyLoss):
+        inputs, targets = batch[0], batch[1]
+
+        def logits() -> torch.Tensor:
+            out = model(inputs)
+            return out.movedim(1, -1) if isinstance(out, torch.Tensor) and out.ndim > 2 else out
+
+        hard = isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+        operator = GGNOperator(
+            logits, params, loss="cross_entropy", targets=targets if hard else None,
+            ignore_index=criterion.ignore_index,
+        )
+    else:  # MSELoss, mean: H_out = 2/numel I whatever the targets
+        inputs = batch[0]
+        operator = GGNOperator(lambda: model(inputs), params, loss="mse")
     return operator if reduce is None else ReducedOperator(operator, reduce)
 
 

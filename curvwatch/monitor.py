@@ -33,7 +33,17 @@ from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch.batch_sharpness import batch_length, batch_sharpness
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
-from curvwatch._methods import MONITOR_METHODS, auto_method, build_operator, certify_top, disagree, is_sharded
+from curvwatch._methods import (
+    CURVATURES,
+    MONITOR_METHODS,
+    auto_method,
+    build_ggn_operator,
+    build_operator,
+    certify_top,
+    disagree,
+    ggn_kind,
+    is_sharded,
+)
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.operators.sharded import check_supported
@@ -50,6 +60,7 @@ Sink = Callable[[CurvatureResult], Any]
 MethodChoice = Literal[
     "auto", "double_backward", "forward_over_reverse", "finite_difference", "forward_difference"
 ]
+CurvatureChoice = Literal["hessian", "ggn"]
 
 
 class CurvatureMonitor:
@@ -90,9 +101,24 @@ class CurvatureMonitor:
             density by SLQ (``curvature/spectrum``); 0: never.
         on_threshold: ``on_threshold(result)`` called when ``sharpness_ratio``
             crosses 1 upwards or falls back below it.
+        curvature: ``"hessian"`` (default) or ``"ggn"``: the generalized
+            Gauss-Newton matrix ``J^T H_out J`` (positive semi-definite; the
+            Hessian without the network's second-order term) in place of the
+            Hessian, for every logged quantity (eigenvalues, trace,
+            preconditioned sharpness, spectrum). Supported losses:
+            ``criterion=nn.CrossEntropyLoss()`` (mean, no class weights; its
+            ``ignore_index`` is honoured) or ``nn.MSELoss()`` (mean) with
+            ``(inputs, targets)`` batches (:class:`~curvwatch.GGNOperator`,
+            ``result.method == "ggn"``), and a Hugging Face causal LM with a dict
+            batch holding ``input_ids`` and ``labels`` (the chunked LM-head
+            path :func:`~curvwatch.kernels.lm_head.causal_lm_ggn_operator`,
+            ``result.method == "ggn_lm_head"``). ``method`` is ignored (the GGN
+            products are exact; no finite-difference certificate); not
+            supported under FSDP or with batch sharpness (``batch_size``).
 
     Raises:
-        CurvatureError: bad arguments (named in the message).
+        CurvatureError: bad arguments (named in the message), including a
+            ``curvature="ggn"`` setup with no known output Hessian.
 
     Example::
 
@@ -125,6 +151,7 @@ class CurvatureMonitor:
         minibatches: Iterable[Any] | None = None,
         spectrum_every: int = 0,
         on_threshold: Callable[[CurvatureResult], Any] | None = None,
+        curvature: CurvatureChoice = "hessian",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise CurvatureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -137,6 +164,13 @@ class CurvatureMonitor:
             raise CurvatureError(f"top_k must be a positive integer, got {top_k!r}")
         if method != "auto" and method not in MONITOR_METHODS:
             raise CurvatureError(f"unknown method {method!r}; choose 'auto' or one of {MONITOR_METHODS}")
+        if curvature not in CURVATURES:
+            raise CurvatureError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
+        if curvature == "ggn" and batch_size is not None:
+            raise CurvatureError(
+                "batch sharpness (batch_size=...) measures the Hessian and is not available "
+                "with curvature='ggn': drop batch_size, or pass curvature='hessian'"
+            )
         budget = budget if budget is not None else Budget()
         if not isinstance(budget, Budget):
             raise CurvatureError("budget must be a curvwatch.Budget(max_hvps=..., max_seconds=...)")
@@ -156,6 +190,11 @@ class CurvatureMonitor:
                 raise CurvatureError(f"sinks must be callables sink(result), got {type(sink).__name__}")
         self.model = model
         self.loss_fn = loss_closure_factory(batch, loss_fn, criterion)
+        self.curvature = curvature
+        self.criterion = criterion
+        # "ggn" or "ggn_lm_head": which Gauss-Newton path (None: the Hessian)
+        self._ggn_kind = ggn_kind(model, batch, loss_fn, criterion) if curvature == "ggn" else None
+        self._ggn_checked = False
         device = next(p for p in model.parameters() if p.requires_grad).device
         self.batch = move_to(batch, device) if device.type != "meta" else batch
         if batch_size is not None and minibatches is None and _known_length(self.batch) < batch_size:
@@ -274,7 +313,7 @@ class CurvatureMonitor:
         try:
             eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
         except CurvatureError as error:
-            if self.method != "auto" or "second derivative" not in str(error):
+            if self._ggn_kind is not None or self.method != "auto" or "second derivative" not in str(error):
                 raise
             self._resolved_method = "finite_difference"
             self._warn_once("auto-fd", f"curvwatch: {error}. Using finite differences from now on.")
@@ -326,7 +365,7 @@ class CurvatureMonitor:
                 source=None if self.minibatches is None else self._next_minibatch,
             )
         hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0)
-        loss = operator.loss
+        loss = operator.loss if self._ggn_kind is None else None  # a GGN never forms the loss
         if loss is None:  # central differences never evaluate the loss at theta itself
             if is_sharded(self.model):  # FSDP1 must not run a forward without backward
                 operator.gradient_at_theta()
@@ -353,7 +392,7 @@ class CurvatureMonitor:
             converged=converged,
             lr=limit.lr if limit else math.nan,
             loss=math.nan if loss is None else float(loss),
-            method=self._resolved_method or "",
+            method=self._ggn_kind or self._resolved_method or "",
             top_overlap=overlap,
             batch_sharpness=bs,
             batch_sharpness_stderr=bs_err,
@@ -362,12 +401,19 @@ class CurvatureMonitor:
 
     def _certificate(self, params: Sequence[torch.Tensor]):
         """A central-difference operator to certify the top eigenvalue, or ``None``."""
-        if self._resolved_method != "forward_difference":
+        if self._ggn_kind is not None or self._resolved_method != "forward_difference":
             return None
         return self._operator(params, scheme="central")
 
     def _operator(self, params: Sequence[torch.Tensor], scheme: str | None = None):
-        """The Hessian operator, resolving ``method="auto"`` on first use."""
+        """The Hessian operator, resolving ``method="auto"`` on first use (or the GGN's)."""
+        if self._ggn_kind is not None:
+            operator = build_ggn_operator(
+                self.model, self.batch, self.criterion, params, self._ggn_kind, self.reduce,
+                check=not self._ggn_checked,
+            )
+            self._ggn_checked = True  # the LM head's logits are compared with the model's once
+            return operator
         if self._resolved_method is None:
             self._resolved_method = auto_method(self.model)
         closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
@@ -459,7 +505,7 @@ class CurvatureMonitor:
         wp = state.get("warm_preconditioned")
         self._warm_preconditioned = None if wp is None else wp.to(device)
         self._above = state.get("above")
-        if self.method == "auto":
+        if self.method == "auto" and self._ggn_kind is None:
             self._resolved_method = state.get("method")
 
 
