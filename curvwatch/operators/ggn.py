@@ -63,7 +63,7 @@ class GGNOperator(CurvatureOperator):
         self.params = check_params(params)
         super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
         self.model_fn = model_fn
-        self.loss = loss
+        self.output_loss = loss
         self.targets = targets
         self.ignore_index = ignore_index
         self._outputs: torch.Tensor | None = None
@@ -80,13 +80,13 @@ class GGNOperator(CurvatureOperator):
 
     def output_hvp(self, outputs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Apply the loss Hessian with respect to the outputs to ``u``."""
-        if self.loss == "cross_entropy":
+        if self.output_loss == "cross_entropy":
             return cross_entropy_logit_hvp(outputs.detach(), u, self.targets, self.ignore_index)
-        if self.loss == "mse":
+        if self.output_loss == "mse":
             return u * (2.0 / outputs.numel())
         out = outputs.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(self.loss(out), out, create_graph=True)
+            (g,) = torch.autograd.grad(self.output_loss(out), out, create_graph=True)
             (hu,) = torch.autograd.grad(g, out, u)
         return hu
 
