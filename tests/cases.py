@@ -46,3 +46,24 @@ def dense_hessian(model: torch.nn.Module, loss_of_params) -> torch.Tensor:
         return loss_of_params(parts)
 
     return hessian(f)(flat0)
+
+
+def dense_ggn_ce(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Dense ``J^T H_out J`` of the mean softmax cross-entropy, ``H_out = (diag(p) - p p^T) / N``."""
+    from torch.func import functional_call, jacrev
+
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    flat0 = torch.cat([p.detach().flatten() for p in params])
+
+    def logits_of(flat):
+        parts, o = {}, 0
+        for n, p in zip(names, params):
+            parts[n] = flat[o : o + p.numel()].view_as(p)
+            o += p.numel()
+        return functional_call(model, parts, (x,))
+
+    J = jacrev(logits_of)(flat0).reshape(-1, flat0.numel())  # (N*C, P)
+    p = torch.softmax(model(x).detach(), -1)
+    H_out = torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p]) / x.shape[0]
+    return J.T @ H_out @ J

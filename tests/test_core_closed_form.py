@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import curvwatch as cw
-from tests.cases import dense_hessian, linear_regression, tanh_mlp_ce
+from tests.cases import dense_ggn_ce, dense_hessian, linear_regression, tanh_mlp_ce
 
 EXACT = ("double_backward", "forward_over_reverse")
 
@@ -98,23 +98,7 @@ def test_tanh_mlp_against_dense_hessian(method):
 def test_ggn_matches_softmax_ce_closed_form():
     model, x, y = tanh_mlp_ce()
     params = list(model.parameters())
-    from torch.func import functional_call, jacrev
-
-    names = [n for n, _ in model.named_parameters()]
-    flat0 = torch.cat([p.detach().flatten() for p in params])
-
-    def logits_of(flat):
-        parts, o = {}, 0
-        for n, p in zip(names, params):
-            parts[n] = flat[o : o + p.numel()].view_as(p)
-            o += p.numel()
-        return functional_call(model, parts, (x,))
-
-    J = jacrev(logits_of)(flat0).reshape(-1, flat0.numel())  # (N*C, P)
-    p = torch.softmax(model(x).detach(), -1)
-    blocks = [torch.diag(pi) - torch.outer(pi, pi) for pi in p]
-    H_out = torch.block_diag(*blocks) / x.shape[0]
-    G = J.T @ H_out @ J
+    G = dense_ggn_ce(model, x)
     op = cw.GGNOperator(lambda: model(x), params, loss="cross_entropy", targets=y)
     v = torch.randn(op.size, dtype=torch.float64)
     torch.testing.assert_close(op.matvec(v), G @ v, rtol=1e-9, atol=1e-12)

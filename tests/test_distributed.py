@@ -9,11 +9,7 @@ probe batch with exact (double-backward) products, in float32, at 1e-3 relative.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,8 +21,8 @@ from torch import nn
 from curvwatch import CurvatureError, CurvatureMonitor
 from curvwatch.operators.hessian import HessianOperator
 from curvwatch.operators.sharded import ShardedHessianOperator
+from tests._launch import SCRIPTS, run_ranks
 
-SCRIPTS = Path(__file__).parent / "ddp_scripts"
 TIMEOUT = 150  # seconds per launch (about 15 s each on 2 CPU cores)
 RTOL = 1e-3
 
@@ -47,18 +43,7 @@ def _launch(out: Path, script: str, *args: str) -> list[dict]:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(SCRIPTS / script), "--out", str(out), *args,
     ]
-    proc = subprocess.Popen(
-        command, cwd=SCRIPTS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's session: it and its workers
-        output, _ = proc.communicate()
-        pytest.fail(f"{script} {' '.join(args)} hung for {TIMEOUT} s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{output[-6000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return run_ranks(command, out, TIMEOUT)
 
 
 def _assert_close(got: list[float], expected: list[float], rtol: float = RTOL) -> None:

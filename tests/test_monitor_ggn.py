@@ -5,33 +5,14 @@ import torch
 
 import curvwatch as cw
 from curvwatch.kernels.lm_head import causal_lm_ggn_operator
-from tests.cases import linear_regression, tanh_mlp_ce
+from tests.cases import dense_ggn_ce, linear_regression, tanh_mlp_ce
 
 
-def _dense_ggn_ce(model, x):
-    """Dense ``J^T H_out J`` of the mean softmax cross-entropy (float64)."""
-    from torch.func import functional_call, jacrev
-
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
-    flat0 = torch.cat([p.detach().flatten() for p in params])
-
-    def logits_of(flat):
-        parts, o = {}, 0
-        for n, p in zip(names, params):
-            parts[n] = flat[o : o + p.numel()].view_as(p)
-            o += p.numel()
-        return functional_call(model, parts, (x,))
-
-    J = jacrev(logits_of)(flat0).reshape(-1, flat0.numel())
-    p = torch.softmax(model(x).detach(), -1)
-    H_out = torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p]) / x.shape[0]
-    return J.T @ H_out @ J
 
 
 def test_mlp_cross_entropy_ggn_matches_direct_operator_and_dense():
     model, x, y = tanh_mlp_ce()
-    G = _dense_ggn_ce(model, x)
+    G = dense_ggn_ce(model, x)
     exact = torch.linalg.eigvalsh(G)
     assert exact.min().item() >= -1e-10  # positive semi-definite
     budget = cw.Budget(max_hvps=G.shape[0] + 10, trace_hvps=10, tol=1e-10)
@@ -62,7 +43,7 @@ def test_cross_entropy_ignore_index_is_honoured():
         model, (x, y), criterion=torch.nn.CrossEntropyLoss(ignore_index=7), curvature="ggn",
         top_k=1, trace=False, budget=cw.Budget(max_hvps=60, trace_hvps=0, tol=1e-10), strict=True,
     )
-    kept = _dense_ggn_ce(model, x[8:])
+    kept = dense_ggn_ce(model, x[8:])
     assert monitor.measure(0).lambda_max == pytest.approx(torch.linalg.eigvalsh(kept)[-1].item(), rel=1e-6)
 
 

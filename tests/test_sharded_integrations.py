@@ -11,11 +11,7 @@ The other sharded setups cannot run on a CPU machine (skipped, reasons below).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +23,7 @@ pytest.importorskip("tensorboard")
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-SCRIPTS = Path(__file__).parent / "ddp_scripts"
+from tests._launch import SCRIPTS, run_ranks  # noqa: E402
 TIMEOUT = 90  # seconds per launch (about 9 s on 2 CPU cores)
 RTOL = 1e-3
 
@@ -38,18 +34,7 @@ needs_gloo = pytest.mark.skipif(
 
 def _run(command: list[str], out: Path) -> list[dict]:
     """Run a 2-process launch in its own session (killed whole on a hang); each rank's JSON."""
-    proc = subprocess.Popen(
-        command, cwd=SCRIPTS, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{command[-3]} hung for {TIMEOUT} s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"{command[-3]} failed:\n{output[-6000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return run_ranks(command, out, TIMEOUT)
 
 
 def _events(run_dir: Path) -> EventAccumulator:
