@@ -39,15 +39,6 @@ STEPS, EVERY, LR = 20, 5, 1e-3
 MEASURED = [5, 10, 15, 20]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models on a shared CPU: one thread is faster and its timing predictable
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TokenDataset(torch.utils.data.Dataset):
     """Random token sequences as causal-LM examples (``labels = input_ids``)."""
 

@@ -121,19 +121,9 @@ def direct(module, batch, optimizer=None):
     return monitor.measure()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is fastest, and immune to busy CI cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """20 steps, every=5, probe = first validation batch (no validation has run before step 5)."""
-    torch.set_num_threads(1)
     callback = CurvatureCallback(every=EVERY)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
