@@ -22,7 +22,7 @@ import torch
 from curvwatch._errors import CurvatureError
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.hessian import HessianOperator
-from curvwatch.probe import LossFn
+from curvwatch.probe import LossFn, map_tensors
 
 # Stop averaging once the standard error is below this fraction of the mean.
 RELATIVE_STDERR = 0.01
@@ -42,15 +42,7 @@ def batch_length(batch: Any) -> int:
 
 def take(batch: Any, index: torch.Tensor) -> Any:
     """The examples ``index`` of a batch (tensors indexed on dim 0)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[index.to(batch.device)]
-    if isinstance(batch, Mapping):
-        return {k: take(v, index) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(take(v, index) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(take(v, index) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t[index.to(t.device)])
 
 
 def process_share(batch: Any, rank: int, world_size: int) -> Any:

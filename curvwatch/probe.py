@@ -19,17 +19,22 @@ from curvwatch._errors import CurvatureError
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor (dicts, lists, tuples, namedtuples)."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor moved to ``device`` (dicts, lists, tuples, HF BatchEncoding)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(move_to(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device))
 
 
 def _hf_loss(model: torch.nn.Module, batch: Mapping) -> torch.Tensor:
