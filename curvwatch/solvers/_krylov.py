@@ -118,3 +118,134 @@ class LanczosProcess:
         for i, q in enumerate(self.basis):
             out += q.to(op.device, non_blocking=True)[:, None] * coefficients[i][None, :]
         return out
+
+
+class RestartedLanczosProcess:
+    r"""Lanczos with a bounded basis: thick restarts (Krylov-Schur, Stewart 2001).
+
+    Keeps at most ``max_basis`` orthonormal vectors ``V`` and the projected
+    matrix ``H = V^T A V`` (float64, small), with the Krylov-Schur relation
+
+    .. math::
+
+        A V = V H + f e_m^T, \qquad V^T f = 0 ,
+
+    so the residual of a Ritz pair ``(theta_i, V s_i)`` is
+    ``||f|| |s_{m,i}|`` exactly as in plain Lanczos. When the basis is full, it
+    is compressed in place to the ``keep`` wanted Ritz vectors (``H`` becomes
+    ``diag(theta)``) and the iteration continues from ``f / ||f||``: the extra
+    memory of a solve is ``max_basis + 2`` vectors whatever the number of
+    products. Full reorthogonalization (twice, Parlett's "twice is enough")
+    against the stored basis keeps ``V`` orthonormal, and it computes the
+    couplings of ``H`` explicitly, so the arrow-shaped ``H`` after a restart needs
+    no special case.
+
+    Args:
+        operator: the symmetric operator ``A``.
+        start: starting vector (any nonzero norm).
+        generator: fresh random directions after a breakdown come from here.
+        max_basis: most basis vectors kept (>= 2).
+        basis_device: where the basis lives (``"cpu"``: page-locked host memory).
+    """
+
+    def __init__(
+        self,
+        operator: CurvatureOperator,
+        start: torch.Tensor,
+        generator: torch.Generator,
+        max_basis: int,
+        basis_device: torch.device | str | None = None,
+    ) -> None:
+        self.operator = operator
+        self.generator = generator
+        self.max_basis = max(2, int(max_basis))
+        self.basis_device = torch.device(basis_device) if basis_device is not None else operator.device
+        self.basis: list[torch.Tensor] = []
+        self.projected = torch.zeros(0, 0, dtype=torch.float64)
+        self.beta = 0.0
+        self.steps = 0  # products applied
+        self.restarts = 0
+        self._scale = 0.0
+        self._next = start / operator.norm(start)
+
+    def _store(self, q: torch.Tensor) -> None:
+        if q.is_cuda and self.basis_device.type == "cpu":
+            host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
+            self.basis.append(host.copy_(q, non_blocking=True))
+        else:
+            self.basis.append(q.to(self.basis_device, non_blocking=True, copy=True))
+
+    def _project_out(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w - V V^T w`` twice; returns it and the summed coefficients ``V^T w``."""
+        coefficients = torch.zeros(len(self.basis), dtype=torch.float64)
+        for _ in range(2):
+            for i, q in enumerate(self.basis):
+                q = q.to(w.device, non_blocking=True)
+                c = self.operator.dot(q, w)
+                w = w - c * q
+                coefficients[i] += c.item()
+        return w, coefficients
+
+    def step(self) -> None:
+        """Apply ``A`` once, extend ``V`` and ``H`` by one (restarting first if full)."""
+        q = self._next
+        self._store(q)
+        w, h = self._project_out(self.operator.matvec(q))
+        self.steps += 1
+        j = len(self.basis) - 1
+        grown = torch.zeros(j + 1, j + 1, dtype=torch.float64)
+        grown[:j, :j] = self.projected
+        grown[:, j] = h
+        grown[j, :] = h
+        self.projected = grown
+        beta = self.operator.norm(w).item()
+        self._scale = max(self._scale, float(h.abs().max()), beta)
+        if beta <= BREAKDOWN_RTOL * max(self._scale, 1e-300) and j + 1 < self.operator.size:
+            # Invariant subspace: its Ritz pairs are exact; go on in a fresh direction.
+            fresh, _ = self._project_out(self.operator.random_vector(self.generator))
+            self.beta, self._next = 0.0, fresh / self.operator.norm(fresh)
+            return
+        self.beta = beta
+        self._next = w / max(beta, 1e-300)
+
+    def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ritz values (ascending), eigenvectors of ``H``, residual norms ``||f|| |s_m|``."""
+        theta, s = torch.linalg.eigh(self.projected)
+        return theta, s, self.beta * s[-1, :].abs()
+
+    @property
+    def full(self) -> bool:
+        """True when the next step needs a restart first."""
+        return len(self.basis) >= self.max_basis
+
+    def restart(self, keep: int) -> None:
+        """Compress ``V`` in place to the ``keep`` largest Ritz vectors."""
+        theta, s, _ = self.ritz()
+        keep = max(1, min(keep, len(self.basis) - 1))
+        # The next vector f/||f|| couples to each kept Ritz vector by beta * s_m;
+        # the next step's reorthogonalization computes those entries of H.
+        self._combine_in_place(s[:, -keep:])
+        del self.basis[keep:]
+        self.projected = torch.diag(theta[-keep:])
+        self.restarts += 1
+
+    def _combine_in_place(self, coefficients: torch.Tensor, chunk: int = 1 << 22) -> None:
+        """``V[:, :j] <- V @ coefficients`` in place, ``chunk`` entries at a time."""
+        j = coefficients.shape[1]
+        c = coefficients.to(dtype=self.operator.dtype)
+        n = self.basis[0].shape[0]
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            rows = torch.stack([q[a:b] for q in self.basis])  # (m, chunk)
+            mixed = c.to(rows.device).T @ rows  # (j, chunk)
+            for i in range(j):
+                self.basis[i][a:b].copy_(mixed[i])
+
+    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``V @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
+        op = self.operator
+        out = torch.zeros(op.size, coefficients.shape[1], dtype=op.dtype, device=op.device)
+        coefficients = coefficients.to(device=op.device, dtype=op.dtype)
+        for i, q in enumerate(self.basis):
+            out += q.to(op.device, non_blocking=True)[:, None] * coefficients[i][None, :]
+        return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -9,7 +10,7 @@ import torch
 
 from curvwatch._errors import CurvatureError
 from curvwatch.operators._base import CurvatureOperator
-from curvwatch.solvers._krylov import LanczosProcess
+from curvwatch.solvers._krylov import RestartedLanczosProcess
 
 # Relative size of the random perturbation added to a warm start, so that a
 # start that is (numerically) an exact eigenvector still spans new directions.
@@ -26,7 +27,9 @@ class LanczosResult:
         residuals: ``(k,)`` float64, ``||A y - theta y||`` of each pair (same units
             as the eigenvalues).
         matvecs: products of ``A`` spent.
-        converged: every residual is at most ``tol * |theta|``.
+        converged: every eigenvalue's error bound is at most ``tol * |theta|``.
+        error_bounds: ``(k,)`` float64, the a-posteriori bound on ``|theta - lambda|``
+            of each pair, :func:`eigenvalue_error_bounds` (same units).
     """
 
     eigenvalues: torch.Tensor
@@ -34,11 +37,56 @@ class LanczosResult:
     residuals: torch.Tensor
     matvecs: int
     converged: bool
+    error_bounds: torch.Tensor | None = None
 
     @property
     def lambda_max(self) -> float:
         """The largest algebraic eigenvalue (sharpness) as a float."""
         return float(self.eigenvalues[0])
+
+    @property
+    def relative_error_bound(self) -> float:
+        """The top eigenvalue's error bound over ``|lambda_max|`` (inf when unknown)."""
+        if self.error_bounds is None:
+            return math.inf
+        return float(self.error_bounds[0]) / max(abs(self.lambda_max), 1e-300)
+
+
+def eigenvalue_error_bounds(theta: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    r"""A-posteriori bounds on the eigenvalue error of each Ritz pair.
+
+    .. math::
+
+        |\theta_i - \lambda_i| \le \min\left(r_i,\; r_i^2 / \delta_i\right),
+        \qquad \delta_i = \min_{j \ne i} |\theta_i - \theta_j| ,
+
+    with ``r_i = ||A y_i - theta_i y_i||``. The first term holds for any
+    symmetric ``A`` (some eigenvalue lies within ``r_i``); the second is the
+    gap theorem (Kato-Temple; Parlett 1998, Thm. 11.7.1), with the unknown
+    spectral gap estimated from the Ritz values, each widened by its own
+    residual (a neighbour that is itself uncertain shrinks the gap, and no
+    positive gap means the plain residual bound). An eigenvalue that the Krylov
+    space has not seen at all cannot enter any a-posteriori bound; warm starts
+    and the noise added to them make that rare. The bound is
+    quadratic in the residual, so a warm-started top eigenvalue reaches 1e-3
+    long before its raw residual does.
+
+    Args:
+        theta: all Ritz values (any order), float64.
+        residuals: their residual norms, same order.
+    """
+    if theta.numel() < 2:
+        return residuals.clone()
+    distance = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
+    distance.fill_diagonal_(math.inf)
+    gap = distance.min(dim=1).values
+    quadratic = torch.where(gap > 0, residuals.square() / gap.clamp_min(1e-300), math.inf)
+    return torch.minimum(residuals, quadratic)
+
+
+def default_max_basis(k: int) -> int:
+    """Basis vectors kept by :func:`lanczos` by default: ``max(10, 2 k + 2)``."""
+    return max(10, 2 * k + 2)
 
 
 def lanczos(
@@ -50,24 +98,30 @@ def lanczos(
     v0: torch.Tensor | None = None,
     seed: int = 0,
     basis_device: torch.device | str | None = None,
+    max_basis: int | None = None,
 ) -> LanczosResult:
     r"""The ``k`` largest algebraic eigenvalues of a symmetric operator.
 
     Solves ``A y_i = theta_i y_i`` for ``theta_1 >= ... >= theta_k``, the top of
     the spectrum in the *algebraic* order (``which='LA'`` in scipy's ``eigsh``):
     sharpness is the largest eigenvalue even when a negative one is larger in
-    magnitude. Runs the Lanczos recurrence with full reorthogonalization and
-    stops at the first of
+    magnitude. Runs thick-restarted Lanczos (Krylov-Schur) with full
+    reorthogonalization against a basis of at most ``max_basis`` vectors, so its
+    memory does not grow with the number of products, and stops at the first of
 
-    * every residual ``||A y_i - theta_i y_i|| <= tol * |theta_i|`` (converged);
+    * every wanted eigenvalue is within ``tol * |theta_i|`` by the error bound
+      :func:`eigenvalue_error_bounds`, and its residual is at most
+      ``sqrt(tol) * |theta_i|`` (converged). The second condition guards the
+      gap estimate: whatever eigenvalue the Krylov space has not yet seen, the
+      error is at most ``r^2 / delta <= tol * theta^2 / delta`` for the true
+      gap ``delta``, i.e. ``10 * tol`` relative for a gap of a tenth of ``theta``;
     * ``max_matvecs`` products (never exceeded) or ``max_seconds`` elapsed;
     * the Krylov space fills all ``n`` dimensions.
 
     Args:
         operator: any :class:`~curvwatch.operators.CurvatureOperator`.
         k: number of eigenpairs. Default 1.
-        tol: relative residual tolerance. Default ``1e-3``; the eigenvalue error
-            is then about ``tol**2 * |theta| / gap`` or smaller.
+        tol: relative eigenvalue error bound at which to stop. Default ``1e-3``.
         max_matvecs: budget of products. Default 60.
         max_seconds: wall-clock budget, checked after each product. Default none.
         v0: warm start: a vector ``(n,)`` or previous eigenvectors ``(n, j)``
@@ -75,16 +129,21 @@ def lanczos(
         seed: seeds the start vector and the noise (CPU generator: the same on
             every device and every rank).
         basis_device: where the Krylov basis lives (``"cpu"`` for large models).
+        max_basis: most basis vectors kept; the solve holds ``max_basis + k + 2``
+            vectors of length ``n`` at most. Default :func:`default_max_basis`.
 
     Returns:
-        :class:`LanczosResult`, partial (``converged=False``) when the budget ran out.
+        :class:`LanczosResult`, partial (``converged=False``) when the budget ran
+        out: its eigenvalues are then lower bounds (Ritz values of a symmetric
+        matrix never exceed its eigenvalues).
 
     Raises:
-        CurvatureError: ``k < 1``, ``max_matvecs < k``, or ``v0`` of the wrong size.
+        CurvatureError: ``k < 1``, ``max_matvecs < k``, ``max_basis <= k`` or ``v0``
+            of the wrong size.
 
     References:
         Lanczos (1950); Parlett, *The Symmetric Eigenvalue Problem* (1998);
-        Golub & Van Loan, *Matrix Computations*, ch. 10.
+        Stewart, "A Krylov-Schur algorithm for large eigenproblems" (2001).
 
     Example:
         >>> import torch
@@ -97,18 +156,26 @@ def lanczos(
         raise CurvatureError(f"k must be >= 1, got {k}")
     if max_matvecs < k:
         raise CurvatureError(f"max_matvecs ({max_matvecs}) must be at least k ({k})")
+    max_basis = default_max_basis(k) if max_basis is None else int(max_basis)
+    if max_basis <= k:
+        raise CurvatureError(f"max_basis ({max_basis}) must exceed k ({k})")
     k = min(k, operator.size)
     generator = torch.Generator().manual_seed(seed)
     start = _start_vector(operator, v0, generator)
-    process = LanczosProcess(operator, start, generator, basis_device)
+    process = RestartedLanczosProcess(operator, start, generator, max_basis, basis_device)
     deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     budget = min(max_matvecs, operator.size)
+    keep = max(k + 1, max_basis // 2)
     while True:
+        if process.full:
+            process.restart(keep)
         process.step()
         theta, s, residuals = process.ritz()
-        top = torch.arange(process.steps - 1, max(process.steps - 1 - k, -1), -1)
+        bounds = eigenvalue_error_bounds(theta, residuals)
+        top = torch.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1)
+        scale = theta[top].abs()
         converged = len(top) == k and bool(
-            torch.all(residuals[top] <= tol * theta[top].abs())
+            torch.all(bounds[top] <= tol * scale) and torch.all(residuals[top] <= tol**0.5 * scale)
         )
         out_of_time = deadline is not None and operator.any_rank(time.perf_counter() >= deadline)
         if converged or process.steps >= budget or out_of_time:
@@ -119,6 +186,7 @@ def lanczos(
         residuals=residuals[top].clone(),
         matvecs=process.steps,
         converged=converged,
+        error_bounds=bounds[top].clone(),
     )
 
 
