@@ -5,11 +5,18 @@ Three ways to say what the loss is, checked at construction:
 * ``loss_fn(model, batch) -> scalar``: anything;
 * ``criterion(model(inputs), targets)``: ``batch = (inputs, targets)``;
 * neither: ``model(**batch).loss`` (Hugging Face models with ``labels``).
+
+Also checked at construction, so that a bad probe fails with its reason rather
+than as a NaN loss or a raw error deep inside a measurement: a probe batch with
+no examples, a batch holding meta tensors, a ``loss_fn`` or ``criterion`` that
+cannot be called with two arguments, and a loss module (``nn.CrossEntropyLoss()``)
+passed as ``loss_fn``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -32,9 +39,45 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return batch
 
 
+def tensors_of(batch: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``batch`` (dicts, lists, tuples, namedtuples), depth first."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from tensors_of(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            yield from tensors_of(value)
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor moved to ``device`` (dicts, lists, tuples, HF BatchEncoding)."""
-    return map_tensors(batch, lambda t: t.to(device))
+    """``batch`` with every tensor moved to ``device`` (dicts, lists, tuples, HF BatchEncoding).
+
+    An inference tensor (made under ``torch.inference_mode()``) is copied into
+    an ordinary one when this runs outside inference mode, so that autograd can
+    use it.
+
+    Raises:
+        CurvatureError: a tensor on the meta device (no data to move).
+    """
+    target = torch.device(device)
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.is_meta and target.type != "meta":
+            raise CurvatureError(_META_BATCH.format(shape=tuple(t.shape)))
+        t = t.to(target)
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            t = t.clone()
+        return t
+
+    return map_tensors(batch, move)
+
+
+_META_BATCH = (
+    "meta tensors cannot be measured: the probe batch holds a tensor on the meta device "
+    "(shape {shape}, no data); pass a batch with real data"
+)
 
 
 def _hf_loss(model: torch.nn.Module, batch: Mapping) -> torch.Tensor:
@@ -56,20 +99,30 @@ def loss_closure_factory(
     """Validate the loss specification and return ``loss_fn(model, batch)``.
 
     Raises:
-        CurvatureError: both ``loss_fn`` and ``criterion`` given, a batch shape
-            that does not fit the specification, or no batch.
+        CurvatureError: both ``loss_fn`` and ``criterion`` given, one that cannot
+            be called with two arguments, a batch shape that does not fit the
+            specification, no batch, an empty batch or one with meta tensors.
     """
     if batch is None:
         raise CurvatureError("no probe batch: pass batch=<a held-out batch of inputs (and targets)>")
+    check_batch(batch)
     if loss_fn is not None and criterion is not None:
         raise CurvatureError("pass loss_fn or criterion, not both")
     if loss_fn is not None:
         if not callable(loss_fn):
             raise CurvatureError("loss_fn must be callable: loss_fn(model, batch) -> scalar loss")
+        if isinstance(loss_fn, torch.nn.modules.loss._Loss):
+            raise CurvatureError(
+                f"loss_fn={type(loss_fn).__name__}() is a criterion, called as "
+                "criterion(outputs, targets): pass it as criterion=... for (inputs, targets) "
+                "batches, or pass loss_fn(model, batch) -> scalar loss"
+            )
+        _check_two_arguments(loss_fn, "loss_fn", "loss_fn(model, batch) -> scalar loss")
         return loss_fn
     if criterion is not None:
         if not callable(criterion):
             raise CurvatureError("criterion must be callable: criterion(outputs, targets) -> loss")
+        _check_two_arguments(criterion, "criterion", "criterion(outputs, targets) -> scalar loss")
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise CurvatureError(
                 f"with criterion=..., the probe batch must be (inputs, targets); got "
@@ -85,6 +138,47 @@ def loss_closure_factory(
         "similar); otherwise pass loss_fn=lambda model, batch: ...; dict batches with "
         "'labels' work as they are (model(**batch).loss)"
     )
+
+
+def check_batch(batch: Any) -> None:
+    """Refuse a probe batch that cannot be measured, saying why.
+
+    Raises:
+        CurvatureError: the batch is empty (an empty container, or every tensor
+            with a dimension has no elements), or holds a meta tensor.
+    """
+    if isinstance(batch, (Mapping, list, tuple)) and len(batch) == 0:
+        raise CurvatureError(
+            f"the probe batch is empty (an empty {type(batch).__name__}): pass a held-out "
+            "batch with examples"
+        )
+    tensors = list(tensors_of(batch))
+    for t in tensors:
+        if t.is_meta:
+            raise CurvatureError(_META_BATCH.format(shape=tuple(t.shape)))
+    shaped = [t for t in tensors if t.dim() > 0]
+    if shaped and all(t.numel() == 0 for t in shaped):
+        raise CurvatureError(
+            "the probe batch is empty: its tensors have no elements (shapes "
+            f"{', '.join(str(tuple(t.shape)) for t in shaped[:4])}); a loss over no examples "
+            "is NaN. Pass a held-out batch with examples"
+        )
+
+
+def _check_two_arguments(fn: Callable, name: str, expected: str) -> None:
+    """Refuse ``fn`` when its signature cannot take two positional arguments."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: trust them
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as error:
+        label = getattr(fn, "__qualname__", type(fn).__name__)
+        raise CurvatureError(
+            f"{name} is called as {expected}, but {label}{signature} cannot be called "
+            f"that way ({error})"
+        ) from None
 
 
 def first_batch(loader: Any) -> Any:

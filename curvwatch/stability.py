@@ -4,14 +4,46 @@ For a quadratic with curvature ``lambda`` along an eigenvector, the iteration is
 stable iff ``lambda`` is below a threshold set by the optimizer:
 
 * gradient descent, lr ``eta``: ``2 / eta`` (Cohen et al. 2021);
-* heavy-ball momentum ``beta``: ``(2 + 2 beta) / eta``;
-* Nesterov momentum ``beta``: ``(2 + 2 beta) / ((1 + 2 beta) eta)``;
+* heavy-ball momentum ``beta`` with dampening ``tau`` (``torch.optim.SGD``:
+  ``b_t = beta b_{t-1} + (1 - tau) g_t``, ``theta_{t+1} = theta_t - eta b_t``):
+  ``(2 + 2 beta) / ((1 - tau) eta)``; ``tau = 0`` is plain heavy ball,
+  ``(2 + 2 beta) / eta``. Derivation: on ``g = lambda theta`` the two-step
+  recurrence is ``theta_{t+1} = (1 + beta - a) theta_t - beta theta_{t-1}`` with
+  ``a = (1 - tau) eta lambda``; both roots of ``z^2 - (1 + beta - a) z + beta``
+  lie inside the unit circle iff ``0 < a < 2 + 2 beta`` (for ``0 <= beta < 1``).
+  Dampening only rescales the lr, and ``tau = 1`` lets no gradient in after the
+  first step (threshold ``inf``). torch skips the dampening on the first step, a
+  transient that does not change stability;
+* Nesterov momentum ``beta``: ``(2 + 2 beta) / ((1 + 2 beta) eta)`` (torch
+  allows Nesterov only without dampening);
 * Adam / AdamW with ``beta1``: the *preconditioned* sharpness
-  ``lambda_max(P^-1 H)``, ``P = diag(sqrt(v_hat) + eps)``, against
+  ``lambda_max(P^-1 H)``, ``P = diag(sqrt(v_hat) + eps)``
+  (``sqrt(max v_hat) + eps`` with ``amsgrad``), against
   ``(2 + 2 beta1) / ((1 - beta1) eta)`` = ``38 / eta`` at ``beta1 = 0.9``
-  (Cohen et al. 2022);
-* RMSprop (momentum ``beta``): ``lambda_max(P^-1 H)``, ``P = diag(sqrt(v) + eps)``,
-  against ``(2 + 2 beta) / eta``.
+  (Cohen et al. 2022). This is the heavy-ball rule above with ``beta = tau =
+  beta1``: Adam's first moment is heavy ball with dampening ``beta1`` on the
+  preconditioned gradient;
+* Adamax with ``beta1``: the same rule and threshold, with its own
+  preconditioner ``P = diag(u_t)``, the infinity-norm state ``exp_inf``
+  (``u_t = max(beta2 u_{t-1}, |g_t| + eps)``: eps sits inside the max, and ``u``
+  has no bias correction);
+* RMSprop (momentum ``beta``): ``lambda_max(P^-1 H)``, ``P = diag(sqrt(v) + eps)``
+  (``sqrt(v - mean(g)^2) + eps`` when ``centered``), against ``(2 + 2 beta) / eta``.
+
+Adam's and Adamax's step also carries the first-moment bias correction
+``1 / (1 - beta1^t)``, which tends to 1 (0.5 % at ``t = 50`` for ``beta1 = 0.9``);
+the thresholds use the asymptotic step, as Cohen et al. do.
+
+Optimizers without a known rule get no threshold: a :class:`Threshold` whose
+``value`` is NaN (so the ratio is NaN), ``rule="unknown"`` and a ``note`` naming
+the optimizer. That covers Adagrad, Adadelta, Rprop, ASGD, LBFGS, NAdam and RAdam
+(their effective step follows the step count: a momentum schedule, a
+rectification), SparseAdam, Adafactor, Muon, ``maximize=True`` (the optimizer
+climbs; EoS is about descent), and every optimizer that is not one of the
+``torch.optim`` classes above or a subclass of one: the rule is chosen by class,
+never guessed from group keys such as ``betas`` (Lion has ``betas`` too). A
+parameter group without a numeric ``lr`` also gets a NaN threshold with a note;
+the measurement itself goes on.
 
 The learning rate is the one in the parameter group *now*, so schedulers are
 followed. At ``lr = 0`` (the end of a linear decay, the start of a warmup) every
@@ -23,11 +55,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from curvwatch._errors import CurvatureError
 from curvwatch._flat import flatten, local
+
+KNOWN = "SGD (plain, heavy ball with dampening, Nesterov), Adam, AdamW, Adamax and RMSprop"
 
 
 @dataclass(frozen=True)
@@ -35,11 +70,16 @@ class Threshold:
     """A stability threshold.
 
     Attributes:
-        value: the threshold in curvature units (1 / lr units).
-        lr: the learning rate it was computed from.
-        rule: ``"gd"``, ``"heavy_ball"``, ``"nesterov"``, ``"adam"`` or ``"rmsprop"``.
+        value: the threshold in curvature units (1 / lr units); NaN when there is
+            none (an optimizer without a known rule, or no numeric lr): the
+            ratio is then NaN too.
+        lr: the learning rate it was computed from (NaN if the group has none).
+        rule: ``"gd"``, ``"heavy_ball"``, ``"nesterov"``, ``"adam"``,
+            ``"adamax"``, ``"rmsprop"`` or ``"unknown"``.
         adaptive: compare against the preconditioned sharpness.
         param_group: index of the parameter group used.
+        note: why there is no threshold (a warning text naming the optimizer);
+            empty when ``value`` is a number.
     """
 
     value: float
@@ -47,6 +87,7 @@ class Threshold:
     rule: str
     adaptive: bool
     param_group: int = 0
+    note: str = ""
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -71,8 +112,13 @@ def threshold(optimizer, param_group: int = 0) -> Threshold:
         optimizer: a torch optimizer or a framework wrapper around one.
         param_group: which parameter group's lr and momentum to use.
 
+    Returns:
+        The threshold; for an optimizer without a known rule, or a group
+        without a numeric ``lr``, one with ``value`` NaN and a ``note`` saying why.
+
     Raises:
-        CurvatureError: no such group, or a negative or non-finite lr.
+        CurvatureError: not an optimizer, no such group, or a negative or
+            infinite lr.
     """
     optimizer = unwrap_optimizer(optimizer)
     if not 0 <= param_group < len(optimizer.param_groups):
@@ -80,55 +126,130 @@ def threshold(optimizer, param_group: int = 0) -> Threshold:
             f"param_group={param_group}, but the optimizer has {len(optimizer.param_groups)} groups"
         )
     group = optimizer.param_groups[param_group]
-    lr = float(group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"])
-    if not lr >= 0 or math.isinf(lr):
+    name = type(optimizer).__name__
+    lr = _lr(group)
+    if lr is not None and (not lr >= 0 or math.isinf(lr)):
         raise CurvatureError(f"learning rate is {lr}; thresholds need a finite lr >= 0")
+    rule = _rule(optimizer, group)
+    if isinstance(rule, str):  # no rule: the reason
+        return Threshold(math.nan, math.nan if lr is None else lr, "unknown", False, param_group, rule)
+    kind, numerator, denominator, adaptive = rule
+    if lr is None:
+        return Threshold(
+            math.nan, math.nan, kind, adaptive, param_group,
+            f"{name}: parameter group {param_group} has no numeric 'lr' ("
+            + (f"lr={group['lr']!r}" if "lr" in group else "no 'lr' key")
+            + "), so there is no edge-of-stability threshold; sharpness is logged without one",
+        )
+    value = numerator / (denominator * lr) if lr > 0 and denominator > 0 else math.inf
+    return Threshold(value, lr, kind, adaptive, param_group)
 
-    def per_lr(numerator: float, denominator: float = 1.0) -> float:
-        return numerator / (denominator * lr) if lr > 0 else math.inf
 
-    if "betas" in group:
+def _lr(group: dict[str, Any]) -> float | None:
+    """The group's lr as a float, ``None`` when it has none (or not a number)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+        return float(lr.item())
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return float(lr)
+    return None
+
+
+def _rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[str, float, float, bool] | str:
+    """``(rule, numerator, denominator, adaptive)``: threshold ``numerator / (denominator lr)``.
+
+    A string instead: the reason there is no rule.
+    """
+    name = type(optimizer).__name__
+    if group.get("maximize", False):
+        return (
+            f"{name} with maximize=True climbs the loss; curvwatch's edge-of-stability "
+            "thresholds are for descent, so sharpness is logged without one"
+        )
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax)):
         beta1 = float(group["betas"][0])
-        return Threshold(per_lr(2 + 2 * beta1, 1 - beta1), lr, "adam", True, param_group)
-    if isinstance(optimizer, torch.optim.RMSprop) or "alpha" in group and "centered" in group:
-        beta = float(group.get("momentum", 0.0))
-        return Threshold(per_lr(2 + 2 * beta), lr, "rmsprop", True, param_group)
-    beta = float(group.get("momentum", 0.0) or 0.0)
-    if beta == 0.0:
-        return Threshold(per_lr(2.0), lr, "gd", False, param_group)
-    if group.get("nesterov", False):
-        return Threshold(per_lr(2 + 2 * beta, 1 + 2 * beta), lr, "nesterov", False, param_group)
-    return Threshold(per_lr(2 + 2 * beta), lr, "heavy_ball", False, param_group)
+        kind = "adamax" if isinstance(optimizer, torch.optim.Adamax) else "adam"
+        return kind, 2 + 2 * beta1, 1 - beta1, True
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return "rmsprop", 2 + 2 * float(group.get("momentum", 0.0) or 0.0), 1.0, True
+    if isinstance(optimizer, torch.optim.SGD):
+        beta = float(group.get("momentum", 0.0) or 0.0)
+        if beta == 0.0:  # torch ignores dampening without momentum
+            return "gd", 2.0, 1.0, False
+        if group.get("nesterov", False):
+            return "nesterov", 2 + 2 * beta, 1 + 2 * beta, False
+        tau = float(group.get("dampening", 0.0) or 0.0)
+        if tau > 1:
+            return (
+                f"SGD with dampening={tau} > 1 moves against the gradient; no "
+                "edge-of-stability threshold, sharpness is logged without one"
+            )
+        return "heavy_ball", 2 + 2 * beta, 1 - tau, False  # tau = 1: no gradient enters, inf
+    return (
+        f"{name} has no known edge-of-stability rule (curvwatch knows {KNOWN}); "
+        "sharpness is logged without a threshold"
+    )
 
 
 def preconditioner_diagonal(optimizer, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    r"""Flat diagonal of Adam's / RMSprop's preconditioner ``P`` for ``params``.
+    r"""Flat diagonal of the adaptive optimizer's preconditioner ``P`` for ``params``.
 
-    Adam: ``P = sqrt(v / (1 - beta2^t)) + eps``; RMSprop: ``P = sqrt(v) + eps``,
-    with ``v`` the second-moment state of each parameter (``exp_avg_sq`` or
-    ``square_avg``) and ``t`` its step count. Returns ``None`` before the first
-    step (no state yet) or when a parameter is not optimized. Under FSDP the
-    diagonal is this rank's local shard (DTensor states are read with ``to_local()``).
+    * Adam / AdamW: ``P = sqrt(v / (1 - beta2^t)) + eps`` with ``v`` the state
+      ``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``) and ``t`` its step;
+    * Adamax: ``P = u``, the state ``exp_inf`` (eps is already inside it);
+    * RMSprop: ``P = sqrt(v) + eps`` with ``v`` = ``square_avg``
+      (``square_avg - grad_avg^2`` when ``centered``).
+
+    A parameter this optimizer does not update (in none of its groups, or
+    never given a gradient, hence no state) does not move, so only the block of
+    the parameters it updates governs its stability: such a parameter gets
+    ``P`` = the largest finite number of its dtype, i.e. ``P^-1 = 0`` to within
+    rounding (``P^-1/2`` is ``5e-20`` in float32), which removes its rows and
+    columns from ``P^-1/2 H P^-1/2``. (``P = 1`` would mix that parameter's raw
+    curvature, in other units, into the preconditioned sharpness.)
+
+    Returns ``None`` for optimizers without such a preconditioner (SGD, unknown
+    ones) and when none of ``params`` has state yet (before the first step).
+    Under FSDP the diagonal is this rank's local shard (DTensor states are read
+    with ``to_local()``).
     """
     optimizer = unwrap_optimizer(optimizer)
+    if not isinstance(
+        optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.RMSprop)
+    ):
+        return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts = []
+    parts, updated = [], False
     for p in params:
-        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
-        if group is None:
-            return None
         if local(p).numel() == 0:  # FSDP1: no piece of p on this rank, hence no state
             parts.append(local(p).detach().reshape(-1))
             continue
-        if "exp_avg_sq" in state:
-            v = local(state["exp_avg_sq"])  # FSDP2: the local shard
-            t = state["step"]
-            t = float(t.item() if isinstance(t, torch.Tensor) else t)
-            beta2 = float(group["betas"][1])
-            p_diag = (v / (1 - beta2**t)).sqrt() + group["eps"]
-        elif "square_avg" in state:
-            p_diag = local(state["square_avg"]).sqrt() + group["eps"]
+        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
+        p_diag = None if group is None else _diagonal(optimizer, group, state)
+        if p_diag is None:  # not updated by this optimizer: P^-1 = 0
+            p_diag = torch.full_like(local(p).detach(), torch.finfo(p.dtype).max)
         else:
-            return None
+            updated = True
         parts.append(p_diag.to(p.dtype))
-    return flatten(parts)
+    return flatten(parts) if updated else None
+
+
+def _diagonal(optimizer, group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor | None:
+    """One parameter's ``P`` from its optimizer state, ``None`` without state."""
+    if isinstance(optimizer, torch.optim.Adamax):
+        return local(state["exp_inf"]) if "exp_inf" in state else None
+    if isinstance(optimizer, torch.optim.RMSprop):
+        if "square_avg" not in state:
+            return None
+        v = local(state["square_avg"])
+        if group.get("centered", False) and "grad_avg" in state:
+            v = (v - local(state["grad_avg"]) ** 2).clamp_min(0)
+        return v.sqrt() + group["eps"]
+    key = "max_exp_avg_sq" if group.get("amsgrad", False) and "max_exp_avg_sq" in state else "exp_avg_sq"
+    if key not in state:
+        return None
+    v = local(state[key])  # FSDP2: the local shard
+    t = state["step"]
+    t = float(t.item() if isinstance(t, torch.Tensor) else t)
+    beta2 = float(group["betas"][1])
+    return (v / (1 - beta2**t)).sqrt() + group["eps"]
