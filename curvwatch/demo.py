@@ -6,10 +6,15 @@ al. (2021). With gradient descent at lr = 2 the sharpness rises from about
 0.4 x 2/lr to 2/lr and then hovers there while the loss keeps falling
 non-monotonically; with Adam at lr = 3e-3 the preconditioned sharpness settles
 at 38/lr (Cohen et al. 2022).
+
+Each optimizer is one TensorBoard run, ``OUT_DIR/gd`` or ``OUT_DIR/adam``, so
+``tensorboard --logdir OUT_DIR`` lists them by name side by side.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import os
 from dataclasses import dataclass
 
@@ -32,6 +37,11 @@ class DemoRun:
     optimizer: str
     lr: float
 
+    @property
+    def run_dir(self) -> str:
+        """The TensorBoard run of this demo: ``out_dir/<optimizer>``."""
+        return os.path.join(self.out_dir, self.optimizer)
+
 
 def digits_problem(seed: int = 0):
     """Standardized digits inputs, one-hot targets and a fresh tanh MLP."""
@@ -50,6 +60,16 @@ def digits_problem(seed: int = 0):
     return model, x, targets
 
 
+def demo_budget() -> Budget:
+    """40 products per measurement, 5 for the trace, and every due step measured.
+
+    The demo draws a curve, so it spends what that needs rather than a share of
+    training time (``overhead=None`` where :class:`Budget` has that cap).
+    """
+    share = {"overhead": None} if "overhead" in {f.name for f in dataclasses.fields(Budget)} else {}
+    return Budget(max_hvps=40, trace_hvps=5, **share)
+
+
 def _progress(total: int, enabled: bool):
     try:
         from tqdm.auto import tqdm
@@ -66,10 +86,14 @@ def run_demo(
     progress: bool = True,
     seed: int = 0,
 ) -> DemoRun:
-    """Train on digits with curvature monitoring; write TensorBoard + JSONL to ``out_dir``.
+    """Train on digits with curvature monitoring; write TensorBoard + JSONL to ``out_dir/<optimizer>``.
+
+    A rerun replaces the events and ``curvature.jsonl`` of the same optimizer's
+    earlier run there (and nothing else), so a run never holds two histories.
 
     Args:
-        out_dir: run directory (TensorBoard events and ``curvature.jsonl``).
+        out_dir: where the run directory ``gd`` or ``adam`` goes (TensorBoard
+            events and ``curvature.jsonl``).
         optimizer: ``"gd"`` (full-batch gradient descent, lr 2) or ``"adam"`` (lr 3e-3).
         steps: optimizer steps (default 800 for gd, 600 for adam).
         every: measure every this many steps.
@@ -82,15 +106,17 @@ def run_demo(
     steps = steps or SETTINGS[optimizer]["steps"]
     model, x, targets = digits_problem(seed)
     opt = (torch.optim.SGD if optimizer == "gd" else torch.optim.Adam)(model.parameters(), lr=lr)
-    os.makedirs(out_dir, exist_ok=True)
-    jsonl = os.path.join(out_dir, "curvature.jsonl")
-    if os.path.exists(jsonl):
-        os.remove(jsonl)
-    board = TensorBoardSink(out_dir)
+    run_dir = os.path.join(out_dir, optimizer)
+    os.makedirs(run_dir, exist_ok=True)
+    jsonl = os.path.join(run_dir, "curvature.jsonl")
+    for old in [jsonl, *glob.glob(os.path.join(glob.escape(run_dir), "events.out.tfevents.*"))]:
+        if os.path.isfile(old):
+            os.remove(old)
+    board = TensorBoardSink(run_dir)
     criterion = torch.nn.MSELoss()
     monitor = CurvatureMonitor(
         model, (x, targets), criterion=criterion, every=every, top_k=2, optimizer=opt,
-        budget=Budget(max_hvps=40, trace_hvps=5), sinks=(board, JsonlSink(jsonl)),
+        budget=demo_budget(), sinks=(board, JsonlSink(jsonl)),
     )
     monitor.attach(opt)
     bar = _progress(steps, progress)

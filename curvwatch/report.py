@@ -1,9 +1,16 @@
-"""Read a run's curvature curves (TensorBoard or JSONL) and draw them to a PNG."""
+"""Read runs' curvature curves (TensorBoard or JSONL) and draw them to a PNG.
+
+A *run* is one directory holding TensorBoard event files, or one ``.jsonl``
+file written by :class:`~curvwatch.JsonlSink`. :func:`find_runs` lists the runs
+under a path, :func:`read_runs` reads each of them separately, and
+:func:`draw_runs` draws them in one figure, one labelled colour per run.
+"""
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from collections import defaultdict
 
@@ -12,46 +19,104 @@ from curvwatch.results import TAG_PREFIX
 LOSS_TAGS = ("train/loss", "train_loss", "loss", "train/loss_step")
 Series = dict[str, list[tuple[int, float]]]
 
+_LAMBDA = TAG_PREFIX + "lambda_max"
+_PRECONDITIONED = TAG_PREFIX + "preconditioned_lambda_max"
+_THRESHOLD = TAG_PREFIX + "threshold"
+_RATIO = TAG_PREFIX + "sharpness_ratio"
+_BATCH = TAG_PREFIX + "batch_sharpness"
+_TRACE = TAG_PREFIX + "trace"
+_TRACE_STDERR = TAG_PREFIX + "trace_stderr"
+#: a ratio panel with values above this switches to a log axis
+_LINEAR_RATIO_MAX = 3.0
 
-def read_run(run_dir: str) -> Series:
-    """``{tag: [(step, value), ...]}`` of every scalar in ``run_dir``.
 
-    Reads TensorBoard event files anywhere below ``run_dir`` (merging
-    sub-runs), and ``*.jsonl`` files written by :class:`~curvwatch.JsonlSink`.
+def find_runs(path: str) -> dict[str, str]:
+    """``{name: source}`` of the runs under ``path``, sorted by name.
+
+    A source is a directory holding ``events.out.tfevents.*`` files or a
+    ``.jsonl`` file. A ``.jsonl`` file in a directory that holds event files, or
+    that is above one, is taken as the same run logged twice and left out (as
+    :class:`~curvwatch.TensorBoardSink` and :class:`~curvwatch.JsonlSink` side
+    by side write it). Names are paths relative to ``path``; a run at ``path``
+    itself is named after its last path component.
 
     Raises:
         FileNotFoundError: no event or JSONL file found.
     """
-    series: Series = defaultdict(list)
-    events = glob.glob(os.path.join(run_dir, "**", "events.out.tfevents.*"), recursive=True)
-    if os.path.isfile(run_dir) and run_dir.endswith(".jsonl"):
-        jsonls = [run_dir]
-    else:
-        jsonls = glob.glob(os.path.join(run_dir, "**", "*.jsonl"), recursive=True)
-    if events:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    root = os.path.abspath(path)
+    if os.path.isfile(root):
+        if root.endswith(".jsonl"):
+            return {os.path.basename(root): path}
+        if os.path.basename(root).startswith("events.out.tfevents."):
+            return {os.path.basename(os.path.dirname(root)): os.path.dirname(path) or "."}
+        raise FileNotFoundError(f"{path!r} is neither a .jsonl file nor a directory")
+    events = glob.glob(os.path.join(glob.escape(path), "**", "events.out.tfevents.*"), recursive=True)
+    event_dirs = sorted({os.path.dirname(e) for e in events})
+    event_abs = [os.path.abspath(d) for d in event_dirs]
+    sources = list(event_dirs)
+    for jsonl in sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.jsonl"), recursive=True)):
+        folder = os.path.abspath(os.path.dirname(jsonl))
+        if not any(d == folder or d.startswith(folder + os.sep) for d in event_abs):
+            sources.append(jsonl)
+    if not sources:
+        raise FileNotFoundError(f"no TensorBoard event files or .jsonl files under {path!r}")
+    runs = {}
+    for source in sources:
+        name = os.path.relpath(os.path.abspath(source), root)
+        runs[os.path.basename(root) if name == "." else name] = source
+    return dict(sorted(runs.items()))
 
-        for directory in sorted({os.path.dirname(e) for e in events}):
-            acc = EventAccumulator(directory, size_guidance={"scalars": 0})
-            acc.Reload()
-            for tag in acc.Tags()["scalars"]:
-                series[tag].extend((e.step, e.value) for e in acc.Scalars(tag))
-    elif jsonls:
-        for path in jsonls:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
+
+def read_source(source: str) -> Series:
+    """``{tag: [(step, value), ...]}`` of one run (an event directory or a ``.jsonl``).
+
+    Points are sorted by step; a step logged twice (a resumed or rerun run
+    writing into the same directory) keeps the value written last.
+    """
+    series: Series = defaultdict(list)
+    if source.endswith(".jsonl") and os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
                     record = json.loads(line)
                     for tag, value in record.get("scalars", {}).items():
                         series[tag].append((record["step"], value))
     else:
-        raise FileNotFoundError(f"no TensorBoard event files or .jsonl files under {run_dir!r}")
-    return {tag: sorted(points) for tag, points in series.items()}
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(source, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            series[tag].extend((e.step, e.value) for e in acc.Scalars(tag))
+    return {tag: sorted(dict(points).items()) for tag, points in series.items()}
+
+
+def read_runs(path: str) -> dict[str, Series]:
+    """``{name: series}`` of every run under ``path`` (see :func:`find_runs`), each read alone.
+
+    Raises:
+        FileNotFoundError: no event or JSONL file found.
+    """
+    return {name: read_source(source) for name, source in find_runs(path).items()}
+
+
+def read_run(run_dir: str) -> Series:
+    """``{tag: [(step, value), ...]}`` of the one run at ``run_dir``.
+
+    Raises:
+        FileNotFoundError: no event or JSONL file found.
+        ValueError: ``run_dir`` holds several runs; use :func:`read_runs`.
+    """
+    runs = find_runs(run_dir)
+    if len(runs) > 1:
+        raise ValueError(f"{run_dir!r} holds {len(runs)} runs ({', '.join(runs)}); read them with read_runs")
+    return read_source(next(iter(runs.values())))
 
 
 def crossings(series: Series) -> list[tuple[int, str]]:
     """Steps where ``sharpness_ratio`` crosses 1: ``[(step, "up" | "down"), ...]``."""
     out, above = [], None
-    for step, ratio in series.get(TAG_PREFIX + "sharpness_ratio", []):
+    for step, ratio in series.get(_RATIO, []):
         now = ratio >= 1.0
         if above is not None and now != above:
             out.append((step, "up" if now else "down"))
@@ -59,64 +124,168 @@ def crossings(series: Series) -> list[tuple[int, str]]:
     return out
 
 
+def is_curvature_run(series: Series) -> bool:
+    """Whether a run has ``curvature/lambda_max`` (or its preconditioned version)."""
+    return bool(series.get(_LAMBDA) or series.get(_PRECONDITIONED))
+
+
+def sharpness_series(series: Series) -> tuple[str, list[tuple[int, float]]]:
+    """``(tag, points)`` of the sharpness compared with the threshold (preconditioned for Adam)."""
+    tag = _PRECONDITIONED if series.get(_PRECONDITIONED) else _LAMBDA
+    return tag, series.get(tag, [])
+
+
+def ratio_series(series: Series, tag: str | None = None) -> list[tuple[int, float]]:
+    """Sharpness / threshold per step: the logged ratio, or ``tag / threshold`` where both are logged."""
+    if tag is None and series.get(_RATIO):
+        return series[_RATIO]
+    tag = tag or sharpness_series(series)[0]
+    threshold = dict(series.get(_THRESHOLD, []))
+    return [(s, v / threshold[s]) for s, v in series.get(tag, []) if threshold.get(s, 0) > 0]
+
+
 def draw_report(run_dir: str, out_path: str | None = None) -> str:
-    """Draw loss, sharpness with its threshold, trace and spectrum; return the PNG path.
+    """Draw every run under ``run_dir`` into one PNG (see :func:`draw_runs`); return its path.
 
     Raises:
         FileNotFoundError: no run found.
-        ValueError: the run has no ``curvature/*`` tags.
+        ValueError: no run has ``curvature/*`` tags.
+    """
+    out_path = out_path or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "curvwatch_report.png")
+    return draw_runs(read_runs(run_dir), out_path, title=os.path.basename(os.path.abspath(run_dir)))
+
+
+def draw_runs(runs: dict[str, Series], out_path: str, title: str = "") -> str:
+    """Save :func:`build_figure` of ``runs`` as a PNG at ``out_path``; return ``out_path``.
+
+    Raises:
+        ValueError: no run has ``curvature/*`` tags.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = read_run(run_dir)
-    if TAG_PREFIX + "lambda_max" not in series:
-        raise ValueError(f"{run_dir!r} has no {TAG_PREFIX}lambda_max: is it a curvwatch run?")
-    out_path = out_path or os.path.join(run_dir if os.path.isdir(run_dir) else ".", "curvwatch_report.png")
-    loss_tag = next((t for t in LOSS_TAGS if t in series), None)
-    adaptive = TAG_PREFIX + "preconditioned_lambda_max" in series
-    panels = 3 if TAG_PREFIX + "trace" in series else 2
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels + 0.6), sharex=True)
-
-    ax = axes[0]
-    if loss_tag:
-        steps, values = zip(*series[loss_tag])
-        ax.plot(steps, values, color="0.25", lw=1)
-        ax.set_yscale("log")
-    ax.set_ylabel(f"loss ({loss_tag})" if loss_tag else "loss (not logged)")
-    ax.set_title(f"curvwatch report: {os.path.basename(os.path.abspath(run_dir))}")
-
-    ax = axes[1]
-    key = "preconditioned_lambda_max" if adaptive else "lambda_max"
-    label = "preconditioned sharpness $\\lambda_{max}(P^{-1}H)$" if adaptive else "sharpness $\\lambda_{max}(H)$"
-    steps, values = zip(*series[TAG_PREFIX + key])
-    ax.plot(steps, values, color="tab:blue", lw=1.5, label=label)
-    if TAG_PREFIX + "threshold" in series:
-        steps, values = zip(*series[TAG_PREFIX + "threshold"])
-        ax.plot(steps, values, color="tab:red", ls="--", lw=1.2, label="edge of stability")
-    if TAG_PREFIX + "batch_sharpness" in series:
-        steps, values = zip(*series[TAG_PREFIX + "batch_sharpness"])
-        ax.plot(steps, values, color="tab:green", lw=1, label="batch sharpness")
-    for step, direction in crossings(series):
-        ax.axvline(step, color="tab:red" if direction == "up" else "tab:gray", alpha=0.35, lw=0.8)
-    ax.set_ylabel("curvature")
-    ax.legend(loc="lower right", fontsize=8)
-
-    if panels == 3:
-        ax = axes[2]
-        steps, values = zip(*series[TAG_PREFIX + "trace"])
-        ax.plot(steps, values, color="tab:purple", lw=1.2, label="trace (Hutchinson)")
-        if TAG_PREFIX + "trace_stderr" in series:
-            err = dict(series[TAG_PREFIX + "trace_stderr"])
-            lo = [v - 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
-            hi = [v + 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
-            ax.fill_between(steps, lo, hi, color="tab:purple", alpha=0.2, lw=0)
-        ax.set_ylabel("trace")
-        ax.legend(loc="lower right", fontsize=8)
-    axes[-1].set_xlabel("optimizer step")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    fig = build_figure(runs, title)
+    fig.savefig(out_path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out_path
+
+
+def build_figure(runs: dict[str, Series], title: str = ""):
+    """Loss, sharpness / threshold, sharpness and threshold, and trace of ``runs``: a matplotlib Figure.
+
+    One colour per run, named in the legend beside the plot; runs without
+    ``curvature/*`` tags are left out. The second panel divides the sharpness
+    (the preconditioned sharpness for Adam) by the edge-of-stability threshold,
+    so the edge is the line at 1 even when the learning rate, and with it the
+    threshold, changes during a run; the third shows both on a log axis.
+
+    Raises:
+        ValueError: no run has ``curvature/*`` tags.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    drawn = {name: s for name, s in runs.items() if is_curvature_run(s)}
+    if not drawn:
+        raise ValueError(f"no run in {title!r} has {_LAMBDA}: is it a curvwatch run? "
+                         f"runs found: {', '.join(runs) or 'none'}")
+    several = len(drawn) > 1
+    cycle = plt.get_cmap("tab10" if len(drawn) <= 10 else "tab20")
+    colors = {name: cycle(i % cycle.N) if several else "tab:blue" for i, name in enumerate(drawn)}
+    has_trace = any(s.get(_TRACE) for s in drawn.values())
+    panels = 4 if has_trace else 3
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.4 * panels + 0.6), sharex=True)
+    ink = "0.3" if several else "tab:blue"  # legend key colour of the per-run lines
+    legend = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "frameon": False,
+              "borderaxespad": 0.0}
+
+    ax = axes[0]
+    loss_tags = set()
+    for name, series in drawn.items():
+        loss_tag = next((t for t in LOSS_TAGS if series.get(t)), None)
+        if loss_tag:
+            loss_tags.add(loss_tag)
+            ax.plot(*zip(*series[loss_tag]), color=colors[name] if several else "0.25", lw=1, label=name)
+    if loss_tags:
+        ax.set_yscale("log")
+    ax.set_ylabel("loss" + (f" ({', '.join(sorted(loss_tags))})" if loss_tags else " (not logged)"), fontsize=9)
+    heading = f"curvwatch report: {title}" if title else "curvwatch report"
+    ax.set_title(heading + (f" ({len(drawn)} runs)" if several else ""))
+    if several:  # the run names, once, for every panel below
+        ax.legend(handles=[Line2D([], [], color=colors[n], lw=2) for n in drawn], labels=list(drawn),
+                  title="runs", **legend)
+
+    ax = axes[1]
+    ratios_seen = []
+    for name, series in drawn.items():
+        ratio = ratio_series(series)
+        if ratio:
+            ratios_seen.extend(v for _, v in ratio)
+            ax.plot(*zip(*ratio), color=colors[name], lw=1.4)
+        batch = ratio_series(series, _BATCH) if series.get(_BATCH) else []
+        if batch:
+            ax.plot(*zip(*batch), color=colors[name], lw=0.9, ls=":")
+        if not several:
+            for step, direction in crossings(series):
+                ax.axvline(step, color="tab:red" if direction == "up" else "tab:gray", alpha=0.35, lw=0.8)
+    ax.axhline(1.0, color="tab:red", ls="--", lw=1.2)
+    finite = [v for v in ratios_seen if math.isfinite(v) and v > 0]
+    if finite and max(finite) > _LINEAR_RATIO_MAX:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0.0)
+    ax.set_ylabel("sharpness / threshold", fontsize=9)
+    handles = [Line2D([], [], color=ink, lw=1.4), Line2D([], [], color="tab:red", ls="--", lw=1.2)]
+    labels = ["sharpness / threshold", "edge of stability (1)"]
+    if any(s.get(_BATCH) for s in drawn.values()):
+        handles.append(Line2D([], [], color=ink, lw=0.9, ls=":"))
+        labels.append("batch sharpness / threshold")
+    if not ratios_seen:
+        labels[0] += " (no threshold logged)"
+    ax.legend(handles=handles, labels=labels, **legend)
+
+    ax = axes[2]
+    adaptive = False
+    for name, series in drawn.items():
+        tag, points = sharpness_series(series)
+        adaptive |= tag == _PRECONDITIONED
+        positive = [(s, v) for s, v in points if v > 0]
+        if positive:
+            ax.plot(*zip(*positive), color=colors[name], lw=1.4)
+        if series.get(_THRESHOLD):
+            ax.plot(*zip(*series[_THRESHOLD]), color=colors[name] if several else "tab:red", ls="--", lw=1.1)
+    ax.set_yscale("log")
+    ax.set_ylabel("curvature (log)", fontsize=9)
+    sharp = "preconditioned sharpness $\\lambda_{max}(P^{-1}H)$" if adaptive else "sharpness $\\lambda_{max}(H)$"
+    if adaptive and any(sharpness_series(s)[0] == _LAMBDA for s in drawn.values()):
+        sharp = "sharpness ($P^{-1}H$ for adaptive optimizers)"
+    ax.legend(handles=[Line2D([], [], color=ink, lw=1.4),
+                       Line2D([], [], color="0.3" if several else "tab:red", ls="--", lw=1.1)],
+              labels=[sharp, "threshold (edge of stability)"], **legend)
+
+    if has_trace:
+        ax = axes[3]
+        for name, series in drawn.items():
+            if not series.get(_TRACE):
+                continue
+            steps, values = zip(*series[_TRACE])
+            color = colors[name] if several else "tab:purple"
+            ax.plot(steps, values, color=color, lw=1.2)
+            if series.get(_TRACE_STDERR):
+                err = dict(series[_TRACE_STDERR])
+                lo = [v - 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
+                hi = [v + 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+        ax.set_ylabel("trace", fontsize=9)
+        ax.legend(handles=[Line2D([], [], color="0.3" if several else "tab:purple", lw=1.2),
+                           Patch(color="0.3" if several else "tab:purple", alpha=0.2)],
+                  labels=["trace (Hutchinson)", "$\\pm$2 standard errors"], **legend)
+    axes[-1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    return fig
