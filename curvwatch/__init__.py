@@ -1,6 +1,6 @@
 """curvwatch: watch the curvature of the loss while a network trains."""
 
-from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch._errors import CurvatureError, CurvatureWarning, NoSecondDerivativeError
 from curvwatch.monitor import CurvatureMonitor
 from curvwatch.results import Budget, CurvatureResult
 from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
@@ -52,4 +52,5 @@ __all__ = [
     # errors
     "CurvatureError",
     "CurvatureWarning",
+    "NoSecondDerivativeError",
 ]

@@ -7,3 +7,11 @@ class CurvatureError(ValueError):
 
 class CurvatureWarning(RuntimeWarning):
     """A measurement was skipped or degraded; training continues."""
+
+
+class NoSecondDerivativeError(CurvatureError):
+    """The model has no (working) second derivative: exact products cannot run.
+
+    ``method="auto"`` catches this type (never a message text) and falls back
+    to finite differences, which need first derivatives only.
+    """

@@ -29,7 +29,10 @@ from typing import Any, Literal
 
 import torch
 
-from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch._errors import CurvatureError, CurvatureWarning, NoSecondDerivativeError
+from curvwatch.cost import OverheadAccount
+from curvwatch.memory import MemoryPlan, activation_bytes, device_allowance, plan_memory
+from curvwatch.precision import PRECISIONS, Precision, matmul_precision, resolve_precision
 from curvwatch.batch_sharpness import batch_length, batch_sharpness
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
@@ -50,7 +53,7 @@ from curvwatch.operators.sharded import check_supported
 from curvwatch.probe import LossFn, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
 from curvwatch.solvers.density import slq
-from curvwatch.solvers.lanczos import LanczosResult, lanczos
+from curvwatch.solvers.lanczos import LanczosResult, default_max_basis, lanczos
 from curvwatch.solvers.trace import hutchinson
 from curvwatch.stability import Threshold, preconditioner_diagonal, threshold, unwrap_optimizer
 
@@ -75,7 +78,15 @@ class CurvatureMonitor:
         every: measure after every ``every``-th optimizer step. Default 100.
         top_k: eigenvalues per measurement (``curvature/lambda_1..k``). Default 2.
         trace: also estimate the Hessian trace. Default True.
-        budget: :class:`~curvwatch.Budget` of one measurement.
+        budget: :class:`~curvwatch.Budget`: the share of training time measuring
+            may take (default 5%, cumulative; a due measurement that does not fit
+            is deferred), the memory it may add, and hard caps per measurement.
+            The threshold's quantity is measured first (preconditioned sharpness
+            for Adam-type optimizers, else lambda_max), then raw lambda_max, the
+            trace and the spectrum as the budget allows.
+        precision: float32 matmul precision of exact products: ``"auto"`` (TF32
+            on CUDA, 2x faster, within 1e-4 of float32), ``"tf32"`` or ``"fp32"``.
+            Finite differences always run in float32.
         method: ``"auto"`` (double backward; finite differences for FSDP or a
             model without a second derivative), or one of
             ``double_backward | forward_over_reverse | finite_difference``.
@@ -152,6 +163,7 @@ class CurvatureMonitor:
         spectrum_every: int = 0,
         on_threshold: Callable[[CurvatureResult], Any] | None = None,
         curvature: CurvatureChoice = "hessian",
+        precision: Precision = "auto",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise CurvatureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -184,6 +196,17 @@ class CurvatureMonitor:
             raise CurvatureError("minibatches=... is for batch sharpness: also pass batch_size=<training batch size>")
         if optimizer is not None:
             unwrap_optimizer(optimizer)
+        if precision not in PRECISIONS:
+            raise CurvatureError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        if basis_device is not None:
+            try:
+                basis = torch.device(basis_device)
+            except (RuntimeError, TypeError) as error:
+                raise CurvatureError(f"basis_device={basis_device!r} is not a device: {error}") from error
+            if basis.type == "cuda" and not torch.cuda.is_available():
+                raise CurvatureError(
+                    f"basis_device={basis_device!r} but CUDA is not available: pass basis_device='cpu' or None"
+                )
         sinks = tuple(sinks)
         for sink in sinks:
             if not callable(sink):
@@ -237,6 +260,12 @@ class CurvatureMonitor:
         self._resolved_method: str | None = None if method == "auto" else method
         self._warned: set[str] = set()
         self._attached_steps = 0
+        self.precision = precision
+        self._cost = OverheadAccount()
+        self._cost.start()
+        self._training_peak: float | None = None
+        self._peak_after_measuring: float | None = None
+        self._method_override: str | None = None
 
     # -- scheduling ------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -265,24 +294,45 @@ class CurvatureMonitor:
 
     # -- measuring --------------------------------------------------------------
     def measure(self, step: int | None = None) -> CurvatureResult | None:
-        """Measure now; return the result (``None`` if it failed and not strict).
+        """Measure now, within the budget; return the result.
+
+        Returns ``None`` when the measurement failed (not strict), was deferred
+        because the share of training time is spent (:attr:`Budget.overhead`),
+        or would not fit in memory (one warning with the numbers and the fix).
 
         Args:
             step: the optimizer step to log at; default: number of measurements.
         """
         step = self.measurements if step is None else int(step)
+        self._cost.training_until_now(step)
+        seconds = self._seconds_allowed(step)
+        if seconds is not None and seconds <= 0:
+            return None
+        started = time.perf_counter()
         try:
+            plan = self._plan_memory()
+            if not plan.fits:
+                raise _DoesNotFit(plan.message)
             with measurement_guard(self.model, self.train_mode):
-                result = self._measure(step)
+                result = self._measure(step, seconds, plan)
         except Exception as error:  # noqa: BLE001 - the failure policy
+            self._cost.measured(time.perf_counter() - started, 0)
+            if self.strict and isinstance(error, _DoesNotFit):
+                raise CurvatureError(str(error)) from error
             if self.strict:
                 raise
+            key = "memory" if isinstance(error, _DoesNotFit) else f"{type(error).__name__}: {error}"
             self._warn_once(
-                f"{type(error).__name__}: {error}",
+                key,
                 f"curvwatch: measurement at step {step} skipped ({type(error).__name__}: {error}); "
                 "training continues (strict=True raises instead)",
             )
             return None
+        finally:
+            self._method_override = None
+            self._note_peak()
+        self._cost.measured(time.perf_counter() - started, result.hvps)
+        result = replace(result, overhead=self._cost.share, seconds=time.perf_counter() - started)
         self.measurements += 1
         self.history.append(result)
         self._threshold_event(result)
@@ -299,89 +349,175 @@ class CurvatureMonitor:
                 )
         return result
 
-    def _measure(self, step: int) -> CurvatureResult:
+    def _seconds_allowed(self, step: int) -> float | None:
+        """Seconds this measurement may take (``None``: no limit; <= 0: defer it).
+
+        The smaller of :attr:`Budget.max_seconds` and the saved-up share of
+        training time. A measurement is deferred when the share does not cover
+        the products it needs at least (3 with a warm start, 10 without); one
+        expected to take under :attr:`Budget.negligible_seconds` is never limited.
+        """
+        cap = self.budget.max_seconds
+        if self.budget.overhead is None:
+            return cap
+        allowance = self._cost.allowance(self.budget.overhead)
+        per_product = self._cost.product_seconds()
+        if math.isnan(per_product):  # the first measurement learns what a product costs
+            return cap
+        needed = (3 if self._warm is not None else 10) * per_product
+        if needed <= self.budget.negligible_seconds:
+            return cap
+        if allowance < needed:
+            logger.info(
+                "curvwatch: step %d: measurement deferred: %.3g s of the %.0f%% share saved up, "
+                "about %.3g s needed", step, max(allowance, 0.0), 100 * self.budget.overhead, needed,
+            )
+            self._warn_once(
+                "deferred",
+                f"curvwatch: step {step}: measurement deferred to keep monitoring within "
+                f"Budget(overhead={self.budget.overhead}) of training time (needs about "
+                f"{needed:.3g} s, {max(allowance, 0.0):.3g} s saved up); later due steps measure "
+                "as the share allows. Raise Budget.overhead, or pass Budget(overhead=None) to "
+                "measure at every due step",
+            )
+            return 0.0
+        return allowance if cap is None else min(cap, allowance)
+
+    def _plan_memory(self) -> MemoryPlan:
+        """Where the basis goes, checked against the memory allowed (see :mod:`curvwatch.memory`)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        device = params[0].device
+        self._observe_training_peak(device)
+        method = self._ggn_kind or self._resolved_method or "double_backward"
+        if device.type == "cuda":
+            allowed = device_allowance(device, self.budget.memory_ratio, self._training_peak)
+        else:
+            allowed = device_allowance(device, self.budget.memory_ratio, None)
+        if self.budget.max_memory is not None:
+            allowed = min(allowed, float(self.budget.max_memory)) if device.type == "cuda" else float(self.budget.max_memory)
+        size = sum(p.numel() for p in params)
+        if is_sharded(self.model):
+            size = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        max_basis = self.budget.max_basis or default_max_basis(self.top_k)
+
+        def plan_for(m: str) -> MemoryPlan:
+            return plan_memory(
+                size, params[0].dtype, device, self.top_k, max_basis, m, allowed,
+                activation_bytes(device, m, self._training_peak), self.basis_device,
+            )
+
+        plan = plan_for(method)
+        if not plan.fits and self.method == "auto" and self._ggn_kind is None and method == "double_backward":
+            cheaper = plan_for("forward_difference")
+            if cheaper.fits:
+                self._method_override = "forward_difference"
+                self._warn_once(
+                    "memory-fd",
+                    f"curvwatch: double backward would not fit ({plan.message}); measuring with "
+                    "one-sided differences certified by a central one (method='forward_difference')",
+                )
+                return cheaper
+        return plan
+
+    def _observe_training_peak(self, device: torch.device) -> None:
+        """The training step's peak CUDA memory: the allocator's peak, unless it is ours."""
+        if device.type != "cuda":
+            return
+        peak = float(torch.cuda.max_memory_allocated(device))
+        if self._peak_after_measuring is None or peak > self._peak_after_measuring:
+            self._training_peak = peak
+
+    def _note_peak(self) -> None:
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":
+            self._peak_after_measuring = float(torch.cuda.max_memory_allocated(device))
+
+    def _measure(self, step: int, seconds: float | None, plan: MemoryPlan) -> CurvatureResult:
+        """One measurement inside the guard: the threshold's quantity first, the rest as the budget allows."""
         start = time.perf_counter()
-        deadline = None if self.budget.max_seconds is None else start + self.budget.max_seconds
+        deadline = None if seconds is None else start + seconds
         params = [p for p in self.model.parameters() if p.requires_grad]
         seed = self.seed + step
         limit = self._threshold()
         diagonal = self._preconditioner(limit, params)
-        eig_hvps = self.budget.max_hvps - (self.budget.trace_hvps if self.trace else 0)
-        raw_hvps = eig_hvps if diagonal is None else max(self.top_k, eig_hvps // 2)
+        products = self._affordable_products(seconds)
 
         operator = self._operator(params)
-        try:
-            eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
-        except CurvatureError as error:
-            if self._ggn_kind is not None or self.method != "auto" or "second derivative" not in str(error):
-                raise
-            self._resolved_method = "finite_difference"
-            self._warn_once("auto-fd", f"curvwatch: {error}. Using finite differences from now on.")
-            operator = self._operator(params)
-            eig = self._lanczos(operator, self.top_k, raw_hvps, deadline, self._warm, seed)
-        certificate = self._certificate(params)
-        if certificate is not None:
-            certified = certify_top(certificate, eig)
-            if disagree(certified.lambda_max, eig.lambda_max):
-                # The finite-difference steps are outside their accurate range here
-                # (kinks, strong third-order terms): say so rather than hide it.
-                self._warn_once(
-                    "fd-disagree",
-                    f"curvwatch: step {step}: one-sided and central differences disagree "
-                    f"({eig.lambda_max:.6g} vs {certified.lambda_max:.6g}); such measurements "
-                    "are reported as not converged (method='auto' measures exactly)",
-                )
-                certified = replace(certified, converged=False)
-            eig = certified
-        overlap = _overlap(self._warm, eig.eigenvectors, operator.dot)
-        self._warm = eig.eigenvectors.detach()
-        converged = eig.converged
-
-        pre_lambda = math.nan
-        if diagonal is not None:
-            pre_op = PreconditionedOperator(operator, diagonal)
-            pre = self._lanczos(pre_op, 1, eig_hvps - eig.matvecs, deadline, self._warm_preconditioned, seed + 1)
-            if certificate is not None:
-                pre = certify_top(PreconditionedOperator(certificate, diagonal), pre)
-            self._warm_preconditioned = pre.eigenvectors.detach()
-            pre_lambda, converged = pre.lambda_max, converged and pre.converged
-
-        trace_value = trace_stderr = math.nan
-        if self.trace and self.budget.trace_hvps > 0:
-            tr = hutchinson(operator, self.budget.trace_hvps, seed=seed + 2, deflation=eig)
-            trace_value, trace_stderr = tr.estimate, tr.stderr
-
-        spectrum = None
-        if self.spectrum_every and self.measurements % self.spectrum_every == 0:
-            density = slq(operator, num_probes=2, num_steps=min(30, operator.size), seed=seed + 3)
-            spectrum = (tuple(density.nodes.flatten().tolist()), tuple((density.weights / density.weights.shape[0]).flatten().tolist()))
-
-        bs = bs_err = math.nan
-        if self.batch_size is not None:
-            bs, bs_err = batch_sharpness(
-                self.model, self.loss_fn, self.batch, params, self.batch_size,
-                method="finite_difference" if self._resolved_method == "forward_difference" else self._resolved_method,
-                max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
-                source=None if self.minibatches is None else self._next_minibatch,
-            )
-        hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0)
-        loss = operator.loss if self._ggn_kind is None else None  # a GGN never forms the loss
-        if loss is None:  # central differences never evaluate the loss at theta itself
-            if is_sharded(self.model):  # FSDP1 must not run a forward without backward
-                operator.gradient_at_theta()
-                loss = operator.loss
+        precision = resolve_precision(self.precision, self._effective_method(), operator.device)
+        with matmul_precision(precision):
+            try:
+                first = self._first_solve(operator, diagonal, products, deadline, seed, plan)
+            except CurvatureError as error:
+                if self._ggn_kind is not None or self.method != "auto" or not isinstance(error, NoSecondDerivativeError):
+                    raise
+                self._resolved_method = "finite_difference"
+                self._warn_once("auto-fd", f"curvwatch: {error}. Using finite differences from now on.")
+                operator = self._operator(params)
+                precision = "fp32"
+                first = self._first_solve(operator, diagonal, products, deadline, seed, plan)
+            certificate = self._certificate(params)
+            pre = eig = None
+            if diagonal is not None:
+                pre = self._certified(first, PreconditionedOperator(certificate, diagonal) if certificate else None, step)
+                self._warm_preconditioned = pre.eigenvectors.detach()
+                spent = operator.matvecs + (certificate.matvecs if certificate else 0)
+                if products - spent >= self.top_k and not _past(deadline):
+                    eig = self._lanczos(operator, self.top_k, products - spent, deadline, self._warm, seed, plan)
+                    eig = self._certified(eig, certificate, step)
             else:
-                with torch.no_grad():
-                    loss = float(self.loss_fn(self.model, self.batch))
-        loss = operator.mean_over_ranks(loss)
-        operator.release()
+                eig = self._certified(first, certificate, step)
+            overlap = math.nan
+            if eig is not None:
+                overlap = _overlap(self._warm, eig.eigenvectors, operator.dot)
+                self._warm = eig.eigenvectors.detach()
+            threshold_solve = pre if pre is not None else eig
+            converged = threshold_solve.converged and (eig is None or eig.converged)
 
-        sharp = pre_lambda if diagonal is not None else (bs if self.batch_size is not None and not limit_adaptive(limit) else eig.lambda_max)
+            spent = operator.matvecs + (certificate.matvecs if certificate else 0)
+            trace_value = trace_stderr = math.nan
+            if self.trace and self.budget.trace_hvps > 0 and products - spent >= min(2, self.budget.trace_hvps) and not _past(deadline):
+                probes = min(self.budget.trace_hvps, products - spent)
+                tr = hutchinson(operator, probes, seed=seed + 2, deflation=eig)
+                trace_value, trace_stderr = tr.estimate, tr.stderr
+
+            spectrum = None
+            spent = operator.matvecs + (certificate.matvecs if certificate else 0)
+            if self.spectrum_every and self.measurements % self.spectrum_every == 0:
+                steps = min(30, operator.size, (products - spent) // 2)  # two probes
+                if steps >= min(5, operator.size) and not _past(deadline):
+                    density = slq(operator, num_probes=2, num_steps=steps, seed=seed + 3)
+                    spectrum = (tuple(density.nodes.flatten().tolist()), tuple((density.weights / density.weights.shape[0]).flatten().tolist()))
+
+            bs = bs_err = math.nan
+            bs_products = 0
+            if self.batch_size is not None:
+                bs, bs_err = batch_sharpness(
+                    self.model, self.loss_fn, self.batch, params, self.batch_size,
+                    method="finite_difference" if self._effective_method() == "forward_difference" else self._effective_method(),
+                    max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
+                    source=None if self.minibatches is None else self._next_minibatch,
+                )
+                bs_products = self.batch_sharpness_batches
+            hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0) + bs_products
+            loss = operator.loss if self._ggn_kind is None else None  # a GGN never forms the loss
+            if loss is None:  # central differences never evaluate the loss at theta itself
+                if is_sharded(self.model):  # FSDP1 must not run a forward without backward
+                    operator.gradient_at_theta()
+                    loss = operator.loss
+                else:
+                    with torch.no_grad():
+                        loss = float(self.loss_fn(self.model, self.batch))
+            loss = operator.mean_over_ranks(loss)
+            operator.release()
+
+        pre_lambda = pre.lambda_max if pre is not None else math.nan
+        lambda_max = eig.lambda_max if eig is not None else math.nan
+        sharp = pre_lambda if diagonal is not None else (bs if self.batch_size is not None and not limit_adaptive(limit) else lambda_max)
         return CurvatureResult(
             step=step,
-            lambda_max=eig.lambda_max,
-            eigenvalues=tuple(eig.eigenvalues.tolist()),
-            residuals=tuple(eig.residuals.tolist()),
+            lambda_max=lambda_max,
+            eigenvalues=tuple(eig.eigenvalues.tolist()) if eig is not None else (),
+            residuals=tuple(eig.residuals.tolist()) if eig is not None else (),
             trace=trace_value,
             trace_stderr=trace_stderr,
             threshold=limit.value if limit else math.nan,
@@ -392,16 +528,56 @@ class CurvatureMonitor:
             converged=converged,
             lr=limit.lr if limit else math.nan,
             loss=math.nan if loss is None else float(loss),
-            method=self._ggn_kind or self._resolved_method or "",
+            method=self._ggn_kind or self._effective_method() or "",
             top_overlap=overlap,
             batch_sharpness=bs,
             batch_sharpness_stderr=bs_err,
             spectrum=spectrum,
+            error_bound=threshold_solve.relative_error_bound,
+            precision=precision,
         )
+
+    def _affordable_products(self, seconds: float | None) -> int:
+        """Products this measurement may apply: ``max_hvps``, fewer when the time share is short."""
+        cap = self.budget.max_hvps
+        per_product = self._cost.product_seconds()
+        if seconds is None or math.isnan(per_product) or per_product <= 0:
+            return cap
+        return max(self.top_k, min(cap, int(seconds / per_product)))
+
+    def _first_solve(self, operator, diagonal, products, deadline, seed, plan) -> LanczosResult:
+        """The threshold's quantity: preconditioned sharpness (adaptive) or the top-k eigenvalues."""
+        if diagonal is not None:
+            return self._lanczos(
+                PreconditionedOperator(operator, diagonal), 1, products, deadline,
+                self._warm_preconditioned, seed + 1, plan,
+            )
+        return self._lanczos(operator, self.top_k, products, deadline, self._warm, seed, plan)
+
+    def _certified(self, eig: LanczosResult, certificate, step: int) -> LanczosResult:
+        """With one-sided differences: the top value re-measured by a central Rayleigh quotient."""
+        if certificate is None:
+            return eig
+        certified = certify_top(certificate, eig)
+        if disagree(certified.lambda_max, eig.lambda_max):
+            # The finite-difference steps are outside their accurate range here
+            # (kinks, strong third-order terms): say so rather than hide it.
+            self._warn_once(
+                "fd-disagree",
+                f"curvwatch: step {step}: one-sided and central differences disagree "
+                f"({eig.lambda_max:.6g} vs {certified.lambda_max:.6g}); such measurements "
+                "are reported as not converged (method='auto' measures exactly)",
+            )
+            certified = replace(certified, converged=False)
+        return certified
+
+    def _effective_method(self) -> str | None:
+        """The method of this measurement: a memory-driven override, else the resolved one."""
+        return self._method_override or self._resolved_method
 
     def _certificate(self, params: Sequence[torch.Tensor]):
         """A central-difference operator to certify the top eigenvalue, or ``None``."""
-        if self._ggn_kind is not None or self._resolved_method != "forward_difference":
+        if self._ggn_kind is not None or self._effective_method() != "forward_difference":
             return None
         return self._operator(params, scheme="central")
 
@@ -417,7 +593,7 @@ class CurvatureMonitor:
         if self._resolved_method is None:
             self._resolved_method = auto_method(self.model)
         closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
-        return build_operator(self.model, closure, params, self._resolved_method, scheme, self.reduce)
+        return build_operator(self.model, closure, params, self._effective_method(), scheme, self.reduce)
 
     def _next_minibatch(self) -> Any:
         """The next training mini-batch (cycling through ``minibatches``), on the model's device."""
@@ -430,11 +606,12 @@ class CurvatureMonitor:
             batch = next(self._minibatch_iter)
         return move_to(batch, next(self.model.parameters()).device)
 
-    def _lanczos(self, operator, k, max_matvecs, deadline, warm, seed) -> LanczosResult:
+    def _lanczos(self, operator, k, max_matvecs, deadline, warm, seed, plan: MemoryPlan) -> LanczosResult:
         seconds = None if deadline is None else max(0.0, deadline - time.perf_counter())
         return lanczos(
             operator, k=k, tol=self.budget.tol, max_matvecs=max(k, max_matvecs),
-            max_seconds=seconds, v0=warm, seed=seed, basis_device=self.basis_device,
+            max_seconds=seconds, v0=warm, seed=seed, basis_device=plan.basis_device,
+            max_basis=max(plan.max_basis, k + 1),
         )
 
     def _threshold(self) -> Threshold | None:
@@ -493,7 +670,9 @@ class CurvatureMonitor:
             "warm": None if self._warm is None else self._warm.cpu(),
             "warm_preconditioned": None if self._warm_preconditioned is None else self._warm_preconditioned.cpu(),
             "above": self._above,
+            "crossed_before": self._crossed_before,
             "method": self._resolved_method,
+            "cost": self._cost.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -505,8 +684,19 @@ class CurvatureMonitor:
         wp = state.get("warm_preconditioned")
         self._warm_preconditioned = None if wp is None else wp.to(device)
         self._above = state.get("above")
+        self._crossed_before = bool(state.get("crossed_before", False))
+        if "cost" in state:
+            self._cost.load_state_dict(state["cost"])
         if self.method == "auto" and self._ggn_kind is None:
             self._resolved_method = state.get("method")
+
+
+class _DoesNotFit(Exception):
+    """A measurement that would not fit in the memory allowed (the message says why)."""
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
 
 
 def _known_length(batch: Any) -> float:

@@ -10,23 +10,50 @@ from curvwatch._errors import CurvatureError
 TAG_PREFIX = "curvature/"
 
 
+# The default share of training time a monitor may spend (Budget.overhead).
+DEFAULT_OVERHEAD = 0.05
+
+
 @dataclass(frozen=True)
 class Budget:
-    """How much one measurement may spend.
+    """How much measuring may spend: a share of training time, and hard caps.
 
     Attributes:
-        max_hvps: Hessian-vector products of one measurement, all solves together
-            (eigenvalues, preconditioned eigenvalues, trace). Default 60.
-        trace_hvps: of those, Rademacher probes for the trace. Default 10.
-        max_seconds: wall-clock limit of one measurement, checked after every
-            product; ``None``: no limit.
-        tol: relative Ritz residual at which Lanczos stops. Default ``1e-3``.
+        max_hvps: hard cap on the products of one measurement, all solves
+            together (threshold quantity, eigenvalues, trace, spectrum). Default 60.
+        trace_hvps: Rademacher probes for the trace, when the share allows.
+            Default 10.
+        max_seconds: hard wall-clock cap of one measurement, checked after every
+            product; ``None``: no cap.
+        tol: relative error bound on each eigenvalue at which Lanczos stops
+            (:func:`~curvwatch.lanczos`). Default ``1e-3``.
+        overhead: share of training wall-clock time that measuring may add,
+            counted cumulatively (:class:`~curvwatch.cost.OverheadAccount`): a
+            due measurement that does not fit waits for a later due step, and
+            one that runs gets at most the time saved up. Default 0.05 (5%);
+            ``None``: no share, measure at every due step within the caps.
+        memory_ratio: a measurement may raise the CUDA memory in use to at most
+            this multiple of the training step's peak. Default 1.5.
+        max_memory: bytes a measurement may add above what is allocated when it
+            starts (overrides ``memory_ratio``; on the CPU the default is half
+            the available memory). ``None``: the default.
+        negligible_seconds: a measurement expected to take less than this
+            (its minimal products at the learned cost of one) runs at every due
+            step whatever the share: small models on a CPU, where a measurement
+            costs milliseconds. Default 0.25 s; 0 applies the share to all.
+        max_basis: Lanczos basis vectors kept (memory: this many parameter-sized
+            vectors); ``None``: ``max(10, 2 top_k + 2)``, fewer where memory is short.
     """
 
     max_hvps: int = 60
     trace_hvps: int = 10
     max_seconds: float | None = None
     tol: float = 1e-3
+    overhead: float | None = DEFAULT_OVERHEAD
+    memory_ratio: float = 1.5
+    max_memory: float | None = None
+    max_basis: int | None = None
+    negligible_seconds: float = 0.25
 
     def __post_init__(self) -> None:
         if self.max_hvps < 1:
@@ -39,6 +66,17 @@ class Budget:
             raise CurvatureError(f"Budget.max_seconds must be positive, got {self.max_seconds}")
         if not 0 < self.tol < 1:
             raise CurvatureError(f"Budget.tol must be in (0, 1), got {self.tol}")
+        if self.overhead is not None and not 0 < self.overhead:
+            raise CurvatureError(
+                f"Budget.overhead is a share of training time (0.05 = 5%), got {self.overhead}; "
+                "None measures at every due step"
+            )
+        if not self.memory_ratio >= 1:
+            raise CurvatureError(f"Budget.memory_ratio must be >= 1, got {self.memory_ratio}")
+        if self.max_memory is not None and not self.max_memory > 0:
+            raise CurvatureError(f"Budget.max_memory is in bytes and must be positive, got {self.max_memory}")
+        if self.max_basis is not None and self.max_basis < 2:
+            raise CurvatureError(f"Budget.max_basis must be >= 2, got {self.max_basis}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +106,11 @@ class CurvatureResult:
         batch_sharpness: ``E_B[g_B^T H_B g_B / |g_B|^2]`` (NaN when not measured).
         batch_sharpness_stderr: its standard error.
         spectrum: SLQ ``(nodes, weights)`` flattened, when measured.
+        error_bound: relative error bound of the threshold quantity's eigenvalue
+            (preconditioned sharpness for adaptive optimizers, else lambda_max).
+        overhead: measuring time so far over training time so far (the share
+            :attr:`Budget.overhead` bounds).
+        precision: float32 matmul precision of the products (``"fp32"``/``"tf32"``).
     """
 
     step: int
@@ -89,6 +132,9 @@ class CurvatureResult:
     batch_sharpness: float = math.nan
     batch_sharpness_stderr: float = math.nan
     spectrum: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False)
+    error_bound: float = math.nan
+    overhead: float = math.nan
+    precision: str = "fp32"
 
     def scalars(self) -> dict[str, float]:
         """``{"curvature/<name>": value}`` of every finite scalar, as logged."""
@@ -105,6 +151,8 @@ class CurvatureResult:
             "top_overlap": self.top_overlap,
             "batch_sharpness": self.batch_sharpness,
             "batch_sharpness_stderr": self.batch_sharpness_stderr,
+            "error_bound": self.error_bound,
+            "overhead": self.overhead,
         }
         for i, value in enumerate(self.eigenvalues, start=1):
             values[f"lambda_{i}"] = value

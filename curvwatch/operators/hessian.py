@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from curvwatch._errors import CurvatureError
+from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch._flat import flatten, unflatten
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import (
@@ -153,7 +153,7 @@ class HessianOperator(CurvatureOperator):
         grads = self._first_order_graph()
         pairs = [(g, t, p) for g, t, p in zip(grads, unflatten(v, self.params), self.params) if g.requires_grad]
         if not pairs:
-            raise CurvatureError(
+            raise NoSecondDerivativeError(
                 NO_SECOND_DERIVATIVE_MSG.format(
                     cause="the gradient has no graph back to the parameters: a custom "
                     "autograd.Function or @once_differentiable backward, or a loss "
@@ -170,7 +170,7 @@ class HessianOperator(CurvatureOperator):
             )
         except RuntimeError as error:
             if is_missing_derivative(error):
-                raise CurvatureError(NO_SECOND_DERIVATIVE_MSG.format(cause=error)) from error
+                raise NoSecondDerivativeError(NO_SECOND_DERIVATIVE_MSG.format(cause=error)) from error
             raise
         return flatten(zeros_for_none(hv, self.params)).detach()
 
@@ -191,7 +191,7 @@ class HessianOperator(CurvatureOperator):
             _, hv = jvp(grad(loss_of), (primals,), (tangents,))
         except RuntimeError as error:
             if is_missing_derivative(error):
-                raise CurvatureError(NO_SECOND_DERIVATIVE_MSG.format(cause=error)) from error
+                raise NoSecondDerivativeError(NO_SECOND_DERIVATIVE_MSG.format(cause=error)) from error
             raise
         return flatten(hv).detach()
 

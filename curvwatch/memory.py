@@ -1,0 +1,163 @@
+r"""How much memory a measurement needs, what is free, and where the basis goes.
+
+A measurement's extra memory is a fixed number of parameter-sized vectors plus
+one product's activations; it never grows with the number of products
+(:func:`~curvwatch.lanczos` keeps at most ``max_basis`` basis vectors). Before
+a measurement allocates anything, :func:`plan_memory` compares
+
+.. math::
+
+    \text{need} = n \cdot b \cdot (V_\text{device} + m_\text{device})
+                  + \text{activations}
+
+(``n`` parameters of ``b`` bytes, ``V`` working vectors of the operator and
+solver, ``m`` basis vectors where they live on the device) with what is allowed:
+on CUDA the smaller of the free device memory and ``memory_ratio`` times the
+training step's peak, minus what is allocated now; on the host, half of the
+available memory. It puts the basis on the device where it fits, else in
+page-locked host memory, else shrinks it to ``k + 2`` vectors, else says that
+the measurement cannot fit and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+GIB = float(1 << 30)
+
+# Parameter-sized vectors a measurement holds on the compute device besides the
+# basis: the product's input and output, the operator's cached gradient and
+# saved parameters (finite differences), the Ritz vectors, the warm starts and
+# the preconditioner diagonal.
+WORKING_VECTORS = {"double_backward": 6, "forward_over_reverse": 7, "finite_difference": 7, "forward_difference": 7, "ggn": 6}
+
+# One product's activations as a multiple of the training step's (peak minus
+# resident memory): a float32 product after bf16-autocast training keeps twice
+# the bytes per activation, double backward about twice the tensors again.
+ACTIVATION_FACTOR = {"double_backward": 4.0, "forward_over_reverse": 4.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0}
+
+# Share of the host's available memory a measurement may take.
+HOST_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where a measurement's basis lives and what it is expected to take (bytes).
+
+    Attributes:
+        fits: False: the measurement would not fit; ``message`` says why.
+        basis_device: ``"cuda"``/``"cpu"``... where the Lanczos basis is kept.
+        max_basis: basis vectors kept.
+        device_bytes: expected extra bytes on the compute device.
+        host_bytes: expected extra bytes on the host (basis kept there).
+        allowed_device_bytes: what the device may take.
+        message: a one-line account (numbers, and the fix when it does not fit).
+    """
+
+    fits: bool
+    basis_device: str
+    max_basis: int
+    device_bytes: float
+    host_bytes: float
+    allowed_device_bytes: float
+    message: str
+
+
+def host_available_bytes() -> float:
+    """``MemAvailable`` of ``/proc/meminfo`` (infinity where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def device_allowance(device: torch.device, memory_ratio: float, training_peak: float | None) -> float:
+    """Bytes a measurement may add on ``device`` now.
+
+    CUDA: ``min(free, memory_ratio * training_peak - allocated)``, where free
+    counts the caching allocator's unused reserve. CPU: ``HOST_SHARE`` of the
+    available host memory.
+    """
+    if device.type != "cuda":
+        return HOST_SHARE * host_available_bytes()
+    free, _ = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    free += torch.cuda.memory_reserved(device) - allocated
+    if training_peak is None:
+        return float(free)
+    return float(max(0.0, min(free, memory_ratio * training_peak - allocated)))
+
+
+def activation_bytes(device: torch.device, method: str, training_peak: float | None) -> float:
+    """Estimated activations of one product: a multiple of the step's (CUDA only)."""
+    if device.type != "cuda" or training_peak is None:
+        return 0.0
+    step_activations = max(0.0, training_peak - torch.cuda.memory_allocated(device))
+    return ACTIVATION_FACTOR.get(method, 4.0) * step_activations
+
+
+def plan_memory(
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    k: int,
+    max_basis: int,
+    method: str,
+    allowed: float,
+    activations: float,
+    basis_device: str | None = None,
+    host_available: float | None = None,
+) -> MemoryPlan:
+    """Choose where the basis goes so the measurement fits in ``allowed`` bytes.
+
+    Args:
+        size: vector length (local shard length under FSDP).
+        dtype: vector dtype.
+        device: the compute device.
+        k: eigenpairs wanted (the smallest basis is ``k + 2``).
+        max_basis: the basis asked for.
+        method: the product's method (a key of :data:`WORKING_VECTORS`).
+        allowed: bytes the measurement may add on ``device``.
+        activations: one product's activation bytes.
+        basis_device: the user's choice (``None``: decide here).
+        host_available: host bytes available (default: ``/proc/meminfo``).
+    """
+    vector = float(size) * torch.finfo(dtype).bits / 8
+    working = WORKING_VECTORS.get(method, 7) * vector + activations
+    host = HOST_SHARE * (host_available_bytes() if host_available is None else host_available)
+    cuda = device.type == "cuda"
+    candidates: list[tuple[str, int]] = []
+    if basis_device is not None:
+        candidates = [(str(basis_device), max_basis), (str(basis_device), k + 2)]
+    else:
+        candidates = [(device.type, max_basis)]
+        if cuda:
+            candidates += [("cpu", max_basis), ("cpu", k + 2)]
+        candidates.append((device.type, k + 2))
+    for where, m in candidates:
+        on_device = where == device.type
+        device_bytes = working + (m * vector if on_device else 0.0)
+        host_bytes = 0.0 if on_device else m * vector
+        limit_ok = device_bytes <= allowed if cuda else device_bytes + host_bytes <= allowed
+        if limit_ok and host_bytes <= host:
+            return MemoryPlan(
+                True, where, m, device_bytes, host_bytes, allowed,
+                f"basis of {m} vectors on {where}: {device_bytes / GIB:.2f} GiB on {device.type}"
+                f" (allowed {allowed / GIB:.2f} GiB), {host_bytes / GIB:.2f} GiB on the host",
+            )
+    need = working + (k + 2) * vector
+    return MemoryPlan(
+        False, device.type, k + 2, need, 0.0, allowed,
+        f"it needs about {need / GIB:.2f} GiB ({size:,} parameters x {vector / size:.0f} bytes x "
+        f"{WORKING_VECTORS.get(method, 7) + k + 2} vectors + {activations / GIB:.2f} GiB of one "
+        f"product's activations) and {allowed / GIB:.2f} GiB is allowed on {device.type}; fix: "
+        "a smaller probe batch, method='forward_difference', Budget(memory_ratio=...) or "
+        "Budget(max_memory=...) above that, or fewer trainable parameters",
+    )
