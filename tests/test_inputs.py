@@ -1,0 +1,124 @@
+"""Bad or unusual inputs fail with their reason, not with a misleading one (issue #15)."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import curvwatch as cw
+
+
+def _budget():
+    """Measure at every call (no share of training time, where Budget has one)."""
+    names = {f.name for f in dataclasses.fields(cw.Budget)}
+    return cw.Budget(**({"overhead": None} if "overhead" in names else {}))
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def _batch(n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def _monitor(model, batch, **kwargs):
+    kwargs.setdefault("criterion", torch.nn.CrossEntropyLoss())
+    return cw.CurvatureMonitor(model, batch, trace=False, top_k=1, budget=_budget(), **kwargs)
+
+
+# -- inference mode -------------------------------------------------------------
+def test_measuring_under_inference_mode_works_like_under_no_grad():
+    model, batch = _model(), _batch()
+    expected = _monitor(model, batch, strict=True).measure(1)
+    with torch.inference_mode():
+        result = _monitor(model, batch, strict=True).measure(1)
+    assert result.lambda_max == expected.lambda_max and result.loss == expected.loss
+
+
+def test_a_probe_batch_made_under_inference_mode_is_usable():
+    model = _model()
+    with torch.inference_mode():
+        batch = _batch()
+    assert _monitor(model, batch, strict=True).measure(1).lambda_max == _monitor(model, _batch(), strict=True).measure(1).lambda_max
+
+
+def test_a_model_made_under_inference_mode_names_inference_mode():
+    with torch.inference_mode():
+        model = _model()
+    monitor = _monitor(model, _batch(), strict=True)
+    with pytest.raises(cw.CurvatureError, match=r"created under torch.inference_mode\(\)"):
+        monitor.measure(1)
+    with pytest.warns(cw.CurvatureWarning, match=r"inference_mode\(\)"):
+        assert _monitor(model, _batch()).measure(1) is None  # not strict: skipped, said why
+
+
+# -- empty batch ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "batch",
+    [_batch()[0][:0], (_batch()[0][:0], _batch()[1][:0]), [], {"x": torch.zeros(0, 3)}],
+    ids=["tensor", "pair", "empty-list", "dict"],
+)
+def test_an_empty_probe_batch_says_so(batch):
+    kwargs = {"criterion": None, "loss_fn": lambda m, b: m(b).sum()} if isinstance(batch, torch.Tensor) else {}
+    with pytest.raises(cw.CurvatureError, match="probe batch is empty"):
+        _monitor(_model(), batch, strict=True, **kwargs)
+
+
+# -- loss_fn signature ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda batch: batch[0].sum(),
+        lambda model, batch, extra: model(batch[0]).sum(),
+        lambda: 0.0,
+    ],
+    ids=["one-argument", "three-arguments", "no-argument"],
+)
+def test_a_loss_fn_with_the_wrong_signature_names_the_expected_one(loss_fn):
+    with pytest.raises(cw.CurvatureError, match=r"loss_fn\(model, batch\) -> scalar"):
+        cw.CurvatureMonitor(_model(), _batch(), loss_fn=loss_fn, strict=True)
+
+
+def test_a_loss_fn_with_defaults_or_varargs_is_accepted():
+    for loss_fn in (
+        lambda model, batch, scale=1.0: scale * torch.nn.functional.cross_entropy(model(batch[0]), batch[1]),
+        lambda *args: torch.nn.functional.cross_entropy(args[0](args[1][0]), args[1][1]),
+    ):
+        r = cw.CurvatureMonitor(_model(), _batch(), loss_fn=loss_fn, strict=True, budget=_budget()).measure(1)
+        assert r.lambda_max > 0
+
+
+def test_a_criterion_passed_as_loss_fn_points_to_criterion():
+    with pytest.raises(cw.CurvatureError, match=r"criterion=.*loss_fn\(model, batch\) -> scalar"):
+        cw.CurvatureMonitor(_model(), _batch(), loss_fn=torch.nn.CrossEntropyLoss(), strict=True)
+
+
+def test_a_criterion_with_the_wrong_signature_names_the_expected_one():
+    with pytest.raises(cw.CurvatureError, match=r"criterion\(outputs, targets\)"):
+        cw.CurvatureMonitor(_model(), _batch(), criterion=lambda outputs: outputs.sum(), strict=True)
+
+
+# -- meta tensors -----------------------------------------------------------------------
+def test_a_meta_batch_says_meta_tensors_cannot_be_measured():
+    x, y = _batch()
+    with pytest.raises(cw.CurvatureError, match="meta tensors cannot be measured"):
+        _monitor(_model(), (x.to("meta"), y.to("meta")), strict=True)
+
+
+def test_a_meta_model_says_meta_tensors_cannot_be_measured():
+    model = _model().to("meta")
+    monitor = _monitor(model, _batch(), strict=True)  # construction is fine: it may be materialized later
+    with pytest.raises(cw.CurvatureError, match="meta tensors cannot be measured"):
+        monitor.measure(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _monitor(model, _batch()).measure(1) is None
+    assert any("meta tensors cannot be measured" in str(w.message) for w in caught)
+    model.to_empty(device="cpu")  # materialized: measurable
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    assert _monitor(model, _batch(), strict=True).measure(1).lambda_max > 0
