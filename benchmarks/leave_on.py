@@ -1,0 +1,239 @@
+"""Leave it on: a monitor's cost at real size, measured side by side in one run.
+
+For each GPT-2-shaped model (built from a config, random bigram tokens, AdamW,
+optionally bf16 autocast), this script records:
+
+* the training step: median time and peak CUDA memory;
+* an fp32 reference: preconditioned sharpness (AdamW) and lambda_max by exact
+  double backward in full float32 with a tight tolerance;
+* each monitor configuration's first (cold) and second (warm) measurement: time
+  as training steps, peak as a multiple of the step's, host RSS growth, method,
+  precision, products, and the errors against the reference;
+* training overhead: the same number of steps timed without and then with the
+  monitor attached at ``every=100`` (defaults), the monitor's own
+  ``curvature/overhead`` and the measurements it made or deferred.
+
+Usage (one H200)::
+
+    python benchmarks/leave_on.py --sizes 124M,355M --out $OUT
+    python benchmarks/leave_on.py --sizes 1.5B --out $OUT
+    python benchmarks/leave_on.py --sizes tiny --device cpu   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import time
+import warnings
+
+import torch
+
+SIZES = {  # name: (n_layer, n_embd, n_head, autocast bf16)
+    "tiny": (2, 64, 2, False),
+    "124M": (12, 768, 12, False),
+    "355M": (24, 1024, 16, True),
+    "1.5B": (48, 1600, 25, True),
+}
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 2**20
+    return math.nan
+
+
+def build(name: str, device: torch.device, batch: int, seq: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    n_layer, n_embd, n_head, bf16 = SIZES[name]
+    vocab = 50257 if name != "tiny" else 512
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=seq,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).to(device)
+    g = torch.Generator().manual_seed(1)
+    succ = torch.randint(0, vocab, (vocab, 4), generator=g)
+
+    def tokens(b: int) -> torch.Tensor:
+        t = torch.empty(b, seq, dtype=torch.long)
+        t[:, 0] = torch.randint(0, vocab, (b,), generator=g)
+        for i in range(1, seq):
+            t[:, i] = succ[t[:, i - 1], torch.randint(0, 4, (b,), generator=g)]
+        return t.to(device)
+
+    train = [tokens(batch) for _ in range(8)]
+    probe = {"input_ids": tokens(batch)}
+    probe["labels"] = probe["input_ids"]
+    return model, train, probe, bf16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="124M,355M")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--overhead-steps", type=int, default=600)
+    parser.add_argument("--ref-hvps", type=int, default=40)
+    parser.add_argument("--configs", default="defaults,forward_difference,fp32,no_memory_limit")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results = {"card": card, "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "runs": []}
+    for name in args.sizes.split(","):
+        row = run_size(name, device, args)
+        results["runs"].append(row)
+        path = os.path.join(args.out, f"leave_on_{name}.json")
+        with open(path, "w") as f:
+            json.dump({**results, "runs": [row]}, f, indent=1, default=str)
+        print(json.dumps(row, default=str), flush=True)
+
+
+def run_size(name: str, device: torch.device, args) -> dict:
+    import curvwatch as cw
+
+    cuda = device.type == "cuda"
+    model, train, probe, bf16 = build(name, device, args.batch, args.seq)
+    n = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    it = [0]
+
+    def step() -> None:
+        x = train[it[0] % len(train)]
+        it[0] += 1
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    step_s = statistics.median(times)
+    step_peak = torch.cuda.max_memory_allocated() if cuda else math.nan
+    row = {"size": name, "params": n, "bf16": bf16, "step_s": step_s, "step_peak_gib": step_peak / 2**30,
+           "resident_gib": torch.cuda.memory_allocated() / 2**30 if cuda else math.nan}
+    print(f"[{name}] {n/1e6:.0f}M params, step {step_s*1e3:.1f} ms, peak {row['step_peak_gib']:.2f} GiB", flush=True)
+
+    # fp32 exact reference (double backward, full float32, tight tolerance)
+    t = time.perf_counter()
+    try:
+        ref = cw.CurvatureMonitor(model, probe, optimizer=opt, top_k=1, trace=False, precision="fp32",
+                                  method="double_backward", strict=True, basis_device="cpu" if cuda else None,
+                                  budget=cw.Budget(max_hvps=2 * args.ref_hvps, trace_hvps=0, tol=1e-5, overhead=None,
+                                                   max_memory=1e15, max_basis=2 * args.ref_hvps + 2))
+        r = ref.measure(1)
+        row["reference"] = {"preconditioned": r.preconditioned_lambda_max, "lambda_max": r.lambda_max,
+                            "hvps": r.hvps, "converged": r.converged, "seconds": time.perf_counter() - t}
+    except Exception as error:  # noqa: BLE001 - report and go on
+        row["reference"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    del ref
+    if cuda:
+        torch.cuda.empty_cache()
+    print(f"[{name}] reference {row['reference']}", flush=True)
+    pre_ref = row["reference"].get("preconditioned", math.nan)
+    lam_ref = row["reference"].get("lambda_max", math.nan)
+
+    # one measurement's cost: the defaults except the time share (which would defer
+    # the second measurement here; the overhead run below keeps the share)
+    share_off = cw.Budget(overhead=None)
+    configs = {
+        "defaults": {"budget": share_off},
+        "forward_difference": {"method": "forward_difference", "budget": share_off},
+        "fp32": {"precision": "fp32", "budget": share_off},
+        "no_memory_limit": {"budget": cw.Budget(overhead=None, max_memory=1e15)},
+    }
+    row["configs"] = {}
+    for label in args.configs.split(","):
+        options = configs[label]
+        out = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mon = cw.CurvatureMonitor(model, probe, optimizer=opt, **options)
+            for which in ("cold", "warm"):
+                for _ in range(5):
+                    step()
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                rss0 = rss_gib()
+                t = time.perf_counter()
+                res = mon.measure(it[0])
+                sync()
+                seconds = time.perf_counter() - t
+                peak = torch.cuda.max_memory_allocated() if cuda else math.nan
+                out[which] = {
+                    "skipped": res is None, "steps": seconds / step_s,
+                    "peak_x_step": peak / step_peak if cuda else math.nan,
+                    "host_rss_growth_gib": rss_gib() - rss0,
+                }
+                if res is not None:
+                    out[which].update({
+                        "method": res.method, "precision": res.precision, "hvps": res.hvps, "converged": res.converged,
+                        "error_bound": res.error_bound,
+                        "preconditioned": res.preconditioned_lambda_max, "lambda_max": res.lambda_max,
+                        "pre_rel_error": abs(res.preconditioned_lambda_max - pre_ref) / abs(pre_ref),
+                        "lambda_rel_error": abs(res.lambda_max - lam_ref) / abs(lam_ref) if math.isfinite(res.lambda_max) else math.nan,
+                        "trace": res.trace,
+                    })
+        out["warnings"] = sorted({str(w.message)[:400] for w in caught})
+        row["configs"][label] = out
+        print(f"[{name}] {label}: {json.dumps(out, default=str)}", flush=True)
+        del mon
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # training overhead, side by side: N steps without, then N steps with the monitor (defaults, every=100)
+    if args.overhead_steps:
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.overhead_steps):
+            step()
+        sync()
+        plain = time.perf_counter() - t
+        mon = cw.CurvatureMonitor(model, probe, optimizer=opt, every=100)
+        handle = mon.attach(opt)
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.overhead_steps):
+            step()
+        sync()
+        watched = time.perf_counter() - t
+        handle.remove()
+        row["overhead"] = {
+            "steps": args.overhead_steps, "plain_s": plain, "watched_s": watched,
+            "overhead": watched / plain - 1, "monitor_overhead": mon.history[-1].overhead if mon.history else math.nan,
+            "measurements": [(r.step, r.hvps, round(r.seconds, 3), r.method, r.converged,
+                              r.preconditioned_lambda_max) for r in mon.history],
+        }
+        print(f"[{name}] overhead {row['overhead']}", flush=True)
+    row["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return row
+
+
+if __name__ == "__main__":
+    main()
