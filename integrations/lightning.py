@@ -9,30 +9,44 @@ the measurement itself is the monitor's.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 
-from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch._methods import is_sharded
-from curvwatch.batch_sharpness import process_share
-from curvwatch.loaders import TrainingBatches, loader_batch_size
-from curvwatch.monitor import CurvatureMonitor, check_adapter_arguments
+try:
+    import lightning.pytorch as pl
+except ImportError:  # only the older package name is installed
+    import pytorch_lightning as pl  # type: ignore[no-redef]
+
+from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning
 from curvwatch.probe import LossFn, first_batch
-from curvwatch.results import CurvatureResult
-from curvwatch.sinks import margin_scalars, write_layout
+from curvwatch.integrations._common import (
+    LoggingSink,
+    Target,
+    UpdateLearningRate,
+    WarnOnce,
+    batch_sharpness_options,
+    check_adapter_arguments,
+    data_parallel_reduce,
+    is_sharded,
+    process_share,
+    rank_zero_sinks,
+    tensorboard_writer,
+)
+
+Callback = pl.Callback
+rank_zero_warn = pl.utilities.rank_zero_warn
+MisconfigurationException = importlib.import_module(f"{pl.__name__}.utilities.exceptions").MisconfigurationException
+is_param_in_hook_signature = importlib.import_module(
+    f"{pl.__name__}.utilities.signature_utils"
+).is_param_in_hook_signature
 
 __all__ = ["CurvatureCallback"]
 
 # CurvatureMonitor arguments the callback fills in itself.
-_OWN_ARGUMENTS = {"self", "model", "batch", "loss_fn", "criterion", "every", "optimizer", "reduce"}
+_OWN_ARGUMENTS = {"model", "batch", "loss_fn", "criterion", "every", "optimizer"}
 
 
 class CurvatureCallback(Callback):
@@ -43,10 +57,16 @@ class CurvatureCallback(Callback):
     manual optimization all count real updates only) the callback measures the
     top Hessian eigenvalues, the trace and the edge-of-stability ratio of the
     loss on a fixed probe batch, and logs ``result.scalars()``
-    (``curvature/lambda_max``, ``curvature/threshold``, ...; see DESIGN.md)
-    with ``logger.log_metrics(..., step=trainer.global_step)`` on every logger
-    of the trainer, next to the module's own curves. A TensorBoard logger also
-    gets the custom-scalars chart (sharpness overlaid with its threshold).
+    (``curvature/lambda_max``, ``curvature/threshold``, ...) with
+    ``logger.log_metrics(..., step=trainer.global_step)`` on every logger of the
+    trainer (TensorBoard, CSV, wandb, MLflow, ...), next to the module's own
+    curves. A TensorBoard logger (of ``lightning.pytorch`` or
+    ``pytorch_lightning``) also gets the custom-scalars chart (sharpness
+    overlaid with its threshold) and, with ``spectrum_every``, the
+    ``curvature/spectrum`` histogram. The values also enter
+    ``trainer.callback_metrics`` on every process, so
+    ``EarlyStopping(monitor="curvature/sharpness_ratio")`` and
+    ``ModelCheckpoint(monitor=...)`` can use them.
 
     The probe batch is ``batch`` if given, else the first batch of the
     validation dataloader (taken at train start, before any validation run),
@@ -66,7 +86,9 @@ class CurvatureCallback(Callback):
     The loss is the module's own ``training_step`` on the probe batch (a
     tensor, or the ``"loss"`` entry of a dict), with its ``self.log`` calls
     muted, unless ``loss_fn`` or ``criterion`` is given. The threshold comes
-    from ``trainer.optimizers[0]`` at its current learning rate.
+    from ``trainer.optimizers[0]`` at the learning rate of the update just
+    measured (before a step-interval scheduler moved it; see
+    :mod:`curvwatch.integrations._common`).
 
     With ``batch_sharpness=True`` the callback also logs the batch sharpness
     (``curvature/batch_sharpness`` and ``_stderr``, mini-batch SGD's stability
@@ -92,7 +114,9 @@ class CurvatureCallback(Callback):
             probe batch.
         **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
             (``top_k``, ``trace``, ``budget``, ``method``, ``train_mode``,
-            ``param_group``, ``seed``, ``batch_size``, ``sinks``, ...).
+            ``param_group``, ``seed``, ``batch_size``, ``reduce``, ``sinks``,
+            ``strict``, ...). Extra ``sinks`` run on process zero only, like the
+            loggers.
 
     Raises:
         CurvatureError: ``every`` is not a positive integer, both ``loss_fn`` and
@@ -103,11 +127,14 @@ class CurvatureCallback(Callback):
             (pass ``batch_size=``).
         MisconfigurationException: at train start, the ``Trainer`` has no logger.
 
-    A measurement that fails is one warning (``CurvatureWarning``) and a
-    skipped point; training continues (``strict=True`` raises instead).
-    ``state_dict``/``load_state_dict`` carry the schedule and the warm-start
-    vectors through checkpoints. For the identical probe batch after a resume,
-    pass ``batch`` or use an unshuffled validation dataloader.
+    A measurement that fails, or a logger that fails to take its values, is
+    one warning (``CurvatureWarning``) and a skipped point; training continues
+    (``strict=True`` raises instead). ``state_dict``/``load_state_dict`` carry
+    the schedule and the warm-start vectors through checkpoints, under a
+    ``state_key`` built from the settings, so several callbacks with different
+    settings (``every``, ``curvature``, ``top_k``, ...) can share a Trainer.
+    For the identical probe batch after a resume, pass ``batch`` or use an
+    unshuffled validation dataloader.
 
     Example::
 
@@ -128,7 +155,7 @@ class CurvatureCallback(Callback):
         **monitor_options: Any,
     ) -> None:
         check_adapter_arguments(
-            every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, _OWN_ARGUMENTS - {"self"}
+            every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, _OWN_ARGUMENTS
         )
         self.every = every
         self.batch = batch
@@ -140,7 +167,16 @@ class CurvatureCallback(Callback):
         self.monitor: CurvatureMonitor | None = None
         self._last_step: int | None = None
         self._loaded_state: dict[str, Any] | None = None
-        self._layout_written = False
+        self._update_lr: UpdateLearningRate | None = None
+        self._warn = WarnOnce()
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key: the class and its plain settings (unique per distinct callback)."""
+        plain = {k: v for k, v in sorted(self.monitor_options.items()) if isinstance(v, (bool, int, float, str))}
+        return self._generate_state_key(
+            every=self.every, batch_sharpness=self.batch_sharpness, probe=self.batch is not None, **plain
+        )
 
     # -- hooks -------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -159,18 +195,22 @@ class CurvatureCallback(Callback):
                 "the module's training_step steps the optimizer itself, so it cannot be the probe loss"
             )
         loss_fn = self.loss_fn if self.loss_fn is not None or self.criterion is not None else _training_step_loss
+        options = dict(self.monitor_options)
+        data_parallel_reduce(options, trainer.world_size, pl_module, _strategy_mean(trainer))
+        if self.batch_sharpness:
+            loader = trainer.train_dataloader
+            single = None if isinstance(loader, (list, tuple, dict)) else loader  # several: combined batches
+            options.update(batch_sharpness_options(
+                self.batch_sharpness_source, single, options, "CurvatureCallback", trainer.strategy.batch_to_device
+            ))
+        log = LoggingSink(lambda: _logger_targets(trainer), options.get("strict", False), self._warn)
+        sinks = rank_zero_sinks(options, trainer.is_global_zero, log)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._update_lr = UpdateLearningRate(optimizer) if optimizer is not None else None
         self.monitor = CurvatureMonitor(
-            pl_module,
-            self._probe_batch(trainer, pl_module),
-            loss_fn=loss_fn,
-            criterion=self.criterion,
-            every=self.every,
-            optimizer=trainer.optimizers[0] if trainer.optimizers else None,
-            reduce=_strategy_mean(trainer) if trainer.world_size > 1 and not is_sharded(pl_module) else None,
-            **self.monitor_options,
-            **self._batch_sharpness_options(trainer),
+            pl_module, self._probe_batch(trainer, pl_module), loss_fn=loss_fn, criterion=self.criterion,
+            every=self.every, optimizer=optimizer, sinks=sinks, **options,
         )
-        self._layout_written = False
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state["monitor"])
             self._last_step = self._loaded_state["last_step"]
@@ -186,9 +226,16 @@ class CurvatureCallback(Callback):
         self._last_step = step
         if not self.monitor.due(step):
             return
-        result = self.monitor.measure(step)
-        if result is not None:
-            self._log(trainer, result)
+        with self._update_lr.applied() if self._update_lr is not None else contextlib.nullcontext():
+            result = self.monitor.measure(step)
+        if result is not None:  # every process: EarlyStopping and ModelCheckpoint read them
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in result.scalars().items()})
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Detach the optimizer hook."""
+        if self._update_lr is not None:
+            self._update_lr.remove()
+            self._update_lr = None
 
     # -- checkpointing -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -203,41 +250,6 @@ class CurvatureCallback(Callback):
             self._loaded_state = dict(state_dict)
 
     # -- helpers ---------------------------------------------------------------------
-    def _log(self, trainer: pl.Trainer, result: CurvatureResult) -> None:
-        metrics = {**result.scalars(), **margin_scalars(result)}
-        if not self._layout_written and trainer.is_global_zero:
-            adaptive = result.preconditioned_lambda_max == result.preconditioned_lambda_max
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger) and hasattr(logger.experiment, "add_custom_scalars"):
-                    write_layout(logger.experiment, adaptive)
-        self._layout_written = True
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
-    def _batch_sharpness_options(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """``batch_size`` from the training dataloader and, by default, its mini-batches."""
-        if not self.batch_sharpness:
-            return {}
-        loader = trainer.train_dataloader
-        if isinstance(loader, (list, tuple, dict)):  # several loaders: training_step gets combined batches
-            loader = None
-        options: dict[str, Any] = {}
-        if "batch_size" not in self.monitor_options:
-            options["batch_size"] = loader_batch_size(loader)
-            if options["batch_size"] is None:
-                raise CurvatureError(
-                    "CurvatureCallback(batch_sharpness=True) cannot tell the training batch size (no single "
-                    "training dataloader with a batch_size): pass batch_size=<training batch size per device>"
-                )
-        if self.batch_sharpness_source == "train" and "minibatches" not in self.monitor_options:
-            if loader is None:
-                raise CurvatureError(
-                    "CurvatureCallback(batch_sharpness=True) draws mini-batches from one training dataloader, "
-                    "the Trainer has several: pass batch_sharpness_source='probe' (or minibatches=...)"
-                )
-            options["minibatches"] = TrainingBatches(loader, transform=trainer.strategy.batch_to_device)
-        return options
-
     def _probe_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         """The given batch (this rank's slice), else the first validation or training batch."""
         if self.batch is not None:
@@ -251,6 +263,15 @@ class CurvatureCallback(Callback):
                 )
             batch = first_batch(loader)
         return trainer.strategy.batch_to_device(batch)
+
+
+def _logger_targets(trainer: pl.Trainer) -> list[Target]:
+    """Every logger of the trainer; a TensorBoard one with its writer (duck-typed, any package)."""
+    return [
+        Target(type(logger).__name__, lambda m, s, logger=logger: logger.log_metrics(m, step=s),
+               tensorboard_writer(getattr(logger, "experiment", None)))
+        for logger in trainer.loggers
+    ]
 
 
 def _training_step_loss(pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:

@@ -80,8 +80,10 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train, val = make_data()
+    sink_steps: list[int] = []  # a user's sink: process zero only
     callback = CurvatureCallback(
-        every=args.every, batch=whole_probe_batch(args.probe) if args.probe == "batch" else None, strict=True
+        every=args.every, batch=whole_probe_batch(args.probe) if args.probe == "batch" else None, strict=True,
+        sinks=[lambda result: sink_steps.append(result.step)],
     )
     module = Classifier()
     trainer = pl.Trainer(
@@ -96,6 +98,7 @@ def main() -> None:
             "state_dict": module.state_dict(),
             "history": [r.to_dict() for r in callback.monitor.history],
             "world_size": trainer.world_size,
+            "sink_steps": sink_steps,
         },
         os.path.join(args.out, f"rank{trainer.global_rank}.pt"),
     )
