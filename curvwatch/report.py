@@ -34,8 +34,8 @@ def find_runs(path: str) -> dict[str, str]:
     """``{name: source}`` of the runs under ``path``, sorted by name.
 
     A source is a directory holding ``events.out.tfevents.*`` files or a
-    ``.jsonl`` file. A ``.jsonl`` file in a directory that holds event files, or
-    that is above one, is taken as the same run logged twice and left out (as
+    ``.jsonl`` file. A ``.jsonl`` file in a directory that holds event files is
+    taken as the same run logged twice and left out (as
     :class:`~curvwatch.TensorBoardSink` and :class:`~curvwatch.JsonlSink` side
     by side write it). Names are paths relative to ``path``; a run at ``path``
     itself is named after its last path component.
@@ -52,11 +52,9 @@ def find_runs(path: str) -> dict[str, str]:
         raise FileNotFoundError(f"{path!r} is neither a .jsonl file nor a directory")
     events = glob.glob(os.path.join(glob.escape(path), "**", "events.out.tfevents.*"), recursive=True)
     event_dirs = sorted({os.path.dirname(e) for e in events})
-    event_abs = [os.path.abspath(d) for d in event_dirs]
     sources = list(event_dirs)
     for jsonl in sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.jsonl"), recursive=True)):
-        folder = os.path.abspath(os.path.dirname(jsonl))
-        if not any(d == folder or d.startswith(folder + os.sep) for d in event_abs):
+        if os.path.dirname(jsonl) not in event_dirs:
             sources.append(jsonl)
     if not sources:
         raise FileNotFoundError(f"no TensorBoard event files or .jsonl files under {path!r}")
