@@ -39,6 +39,18 @@ def test_measuring_under_inference_mode_works_like_under_no_grad():
     assert result.lambda_max == expected.lambda_max and result.loss == expected.loss
 
 
+def test_inference_mode_leaves_batchnorm_buffers_and_training_intact():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        assert _monitor(model, _batch(), strict=True).measure(1).lambda_max > 0
+    assert all(torch.equal(buffers[k], v) and not v.is_inference() for k, v in model.state_dict().items())
+    x, y = _batch()
+    torch.nn.functional.cross_entropy(model(x), y).backward()  # training goes on
+    assert int(model[1].num_batches_tracked) == 1
+
+
 def test_a_probe_batch_made_under_inference_mode_is_usable():
     model = _model()
     with torch.inference_mode():
