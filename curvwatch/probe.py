@@ -98,6 +98,9 @@ def loss_closure_factory(
 ) -> LossFn:
     """Validate the loss specification and return ``loss_fn(model, batch)``.
 
+    A batch made under ``torch.inference_mode()`` (inference tensors, which
+    autograd refuses) is passed to the loss as an ordinary copy.
+
     Raises:
         CurvatureError: both ``loss_fn`` and ``criterion`` given, one that cannot
             be called with two arguments, a batch shape that does not fit the
@@ -106,6 +109,21 @@ def loss_closure_factory(
     if batch is None:
         raise CurvatureError("no probe batch: pass batch=<a held-out batch of inputs (and targets)>")
     check_batch(batch)
+    fn = _loss_fn(batch, loss_fn, criterion)
+    if any(t.is_inference() for t in tensors_of(batch)):
+        return lambda model, b: fn(model, _ordinary(b))
+    return fn
+
+
+def _ordinary(batch: Any) -> Any:
+    """``batch`` with every inference tensor replaced by an ordinary copy."""
+    if not any(t.is_inference() for t in tensors_of(batch)):
+        return batch
+    with torch.inference_mode(False):
+        return map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)
+
+
+def _loss_fn(batch: Any, loss_fn: LossFn | None, criterion: Callable | None) -> LossFn:
     if loss_fn is not None and criterion is not None:
         raise CurvatureError("pass loss_fn or criterion, not both")
     if loss_fn is not None:
