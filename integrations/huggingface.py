@@ -12,9 +12,11 @@
 * the optimizer: ``kwargs["optimizer"]``, read at every measurement, so the
   threshold follows the learning-rate schedule and AdamW's second moments give
   the preconditioned sharpness;
-* the logger: the ``SummaryWriter`` of the Trainer's ``TensorBoardCallback``
+* the loggers: the ``SummaryWriter`` of the Trainer's ``TensorBoardCallback``
   (``report_to="tensorboard"``), so ``curvature/*`` lands in the same event
-  files as ``train/loss``;
+  files as ``train/loss``, and every other ``report_to`` integration (wandb,
+  MLflow, ...), whose ``on_log`` receives the values at the measured step;
+  ``trainer.state.log_history`` gets them too;
 * the rank: only world process zero writes; under multi-process data
   parallelism every rank measures on its share of the probe batch and the
   Hessian-vector products are averaged over ranks. Under FSDP
@@ -34,23 +36,34 @@ switched to ``"eager"`` for the measurement and back afterwards.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
-import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch.loaders import TrainingBatches
-from curvwatch._methods import is_sharded
-from curvwatch.monitor import CurvatureMonitor, check_adapter_arguments
+from curvwatch import CurvatureError, CurvatureMonitor
+from curvwatch.integrations._common import (
+    LoggingSink,
+    Target,
+    UpdateLearningRate,
+    WarnOnce,
+    batch_sharpness_options,
+    check_adapter_arguments,
+    data_parallel_reduce,
+    logged_scalars,
+    rank_zero_sinks,
+    unwrap_loader,
+    writer_target,
+)
 from curvwatch.operators.distributed import all_reduce_mean
 from curvwatch.probe import first_batch
-from curvwatch.results import CurvatureResult
-from curvwatch.sinks import TensorBoardSink
 
 __all__ = ["CurvatureTrainerCallback"]
 
@@ -60,9 +73,11 @@ _OWN_ARGUMENTS = ("model", "batch", "loss_fn", "criterion", "every", "optimizer"
 _DOUBLE_BACKWARD_ATTENTION = (None, "eager", "sdpa", "paged|eager")
 # How far up the stack the hooks look for the Trainer that called them.
 _MAX_FRAMES = 50
+# The Trainer's own flow and console callbacks: not trackers, they get no curvature logs.
+_NOT_TRACKERS = (TensorBoardCallback, DefaultFlowCallback, ProgressCallback, PrinterCallback)
 
 
-class CurvatureTrainerCallback(TrainerCallback):
+class CurvatureTrainerCallback(TrainerCallback, ExportableState):
     r"""Log sharpness, trace and the edge-of-stability ratio from a ``Trainer``.
 
     Every ``every`` optimizer steps (at ``on_step_end`` when
@@ -73,15 +88,19 @@ class CurvatureTrainerCallback(TrainerCallback):
     ``curvature/preconditioned_lambda_max`` (Adam-type optimizers), ... into the
     Trainer's TensorBoard run at ``step = state.global_step``, beside
     ``train/loss``, together with a custom-scalars chart overlaying the
-    sharpness with its threshold.
+    sharpness with its threshold. Every other ``report_to`` integration gets the
+    same values through its ``on_log`` at that step (so wandb shows
+    ``train/curvature/...`` next to ``train/loss``, MLflow ``curvature/...``),
+    and ``trainer.state.log_history`` gets one entry per measurement. The
+    Trainer's own logging is untouched (``trainer.log`` is not called: it would
+    reset ``control.should_log`` and drop the loss entry of that step).
 
-    The threshold uses the learning rate in the optimizer's parameter group at
-    the measurement, i.e. after the scheduler's step: the rate that the next
-    update applies to the measured weights. For AdamW it is
+    The threshold uses the learning rate of the update just measured, the one
+    in the optimizer when its ``step()`` ran, before the scheduler's step (see
+    :mod:`curvwatch.integrations._common`). For AdamW it is
     :math:`(2 + 2\beta_1) / ((1 - \beta_1)\,\eta)` = 38/lr at
     :math:`\beta_1 = 0.9`, compared with the preconditioned sharpness
-    (Cohen et al. 2022). At lr = 0 (the last step of a linear decay) the
-    threshold is infinite and not logged.
+    (Cohen et al. 2022).
 
     With ``batch_sharpness=True`` the callback also logs the batch sharpness
     (``curvature/batch_sharpness`` and ``_stderr``, mini-batch SGD's stability
@@ -124,9 +143,21 @@ class CurvatureTrainerCallback(TrainerCallback):
             callback sets itself, or ``batch_sharpness_source`` is neither
             ``"train"`` nor ``"probe"``.
 
-    A Trainer without ``report_to="tensorboard"`` gets one warning at the start
-    of training; the curves then only reach ``monitor.history`` and the extra
-    ``sinks``.
+    A Trainer that reports to no tracker (``report_to="none"``) gets one warning
+    at the start of training; the curves then only reach ``monitor.history``,
+    ``trainer.state.log_history`` and the extra ``sinks``. A tracker that fails
+    to take the values is one warning and training continues (``strict=True``
+    raises).
+
+    Checkpoints: the callback is an ``ExportableState``. Its schedule and the
+    other small state go into the checkpoint's ``trainer_state.json``
+    (``stateful_callbacks``), the warm-start vectors into
+    ``curvwatch-rank<i>.pt`` beside it (each process its own: shards under
+    FSDP); ``trainer.train(resume_from_checkpoint=...)`` restores both, with
+    ``restore_callback_states_from_checkpoint`` left at its default (``False``).
+    With it set to ``True`` the Trainer replaces the callback by a new one
+    built from the JSON-serialisable arguments only (``every``, ``top_k``, ...;
+    not ``batch``, ``loss_fn``, ``criterion``, ``budget`` or ``sinks``).
 
     Example::
 
@@ -166,63 +197,166 @@ class CurvatureTrainerCallback(TrainerCallback):
         self.batch_sharpness = batch_sharpness
         self.batch_sharpness_source = batch_sharpness_source
         self.monitor: CurvatureMonitor | None = None
-        self._tensorboard: TensorBoardCallback | None = None
-        self._sink: TensorBoardSink | None = None
-        self._warned: set[str] = set()
+        self._resume: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
+        self._trainer: Trainer | None = None
+        self._update_lr: UpdateLearningRate | None = None
+        self._hook: tuple[Any, ...] = ()  # (args, state, control, kwargs) of the hook that is measuring
+        self._warn = WarnOnce()
 
     # -- hooks ------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
-        """Find the Trainer's TensorBoard writer and the probe batch; build the monitor."""
-        trainer = _calling_trainer(self)
-        self._tensorboard = _tensorboard_callback(trainer)
-        if self._tensorboard is None and state.is_world_process_zero:
-            self._warn_once(
-                "no-tensorboard",
-                "curvwatch: the Trainer has no TensorBoardCallback (report_to does not include "
-                "'tensorboard'): curvature is kept in callback.monitor.history and the extra sinks only",
+        """Find the Trainer and its trackers, take the probe batch, build (or restore) the monitor."""
+        self._trainer = _calling_trainer(self)
+        if not self._trackers(self._trainer) and state.is_world_process_zero:
+            self._warn(
+                "no-tracker",
+                "curvwatch: the Trainer reports to no tracker (report_to='none'): curvature is kept in "
+                "trainer.state.log_history, callback.monitor.history and the extra sinks only",
             )
+        if self._update_lr is not None:
+            self._update_lr.remove()
+        self._update_lr = UpdateLearningRate(optimizer) if optimizer is not None else None
         if self.monitor is not None and self.monitor.model is model:
             return  # a later trainer.train() on the same model: keep schedule and warm start
         batch = self.batch
         if batch is None:
-            batch = _probe_batch(trainer, kwargs.get("eval_dataloader"), kwargs.get("train_dataloader"))
+            batch = _probe_batch(self._trainer, kwargs.get("eval_dataloader"), kwargs.get("train_dataloader"))
         options = dict(self.monitor_options)
-        if "reduce" not in options and args.world_size > 1 and not is_sharded(model):
-            options["reduce"] = all_reduce_mean
+        data_parallel_reduce(options, args.world_size, model, all_reduce_mean)
         if self.batch_sharpness:
-            options.setdefault("batch_size", args.per_device_train_batch_size)
-            if self.batch_sharpness_source == "train" and "minibatches" not in options:
-                options["minibatches"] = _training_batches(kwargs.get("train_dataloader"))
-        extra_sinks = tuple(options.pop("sinks", ()))
-        sinks = (*extra_sinks, self._write) if state.is_world_process_zero else ()
+            options.update(batch_sharpness_options(
+                self.batch_sharpness_source, kwargs.get("train_dataloader"), options, "CurvatureTrainerCallback"
+            ))
+        log = LoggingSink(self._targets, options.get("strict", False), self._warn)
         self.monitor = CurvatureMonitor(
             model, batch, loss_fn=self.loss_fn, criterion=self.criterion, every=self.every,
-            optimizer=optimizer, sinks=sinks, **options,
+            optimizer=optimizer, sinks=rank_zero_sinks(options, state.is_world_process_zero, log), **options,
         )
+        if state.global_step > 0:  # resuming from a checkpoint
+            self._restore(args, state)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
-        """Measure when ``state.global_step`` is a positive multiple of ``every``."""
+        """Measure when ``state.global_step`` is a positive multiple of ``every``; log it."""
         if self.monitor is None or not self.monitor.due(state.global_step):
             return
         if optimizer is not None:
             self.monitor.optimizer = optimizer
-        with _double_backward_attention(self.monitor.model, self.monitor.method):
-            self.monitor.measure(state.global_step)
+        self._hook = (args, state, control, {"model": model, "optimizer": optimizer, **kwargs})
+        lr = self._update_lr.applied() if self._update_lr is not None else contextlib.nullcontext()
+        try:
+            with lr, _double_backward_attention(self.monitor.model, self.monitor.method):
+                result = self.monitor.measure(state.global_step)
+        finally:
+            self._hook = ()
+        if result is not None:  # every process, like the Trainer's own entries
+            state.log_history.append({**logged_scalars(result), "epoch": state.epoch, "step": state.global_step})
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        """Write this process's warm-start vectors beside the checkpoint the Trainer just saved."""
+        if self.monitor is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        os.makedirs(folder, exist_ok=True)
+        _, tensors = _split(self.monitor.state_dict())
+        torch.save(tensors, os.path.join(folder, _tensor_file(args)))
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        """Detach the optimizer hook."""
+        if self._update_lr is not None:
+            self._update_lr.remove()
+            self._update_lr = None
+
+    # -- ExportableState ------------------------------------------------------------
+    def state(self) -> dict:
+        """The JSON part of the checkpoint: plain arguments and the small monitor state."""
+        config = {"every": self.every, "batch_sharpness": self.batch_sharpness,
+                  "batch_sharpness_source": self.batch_sharpness_source}
+        config.update({k: v for k, v in self.monitor_options.items() if _json(v)})
+        small = _split(self.monitor.state_dict())[0] if self.monitor is not None else self._resume
+        return {"args": config, "attributes": {"_resume": small}}
 
     # -- helpers ----------------------------------------------------------------
-    def _write(self, result: CurvatureResult) -> None:
-        """Sink: the Trainer's current TensorBoard writer (the layout once per writer)."""
-        writer = None if self._tensorboard is None else self._tensorboard.tb_writer
-        if writer is None:
+    def _restore(self, args, state) -> None:
+        """Load the monitor state of the checkpoint being resumed (JSON part and tensor file)."""
+        small = self._resume
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if small is None and saved is not None:
+            mine = [cb for cb in self._trainer.callback_handler.callbacks if type(cb) is type(self)]
+            entries = saved if isinstance(saved, list) else [saved]
+            index = next((i for i, cb in enumerate(mine) if cb is self), 0)
+            small = entries[index].get("attributes", {}).get("_resume") if index < len(entries) else None
+        self._resume = None
+        if not small:
             return
-        if self._sink is None or self._sink.writer is not writer:
-            self._sink = TensorBoardSink(writer)
-        self._sink(result)
+        folder = _resumed_checkpoint() or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, _tensor_file(args))
+        tensors = torch.load(path, weights_only=True) if os.path.isfile(path) else None
+        if tensors is None:
+            self._warn(
+                "no-tensors",
+                f"curvwatch: {path} not found: the schedule is restored, the warm start is not "
+                "(the next measurement starts cold)",
+            )
+            tensors = {key: None for key in self.monitor.state_dict() if key not in small}
+        self.monitor.load_state_dict({**small, **tensors})
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, CurvatureWarning, stacklevel=3)
+    def _trackers(self, trainer: Trainer | None) -> list[TrainerCallback]:
+        """The Trainer's reporting integrations (TensorBoard included)."""
+        if trainer is None:
+            return []
+        return [
+            cb for cb in trainer.callback_handler.callbacks
+            if isinstance(cb, TensorBoardCallback) or not isinstance(cb, (*_NOT_TRACKERS, type(self)))
+        ]
+
+    def _targets(self) -> list[Target]:
+        """TensorBoard written directly (``curvature/*`` tags, the chart), the others through ``on_log``."""
+        if not self._hook:
+            return []
+        args, state, control, kwargs = self._hook
+        targets = []
+        for tracker in self._trackers(self._trainer):
+            if isinstance(tracker, TensorBoardCallback):
+                if tracker.tb_writer is not None:
+                    targets.append(writer_target("TensorBoardCallback", tracker.tb_writer))
+                continue
+
+            def on_log(metrics: dict[str, float], step: int, tracker: TrainerCallback = tracker) -> None:
+                tracker.on_log(args, state, control, logs=dict(metrics), **kwargs)
+
+            targets.append(Target(type(tracker).__name__, on_log))
+        return targets
+
+
+def _json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _split(monitor_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(JSON-serialisable entries, the rest: tensors) of a monitor ``state_dict``."""
+    small = {k: v for k, v in monitor_state.items() if _json(v)}
+    return small, {k: v for k, v in monitor_state.items() if k not in small}
+
+
+def _tensor_file(args: Any) -> str:
+    return f"curvwatch-rank{args.process_index}.pt"
+
+
+def _resumed_checkpoint() -> str | None:
+    """``resume_from_checkpoint`` of the training loop that is calling ``callback``'s hook."""
+    frame = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        if isinstance(frame.f_locals.get("self"), Trainer) and frame.f_locals.get("resume_from_checkpoint"):
+            checkpoint = frame.f_locals["resume_from_checkpoint"]
+            return checkpoint if isinstance(checkpoint, str) else None
+        frame = frame.f_back
+    return None
 
 
 def _calling_trainer(callback: TrainerCallback) -> Trainer | None:
@@ -268,20 +402,10 @@ def _first_batch(loader: Any) -> Any:
 
     Accelerate's prepared loaders register themselves with the gradient state
     while iterated (gradient accumulation syncs at the end of the active loader),
-    so the plain ``base_dataloader`` underneath (same sampler shard and collator)
-    is read, through :func:`curvwatch.probe.first_batch` (random states restored).
+    so the plain loader underneath (same sampler shard and collator) is read,
+    through :func:`curvwatch.probe.first_batch` (random states restored).
     """
-    return first_batch(getattr(loader, "base_dataloader", loader))
-
-
-def _training_batches(loader: Any) -> TrainingBatches:
-    """The training mini-batches, read like :func:`_first_batch` reads (the plain loader underneath)."""
-    if loader is None:
-        raise CurvatureError(
-            "CurvatureTrainerCallback(batch_sharpness=True) got no train_dataloader from the Trainer: "
-            "pass batch_sharpness_source='probe' to subsample the probe batch instead"
-        )
-    return TrainingBatches(getattr(loader, "base_dataloader", loader))
+    return first_batch(unwrap_loader(loader))
 
 
 @contextlib.contextmanager

@@ -2,14 +2,14 @@
 
 A tiny GPT-2 built from a config (default attention: SDPA), random token
 datasets, 20 optimizer steps with ``every=5``; the TensorBoard event files the
-Trainer writes are read back.
+Trainer writes (and the other trackers' files) are read back through
+``tests/_helpers.py``.
 """
 
 from __future__ import annotations
 
-import glob
+import json
 import math
-import os
 import random
 import warnings
 
@@ -20,13 +20,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tensorboard")
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.custom_scalar import layout_pb2  # noqa: E402
 from transformers import (  # noqa: E402
     AttentionInterface,
     GPT2Config,
     GPT2LMHeadModel,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     default_data_collator,
 )
@@ -34,6 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 
 from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning  # noqa: E402
 from curvwatch.integrations.huggingface import CurvatureTrainerCallback  # noqa: E402
+from tests._helpers import curves, event_files, read_mlflow, read_wandb, sharpness_chart, wandb_curves  # noqa: E402
 
 STEPS, EVERY, LR = 20, 5, 1e-3
 MEASURED = [5, 10, 15, 20]
@@ -62,7 +62,7 @@ def tiny_gpt2(**config) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def train(tmp_path, callbacks, eval_dataset=True, model=None, **overrides):
+def train(tmp_path, callbacks, eval_dataset=True, model=None, resume=None, **overrides):
     args = dict(
         output_dir=str(tmp_path), max_steps=STEPS, per_device_train_batch_size=8,
         per_device_eval_batch_size=8, learning_rate=LR, lr_scheduler_type="linear",
@@ -77,21 +77,15 @@ def train(tmp_path, callbacks, eval_dataset=True, model=None, **overrides):
         eval_dataset=TokenDataset(16, seed=2) if eval_dataset else None,
         callbacks=callbacks,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
-def read_run(output_dir) -> tuple[str, EventAccumulator]:
-    """The one TensorBoard run the Trainer wrote, and its single event file's directory."""
-    files = glob.glob(os.path.join(str(output_dir), "**", "events.out.tfevents.*"), recursive=True)
+def trainer_run(output_dir) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of the one TensorBoard event file the Trainer wrote."""
+    files = event_files(output_dir)
     assert len(files) == 1, f"expected the Trainer's one event file, found {files}"
-    run = EventAccumulator(os.path.dirname(files[0]), size_guidance={"scalars": 0, "tensors": 0})
-    run.Reload()
-    return os.path.dirname(files[0]), run
-
-
-def scalars(run: EventAccumulator, tag: str) -> dict[int, float]:
-    return {event.step: event.value for event in run.Scalars(tag)}
+    return curves(output_dir)
 
 
 def test_curves_land_in_the_trainers_run_with_adamw_and_a_linear_schedule(tmp_path):
@@ -99,38 +93,31 @@ def test_curves_land_in_the_trainers_run_with_adamw_and_a_linear_schedule(tmp_pa
     trainer = train(tmp_path, [callback])
     model = trainer.model
     assert model.config._attn_implementation == "sdpa"  # the default, fused on CPU
-    _, run = read_run(tmp_path)
-    tags = run.Tags()["scalars"]
+    run = trainer_run(tmp_path)
 
     # beside the Trainer's own loss, in the same event file, at the optimizer steps
-    assert sorted(scalars(run, "train/loss")) == MEASURED
+    assert sorted(run["train/loss"]) == MEASURED
     for tag in ("lambda_max", "lambda_1", "lambda_2", "trace", "preconditioned_lambda_max",
                 "sharpness_ratio", "hvps"):
-        values = scalars(run, "curvature/" + tag)
+        values = run["curvature/" + tag]
         assert sorted(values) == MEASURED, tag
         assert all(math.isfinite(v) for v in values.values()), tag
-    lam = scalars(run, "curvature/lambda_max")
+    lam = run["curvature/lambda_max"]
     assert all(v > 0 for v in lam.values())
 
-    # AdamW: 38 / lr at the lr in effect after the scheduler's step (linear decay to 0)
-    threshold = scalars(run, "curvature/threshold")
-    assert sorted(threshold) == [5, 10, 15]  # lr = 0 at step 20: infinite, not logged
+    # AdamW: 38 / lr at the lr of the measured update (linear decay: update k ran at LR (1 - (k-1)/STEPS))
+    threshold = run["curvature/threshold"]
+    assert sorted(threshold) == MEASURED
     for step, value in threshold.items():
-        lr_t = LR * (1 - step / STEPS)
-        assert value == pytest.approx(38 / lr_t, rel=1e-5)
-    ratio = scalars(run, "curvature/sharpness_ratio")
-    pre = scalars(run, "curvature/preconditioned_lambda_max")
-    for step in (5, 10, 15):
+        assert value == pytest.approx(38 / (LR * (1 - (step - 1) / STEPS)), rel=1e-5)
+    ratio = run["curvature/sharpness_ratio"]
+    pre = run["curvature/preconditioned_lambda_max"]
+    for step in MEASURED:
         assert ratio[step] == pytest.approx(pre[step] / threshold[step], rel=1e-5)
-    assert ratio[20] == 0.0
-    assert "curvature/batch_sharpness" not in tags
+    assert "curvature/batch_sharpness" not in run
 
     # the custom-scalars chart, written once, overlays the preconditioned sharpness
-    layouts = run.Tensors("custom_scalars__config__")
-    assert len(layouts) == 1
-    layout = layout_pb2.Layout.FromString(layouts[0].tensor_proto.string_val[0])
-    chart = layout.category[0].chart[0]
-    assert list(chart.multiline.tag)[:2] == ["curvature/preconditioned_lambda_max", "curvature/threshold"]
+    assert sharpness_chart(tmp_path)[:2] == ["curvature/preconditioned_lambda_max", "curvature/threshold"]
 
     # the probe batch: the first evaluation batch through the Trainer's collator
     probe = default_data_collator([trainer.eval_dataset[i] for i in range(8)])
@@ -149,11 +136,11 @@ def test_gradient_accumulation_measures_at_optimizer_steps(tmp_path):
     callback = CurvatureTrainerCallback(every=EVERY, trace=False)
     trainer = train(tmp_path, [callback], gradient_accumulation_steps=2)
     assert trainer.state.global_step == STEPS
-    _, run = read_run(tmp_path)
-    assert sorted(scalars(run, "train/loss")) == MEASURED
-    assert sorted(scalars(run, "curvature/lambda_max")) == MEASURED
+    run = trainer_run(tmp_path)
+    assert sorted(run["train/loss"]) == MEASURED
+    assert sorted(run["curvature/lambda_max"]) == MEASURED
     assert [r.step for r in callback.monitor.history] == MEASURED
-    assert "curvature/trace" not in run.Tags()["scalars"]
+    assert "curvature/trace" not in run
 
 
 def test_measuring_leaves_training_bit_exact_and_probes_the_first_training_batch(tmp_path):
@@ -163,7 +150,7 @@ def test_measuring_leaves_training_bit_exact_and_probes_the_first_training_batch
         warnings.simplefilter("always")
         watched = train(tmp_path / "watched", [callback], eval_dataset=False, report_to="none", max_steps=10)
     assert any(
-        issubclass(w.category, CurvatureWarning) and "no TensorBoardCallback" in str(w.message)
+        issubclass(w.category, CurvatureWarning) and "reports to no tracker" in str(w.message)
         for w in caught
     )
     assert [r.step for r in callback.monitor.history] == [5, 10]
@@ -174,7 +161,10 @@ def test_measuring_leaves_training_bit_exact_and_probes_the_first_training_batch
     # fetching the probe batch and measuring changed neither data order, RNG nor weights
     for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters()):
         assert torch.equal(a, b), name
-    assert not glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True)
+    assert not event_files(tmp_path)
+    # the values are in the Trainer's log history all the same
+    logged = [e for e in watched.state.log_history if "curvature/lambda_max" in e]
+    assert [e["step"] for e in logged] == [5, 10]
 
 
 class RandomWindowCollator:
@@ -205,9 +195,9 @@ def test_batch_sharpness_on_training_minibatches_leaves_training_bit_exact(tmp_p
         assert torch.equal(a, b), name
 
     assert callback.monitor.batch_size == watched.args.per_device_train_batch_size == 8
-    _, run_events = read_run(tmp_path / "watched")
-    value = scalars(run_events, "curvature/batch_sharpness")
-    stderr = scalars(run_events, "curvature/batch_sharpness_stderr")
+    run_events = trainer_run(tmp_path / "watched")
+    value = run_events["curvature/batch_sharpness"]
+    stderr = run_events["curvature/batch_sharpness_stderr"]
     assert sorted(value) == sorted(stderr) == MEASURED
     assert all(math.isfinite(v) for v in value.values())
     assert all(math.isfinite(v) and v > 0 for v in stderr.values())  # different mini-batches, not one batch
@@ -260,8 +250,7 @@ def test_fused_attention_without_double_backward_is_switched_to_eager(tmp_path):
     trainer = train(tmp_path, [callback], model=model, max_steps=10)
     assert [r.method for r in callback.monitor.history] == ["double_backward"] * 2
     assert trainer.model.config._attn_implementation == "curvwatch_fused_test"  # switched back
-    _, run = read_run(tmp_path)
-    lam = scalars(run, "curvature/lambda_max")
+    lam = trainer_run(tmp_path)["curvature/lambda_max"]
     assert sorted(lam) == [5, 10]
     trainer.model.set_attn_implementation("eager")
     direct = CurvatureMonitor(trainer.model, probe, strict=True, trace=False).measure(10)
@@ -281,3 +270,82 @@ def test_fused_attention_without_double_backward_is_switched_to_eager(tmp_path):
 def test_bad_arguments_name_the_fix(kwargs, message):
     with pytest.raises(CurvatureError, match=message):
         CurvatureTrainerCallback(**kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:curvwatch. the Trainer reports to no tracker")
+def test_resume_from_checkpoint_keeps_schedule_and_warm_start(tmp_path):
+    full = CurvatureTrainerCallback(every=EVERY, trace=False)
+    train(tmp_path / "full", [full], report_to="none")
+    first = CurvatureTrainerCallback(every=EVERY, trace=False)
+    train(tmp_path / "first", [first], report_to="none", save_strategy="steps", save_steps=10)
+    checkpoint = tmp_path / "first" / "checkpoint-10"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["CurvatureTrainerCallback"]["attributes"]["_resume"]["measurements"] == 2
+    assert (checkpoint / "curvwatch-rank0.pt").is_file()
+
+    resumed = CurvatureTrainerCallback(every=EVERY, trace=False)
+    train(tmp_path / "resumed", [resumed], report_to="none", resume=str(checkpoint))
+    assert [r.step for r in resumed.monitor.history] == [15, 20]
+    assert resumed.monitor.measurements == 4  # 2 restored + 2 new
+    # the warm-start vector came through: step 15 reports its overlap with step 10's eigenvector
+    assert math.isfinite(resumed.monitor.history[0].top_overlap)
+    # and the resumed run measures what the uninterrupted one did, from the same warm start
+    for got, expected in zip(resumed.monitor.history, full.monitor.history[2:]):
+        assert got.lambda_max == pytest.approx(expected.lambda_max, rel=1e-5)
+        assert got.hvps == expected.hvps
+
+
+class _RejectingTracker(TrainerCallback):
+    """A reporting integration whose backend rejects curvature values."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if any(key.startswith("curvature/") for key in logs):
+            raise RuntimeError("backend rejected the point")
+        self.steps.append(state.global_step)
+
+
+@pytest.mark.slow
+def test_curves_reach_every_tracker_and_the_log_history_next_to_the_loss(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "curvwatch")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store: plain files to read back
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rejecting = _RejectingTracker()
+    callback = CurvatureTrainerCallback(every=EVERY, trace=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train(tmp_path / "out", [callback, rejecting], report_to=["tensorboard", "mlflow", "wandb"])
+    measured = {r.step: r.lambda_max for r in callback.monitor.history}
+    assert sorted(measured) == MEASURED
+
+    # the Trainer's own loss entries are all there, and one curvature entry per measurement
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "loss" in e] == MEASURED
+    entries = {e["step"]: e["curvature/lambda_max"] for e in history if "curvature/lambda_max" in e}
+    assert entries == measured
+
+    # TensorBoard, MLflow and wandb: the same values at the same steps as the loss
+    tensorboard = trainer_run(tmp_path / "out")
+    assert tensorboard["curvature/lambda_max"] == pytest.approx(measured, rel=1e-6)
+    assert sorted(tensorboard["train/loss"]) == MEASURED
+    mlflow = read_mlflow(tmp_path / "mlruns")
+    assert mlflow["curvature/lambda_max"] == pytest.approx(measured, rel=1e-12)
+    assert sorted(mlflow["loss"]) == MEASURED
+    import wandb as wandb_module
+
+    wandb_module.finish()  # the Trainer leaves the run open; its file is complete once finished
+    wandb = wandb_curves(read_wandb(tmp_path), x="train/global_step")
+    assert wandb["train/curvature/lambda_max"] == pytest.approx(measured, rel=1e-12)
+    assert sorted(wandb["train/loss"]) == MEASURED
+
+    # a tracker that rejects the values: one warning, the others unaffected
+    messages = [str(w.message) for w in caught if issubclass(w.category, CurvatureWarning)]
+    assert len(messages) == 1 and "_RejectingTracker failed" in messages[0], messages
+    assert rejecting.steps  # the Trainer's own logs still reach it
