@@ -213,12 +213,12 @@ class UpdateLearningRate:
             yield
             return
         current = [g["lr"] for g in groups]
-        for group, rate in zip(groups, self.rates):
+        for group, rate in zip(groups, self.rates, strict=True):
             group["lr"] = rate
         try:
             yield
         finally:
-            for group, rate in zip(groups, current):
+            for group, rate in zip(groups, current, strict=True):
                 group["lr"] = rate
 
     def remove(self) -> None:

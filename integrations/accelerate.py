@@ -23,8 +23,18 @@ states. Every process reaches the hook at the same update (gradients are
 synchronized before the step, so the scaler's overflow decision agrees), which
 makes the all-reduce of each Hessian-vector product safe there. Deferring the
 measurement to a later call instead would need a hook Accelerate does not offer,
-would read the lr after the scheduler moved it, and would lose the measurement
+would read the lr after the scheduler moved it (the rule is the lr of the
+update, :mod:`curvwatch.integrations._common`), and would lose the measurement
 due at the last update of a run.
+
+Trackers. Each tracker of the Accelerator gets the values at ``step=updates``,
+except wandb: wandb drops every point logged at a step below its current one,
+and a loop that logs with its own counter (0-based, or micro-batches under
+gradient accumulation) would lose either its own points or curvwatch's. So
+curvature points join the loop's current wandb row (no step of their own,
+never a dropped point) and carry ``curvature/step`` = updates, declared with
+``define_metric`` as the x axis of ``curvature/*``: wandb's own way to log on
+a second axis.
 
 Processes. Each process holds its share of the probe batch and every
 Hessian-vector product is averaged with ``accelerator.reduce(...,
@@ -64,16 +74,28 @@ from typing import Any, Literal
 
 import torch
 
-from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch._methods import is_sharded
-from curvwatch.batch_sharpness import process_share
-from curvwatch.loaders import TrainingBatches, loader_batch_size
-from curvwatch.monitor import CurvatureMonitor
+from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning
 from curvwatch.probe import LossFn, loss_closure_factory
-from curvwatch.results import CurvatureResult
-from curvwatch.sinks import margin_scalars, write_layout, write_spectrum
+
+from ._common import (
+    LoggingSink,
+    Target,
+    WarnOnce,
+    batch_sharpness_options,
+    check_adapter_arguments,
+    data_parallel_reduce,
+    is_sharded,
+    process_share,
+    rank_zero_sinks,
+    tensorboard_writer,
+)
 
 __all__ = ["watch"]
+
+# CurvatureMonitor arguments that watch() sets itself.
+_OWN_ARGUMENTS = ("model", "batch", "loss_fn", "criterion", "every")
+# The wandb metric that is the x axis of the curvature/* points.
+WANDB_STEP = "curvature/step"
 
 
 def watch(
@@ -148,6 +170,9 @@ def watch(
             (``top_k``, ``budget``, ``trace``, ``sinks``, ``strict``, ...).
             ``reduce`` defaults to ``accelerator.reduce(t, reduction="mean")``
             when there are several processes and the model is not sharded.
+            Extra ``sinks`` run on the main process only, like the trackers; a
+            tracker that fails to take the values is one warning and training
+            continues (``strict=True`` raises).
 
     Returns:
         The :class:`~curvwatch.CurvatureMonitor` (``.history`` holds every result
@@ -183,6 +208,11 @@ def watch(
                 f"accelerator must be an accelerate.Accelerator (no .{name} on a "
                 f"{type(accelerator).__name__})"
             )
+    check_adapter_arguments(
+        every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, _OWN_ARGUMENTS
+    )
+    if not batch_sharpness and train_dataloader is not None:
+        raise CurvatureError("train_dataloader=... is for batch sharpness: also pass batch_sharpness=True")
     inner = _inner_optimizer(optimizer)
     # FSDP: measure the sharded module itself (unwrapping FSDP1 leaves flat-parameter
     # views whose forward does not gather); the sharded operator reduces itself.
@@ -191,16 +221,16 @@ def watch(
     loss = _full_precision(loss_closure_factory(batch, loss_fn, criterion))
     if split_batch:
         batch = process_share(batch, accelerator.process_index, accelerator.num_processes)
-    monitor_options.update(
-        _batch_sharpness_options(batch_sharpness, batch_sharpness_source, train_dataloader, monitor_options)
+    options = dict(monitor_options)
+    if batch_sharpness:
+        options.update(batch_sharpness_options(batch_sharpness_source, train_dataloader, options, "watch"))
+    data_parallel_reduce(
+        options, accelerator.num_processes, model, lambda t: accelerator.reduce(t, reduction="mean")
     )
-    if accelerator.num_processes > 1 and not sharded:
-        monitor_options.setdefault("reduce", lambda t: accelerator.reduce(t, reduction="mean"))
-    sinks = (*monitor_options.pop("sinks", ()), AcceleratorLogSink(accelerator))
-    monitor_options.setdefault("optimizer", inner)
-    monitor = CurvatureMonitor(
-        unwrapped, batch, loss_fn=loss, every=every, sinks=sinks, **monitor_options
-    )
+    log = LoggingSink(_Trackers(accelerator), options.get("strict", False), WarnOnce())
+    sinks = rank_zero_sinks(options, accelerator.is_main_process, log)
+    options.setdefault("optimizer", inner)
+    monitor = CurvatureMonitor(unwrapped, batch, loss_fn=loss, every=every, sinks=sinks, **options)
     if accelerator.is_main_process and not getattr(accelerator, "log_with", None):
         warnings.warn(
             "curvwatch: the Accelerator has no trackers (log_with=...): curvature values "
@@ -214,78 +244,55 @@ def watch(
     return monitor
 
 
-class AcceleratorLogSink:
-    """Send each result through ``accelerator.log`` (main process only).
+class _Trackers:
+    """``targets()`` of the logging sink: every tracker of the Accelerator, at ``step=updates``.
 
-    Logs ``result.scalars()`` plus the trace band (``curvature/trace_lower`` /
-    ``_upper``) at ``result.step``; on a TensorBoard tracker also the
-    custom-scalars chart (once) and the SLQ spectrum histogram. A logging failure
-    is one warning; training continues.
+    A TensorBoard tracker's writer also gets the chart and the spectrum; wandb
+    goes through :class:`_WandbAxis`.
     """
 
-    def __init__(self, accelerator: Any, spectrum_bins: int = 60) -> None:
+    def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
-        self.spectrum_bins = spectrum_bins
-        self._layout_written = False
-        self._warned = False
+        self._wandb: dict[int, _WandbAxis] = {}
 
-    def __call__(self, result: CurvatureResult) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        try:
-            writer = self._tensorboard_writer()
-            if writer is not None and not self._layout_written:
-                adaptive = result.preconditioned_lambda_max == result.preconditioned_lambda_max
-                write_layout(writer, adaptive=adaptive)
-                self._layout_written = True
-            self.accelerator.log({**result.scalars(), **margin_scalars(result)}, step=result.step)
-            if writer is not None and result.spectrum is not None:
-                write_spectrum(writer, result, self.spectrum_bins)
-                writer.flush()
-        except Exception as error:  # noqa: BLE001 - logging never stops training
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"curvwatch: logging the measurement at step {result.step} through "
-                    f"accelerator.log failed ({type(error).__name__}: {error}); training continues",
-                    CurvatureWarning,
-                    stacklevel=2,
-                )
-
-    def _tensorboard_writer(self) -> Any:
-        """The raw ``SummaryWriter`` of the TensorBoard tracker, or ``None``."""
-        if not any(getattr(t, "name", None) == "tensorboard" for t in self.accelerator.trackers):
-            return None
-        return self.accelerator.get_tracker("tensorboard", unwrap=True)
+    def __call__(self) -> list[Target]:
+        targets = []
+        for tracker in self.accelerator.trackers:
+            name = getattr(tracker, "name", type(tracker).__name__)
+            if name == "wandb":
+                axis = self._wandb.setdefault(id(tracker), _WandbAxis(tracker))
+                targets.append(Target(name, axis.log))
+                continue
+            writer = tensorboard_writer(getattr(tracker, "tracker", None))
+            targets.append(Target(name, lambda m, s, tracker=tracker: tracker.log(m, step=s), writer))
+        return targets
 
 
-def _batch_sharpness_options(enabled: bool, source: str, loader: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """``batch_size`` from ``loader`` (unless given) and, for ``source="train"``, its mini-batches."""
-    if not isinstance(enabled, bool):
-        raise CurvatureError(f"batch_sharpness must be True or False, got {enabled!r}")
-    if source not in ("train", "probe"):
-        raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {source!r}")
-    if not enabled:
-        if loader is not None:
-            raise CurvatureError("train_dataloader=... is for batch sharpness: also pass batch_sharpness=True")
-        return {}
-    added: dict[str, Any] = {}
-    if "batch_size" not in options:
-        added["batch_size"] = loader_batch_size(loader) if loader is not None else None
-        if added["batch_size"] is None:
-            raise CurvatureError(
-                "watch(batch_sharpness=True) needs the training batch size: pass "
-                "train_dataloader=<the training DataLoader> (its batch_size is used) or batch_size=<per process>"
-            )
-    if source == "train" and "minibatches" not in options:
-        if loader is None:
-            raise CurvatureError(
-                "watch(batch_sharpness=True) draws mini-batches from the training data: pass "
-                "train_dataloader=<the training DataLoader>, or batch_sharpness_source='probe' to "
-                "subsample the probe batch"
-            )
-        added["minibatches"] = TrainingBatches(getattr(loader, "base_dataloader", loader))
-    return added
+class _WandbAxis:
+    """Curvature points on the loop's own wandb axis, never at a step wandb would drop.
+
+    Each point joins wandb's current row (``commit=False``, no ``step``), which
+    the loop's next ``log`` commits, with ``curvature/step`` = updates as the x
+    axis of ``curvature/*`` (``define_metric``). If the loop has not logged
+    since the previous point, that point's row is closed first, so no point
+    overwrites another.
+    """
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+        self._defined = False
+        self._open_row: int | None = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        run = self.tracker.tracker
+        if not self._defined:
+            run.define_metric(WANDB_STEP)
+            run.define_metric("curvature/*", step_metric=WANDB_STEP)
+            self._defined = True
+        if self._open_row is not None and run.step == self._open_row:
+            run.log({}, commit=True)
+        run.log({**metrics, WANDB_STEP: step}, commit=False)
+        self._open_row = run.step
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:

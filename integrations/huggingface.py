@@ -49,7 +49,10 @@ from transformers.trainer_callback import DefaultFlowCallback, ExportableState, 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from curvwatch import CurvatureError, CurvatureMonitor
-from curvwatch.integrations._common import (
+from curvwatch.operators.distributed import all_reduce_mean
+from curvwatch.probe import first_batch
+
+from ._common import (
     LoggingSink,
     Target,
     UpdateLearningRate,
@@ -62,8 +65,6 @@ from curvwatch.integrations._common import (
     unwrap_loader,
     writer_target,
 )
-from curvwatch.operators.distributed import all_reduce_mean
-from curvwatch.probe import first_batch
 
 __all__ = ["CurvatureTrainerCallback"]
 

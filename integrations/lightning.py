@@ -22,7 +22,8 @@ except ImportError:  # only the older package name is installed
 
 from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning
 from curvwatch.probe import LossFn, first_batch
-from curvwatch.integrations._common import (
+
+from ._common import (
     LoggingSink,
     Target,
     UpdateLearningRate,
@@ -30,7 +31,6 @@ from curvwatch.integrations._common import (
     batch_sharpness_options,
     check_adapter_arguments,
     data_parallel_reduce,
-    is_sharded,
     process_share,
     rank_zero_sinks,
     tensorboard_writer,
@@ -187,7 +187,9 @@ class CurvatureCallback(Callback):
             CurvatureError: manual optimization without ``loss_fn``/``criterion``.
         """
         if not trainer.loggers:
-            raise MisconfigurationException("Cannot use `CurvatureCallback` callback with `Trainer` that has no logger.")
+            raise MisconfigurationException(
+                "Cannot use `CurvatureCallback` callback with `Trainer` that has no logger."
+            )
         manual = not pl_module.automatic_optimization
         if manual and self.loss_fn is None and self.criterion is None:
             raise CurvatureError(

@@ -1,4 +1,4 @@
-"""Accelerate end to end: real Accelerator loops, TensorBoard event files read back."""
+"""Accelerate end to end: real Accelerator loops, the trackers' files read back (``tests/_helpers.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,11 @@ pytest.importorskip("tensorboard")
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from accelerate.tracking import GeneralTracker  # noqa: E402
 
 from curvwatch import CurvatureMonitor, CurvatureWarning  # noqa: E402
 from curvwatch.integrations.accelerate import watch  # noqa: E402
+from tests._helpers import curves, direct, event_files, read_wandb, sharpness_chart, wandb_curves  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "accelerate_watch.py"
 _spec = importlib.util.spec_from_file_location("accelerate_watch", SCRIPT)
@@ -43,9 +45,9 @@ def _fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def _setup(tmp_path, micro_batches=20, batch_size=8, **accelerator_kwargs):
-    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path), **accelerator_kwargs)
-    accelerator.init_trackers("run")
+def _setup(tmp_path, micro_batches=20, batch_size=8, log_with="tensorboard", init_kwargs=None, **accelerator_kwargs):
+    accelerator = Accelerator(cpu=True, log_with=log_with, project_dir=str(tmp_path), **accelerator_kwargs)
+    accelerator.init_trackers("run", init_kwargs=init_kwargs or {})
     model = script.build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=script.LR, momentum=script.MOMENTUM)
     x, y = script.make_data(micro_batches * batch_size, seed=1)
@@ -70,29 +72,9 @@ def _train(accelerator, model, optimizer, loader, start=0):
     return updates
 
 
-def _events(run_dir) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
-    events.Reload()
-    return events
-
-
-def _layout(events: EventAccumulator) -> list[str]:
-    """Tags of the custom-scalars chart 'sharpness vs threshold' (written exactly once)."""
-    from tensorboard.plugins.custom_scalar import layout_pb2
-    from tensorboard.util.tensor_util import make_ndarray
-
-    written = events.Tensors("custom_scalars__config__")
-    assert len(written) == 1
-    layout = layout_pb2.Layout.FromString(make_ndarray(written[0].tensor_proto).item())
-    (category,) = layout.category
-    assert category.title == "curvwatch"
-    return list(category.chart[0].multiline.tag)
-
-
 def _direct(model, probe, optimizer, step):
     """A fresh monitor on the final weights and the same probe batch (cold start)."""
-    monitor = CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), optimizer=optimizer)
-    return monitor.measure(step)
+    return direct(model, probe, optimizer, step)
 
 
 def test_end_to_end_tensorboard(tmp_path):
@@ -102,26 +84,24 @@ def test_end_to_end_tensorboard(tmp_path):
     assert _train(accelerator, model, optimizer, loader) == 20
     accelerator.end_training()
 
-    events = _events(tmp_path / "run")  # the loop's own run, not a second one
-    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
-    tags = events.Tags()["scalars"]
-    assert "train/loss" in tags
-    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
+    assert len(event_files(tmp_path / "run")) == 1  # the loop's own run, not a second one
+    run = curves(tmp_path / "run")
+    assert sorted(run["train/loss"]) == list(range(1, 21))
     for tag in CURVATURE_TAGS:
-        assert tag in tags, tag
-        points = events.Scalars(tag)
-        assert [e.step for e in points] == [5, 10, 15, 20], tag
-        assert all(math.isfinite(e.value) for e in points), tag
-    assert _layout(events) == ["curvature/lambda_max", "curvature/threshold", "curvature/batch_sharpness"]
+        assert sorted(run[tag]) == [5, 10, 15, 20], tag
+        assert all(math.isfinite(v) for v in run[tag].values()), tag
+    assert sharpness_chart(tmp_path / "run") == [
+        "curvature/lambda_max", "curvature/threshold", "curvature/batch_sharpness"
+    ]
 
     threshold = (2 + 2 * script.MOMENTUM) / script.LR
-    assert all(e.value == pytest.approx(threshold, rel=1e-6) for e in events.Scalars("curvature/threshold"))
-    logged = events.Scalars("curvature/lambda_max")[-1].value
-    direct = _direct(accelerator.unwrap_model(model), probe, optimizer, 20)
-    assert logged == pytest.approx(direct.lambda_max, rel=1e-3)
+    assert all(v == pytest.approx(threshold, rel=1e-6) for v in run["curvature/threshold"].values())
+    logged = run["curvature/lambda_max"][20]
+    reference = _direct(accelerator.unwrap_model(model), probe, optimizer, 20)
+    assert logged == pytest.approx(reference.lambda_max, rel=1e-3)
     assert logged == pytest.approx(monitor.history[-1].lambda_max, rel=1e-6)  # float32 in the event file
-    ratio = events.Scalars("curvature/sharpness_ratio")[-1].value
-    assert ratio == pytest.approx(direct.lambda_max / threshold, rel=1e-3)
+    ratio = run["curvature/sharpness_ratio"][20]
+    assert ratio == pytest.approx(reference.lambda_max / threshold, rel=1e-3)
 
 
 def test_gradient_accumulation_measures_only_real_updates(tmp_path):
@@ -135,10 +115,10 @@ def test_gradient_accumulation_measures_only_real_updates(tmp_path):
 
     assert after_update == [5, 10, 15, 20]          # 40 micro-batches, 20 updates
     assert monitor.state_dict()["attached_steps"] == 20
-    assert [e.step for e in _events(tmp_path / "run").Scalars("curvature/lambda_max")] == [5, 10, 15, 20]
+    assert sorted(curves(tmp_path / "run")["curvature/lambda_max"]) == [5, 10, 15, 20]
     # the last measurement saw the weights after the last update
-    direct = _direct(accelerator.unwrap_model(model), probe, optimizer, 20)
-    assert monitor.history[-1].lambda_max == pytest.approx(direct.lambda_max, rel=1e-3)
+    reference = _direct(accelerator.unwrap_model(model), probe, optimizer, 20)
+    assert monitor.history[-1].lambda_max == pytest.approx(reference.lambda_max, rel=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore:curvwatch. the Accelerator has no trackers")
@@ -172,8 +152,8 @@ def test_skipped_fp16_step_is_not_an_update(tmp_path):
     assert [r.step for r in monitor.history] == [5, 10]
     # the measurement at 10 used the weights after the 10th applied update
     assert all(torch.equal(a, b.detach()) for a, b in zip(weights_at[10], accelerator.unwrap_model(model).parameters()))
-    direct = _direct(accelerator.unwrap_model(model), script.make_data(32, seed=2), optimizer, 10)
-    assert monitor.history[-1].lambda_max == pytest.approx(direct.lambda_max, rel=1e-3)
+    reference = _direct(accelerator.unwrap_model(model), script.make_data(32, seed=2), optimizer, 10)
+    assert monitor.history[-1].lambda_max == pytest.approx(reference.lambda_max, rel=1e-3)
 
 
 def test_bf16_mixed_precision_measures_in_float32(tmp_path):
@@ -189,8 +169,8 @@ def test_bf16_mixed_precision_measures_in_float32(tmp_path):
 
     plain = script.build_model()
     plain.load_state_dict(unwrapped.state_dict())
-    direct = _direct(plain, probe, optimizer, 20)
-    assert monitor.history[-1].lambda_max == pytest.approx(direct.lambda_max, rel=1e-3)
+    reference = _direct(plain, probe, optimizer, 20)
+    assert monitor.history[-1].lambda_max == pytest.approx(reference.lambda_max, rel=1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):        # what the wrapper would have given
         low = torch.nn.functional.cross_entropy(plain(probe[0]), probe[1])
     full = torch.nn.functional.cross_entropy(plain(probe[0]), probe[1])
@@ -217,7 +197,7 @@ def test_checkpoint_resume_keeps_the_schedule(tmp_path):
     _train(accelerator, model, optimizer, loader, start=10)
     accelerator.end_training()
     assert [r.step for r in second.history] == [15, 20]
-    assert [e.step for e in _events(tmp_path / "b" / "run").Scalars("curvature/lambda_max")] == [15, 20]
+    assert sorted(curves(tmp_path / "b" / "run")["curvature/lambda_max"]) == [15, 20]
 
 
 @pytest.mark.filterwarnings("ignore:curvwatch. no optimizer given")  # the reference monitor
@@ -241,7 +221,7 @@ def test_batch_sharpness_from_the_training_loader(tmp_path):
                         batch_sharpness_batches=4) if watched else None
         assert _train(accelerator, model, optimizer, loader) == 20
         accelerator.end_training()
-        return accelerator.unwrap_model(model), monitor, _events(tmp_path / where / "run")
+        return accelerator.unwrap_model(model), monitor, curves(tmp_path / where / "run")
 
     model, monitor, events = run("watched", True)
     plain, _, _ = run("plain", False)
@@ -249,17 +229,16 @@ def test_batch_sharpness_from_the_training_loader(tmp_path):
 
     assert monitor.batch_size == 8  # the training loader's
     for tag in ("curvature/batch_sharpness", "curvature/batch_sharpness_stderr"):
-        points = events.Scalars(tag)
-        assert [e.step for e in points] == [5, 10, 15, 20], tag
-        assert all(math.isfinite(e.value) and e.value > 0 for e in points), tag
+        points = events[tag]
+        assert sorted(points) == [5, 10, 15, 20], tag
+        assert all(math.isfinite(v) and v > 0 for v in points.values()), tag
     # 4 mini-batches per measurement in the loop's own order: step 20 used batches 12..15
     minibatches = list(shuffled())[12:16]
     reference = CurvatureMonitor(model, minibatches[0], criterion=torch.nn.CrossEntropyLoss(), trace=False,
                                  batch_size=8, minibatches=minibatches, batch_sharpness_batches=4, strict=True)
     expected = reference.measure(20)
-    assert events.Scalars("curvature/batch_sharpness")[-1].value == pytest.approx(expected.batch_sharpness, rel=1e-5)
-    assert events.Scalars("curvature/batch_sharpness_stderr")[-1].value == pytest.approx(
-        expected.batch_sharpness_stderr, rel=1e-4)
+    assert events["curvature/batch_sharpness"][20] == pytest.approx(expected.batch_sharpness, rel=1e-5)
+    assert events["curvature/batch_sharpness_stderr"][20] == pytest.approx(expected.batch_sharpness_stderr, rel=1e-4)
 
 
 def test_errors_name_the_fix(tmp_path):
@@ -297,24 +276,26 @@ def test_two_processes_equal_one_process_on_the_whole_probe_batch(tmp_path):
         assert rank["num_processes"] == 2 and rank["distributed_type"].endswith("MULTI_CPU")
         assert rank["updates"] == 20 and rank["probe_examples"] == 16   # half of the 32 each
         assert [h["step"] for h in rank["history"]] == [5, 10, 15, 20]
-    for a, b in zip(ranks[0]["history"], ranks[1]["history"]):   # the same Lanczos on both
+    for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):   # the same Lanczos on both
         assert {**a, "seconds": 0} == {**b, "seconds": 0}
+    # a user's sink runs on the main process only, like the trackers
+    assert ranks[0]["sink_steps"] == [5, 10, 15, 20] and ranks[1]["sink_steps"] == []
 
-    events = _events(tmp_path / "tb" / "run")
-    assert [e.step for e in events.Scalars("curvature/lambda_max")] == [5, 10, 15, 20]
-    assert "train/loss" in events.Tags()["scalars"]
-    assert _layout(events)[0] == "curvature/lambda_max"
-    assert len(list((tmp_path / "tb").rglob("events.out.tfevents.*"))) == 1    # main process only
+    events = curves(tmp_path / "tb" / "run")
+    assert sorted(events["curvature/lambda_max"]) == [5, 10, 15, 20]
+    assert "train/loss" in events
+    assert sharpness_chart(tmp_path / "tb" / "run")[0] == "curvature/lambda_max"
+    assert len(event_files(tmp_path / "tb")) == 1    # main process only
 
     final = torch.load(tmp_path / "final.pt")
     model = script.build_model()
     model.load_state_dict(final["state_dict"])
     optimizer = torch.optim.SGD(model.parameters(), lr=script.LR, momentum=script.MOMENTUM)
-    direct = _direct(model, final["probe"], optimizer, 20)
+    reference = _direct(model, final["probe"], optimizer, 20)
     logged = ranks[0]["history"][-1]
-    assert logged["lambda_max"] == pytest.approx(direct.lambda_max, rel=1e-3)
-    assert logged["loss"] == pytest.approx(direct.loss, rel=1e-5)
-    assert events.Scalars("curvature/lambda_max")[-1].value == pytest.approx(direct.lambda_max, rel=1e-3)
+    assert logged["lambda_max"] == pytest.approx(reference.lambda_max, rel=1e-3)
+    assert logged["loss"] == pytest.approx(reference.loss, rel=1e-5)
+    assert events["curvature/lambda_max"][20] == pytest.approx(reference.lambda_max, rel=1e-3)
 
 
 def test_probe_batch_split_by_process_index():
@@ -326,3 +307,92 @@ def test_probe_batch_split_by_process_index():
     assert process_share((x, y), 0, 1)[0] is x
     with pytest.raises(ValueError, match="12 examples.*5 processes"):
         process_share((x, y), rank=0, world_size=5)
+
+
+class _RejectingTracker(GeneralTracker):
+    """A tracker whose backend rejects the curvature values (and takes everything else)."""
+
+    name = "rejecting"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[int] = []
+
+    @property
+    def tracker(self):
+        return None
+
+    def store_init_configuration(self, values) -> None:
+        pass
+
+    def log(self, values, step=None, **kwargs) -> None:
+        if any(key.startswith("curvature/") for key in values):
+            raise RuntimeError("backend rejected the point")
+        self.steps.append(step)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_failing_tracker_warns_once_or_raises_when_strict(tmp_path, strict):
+    rejecting = _RejectingTracker()
+    accelerator = Accelerator(cpu=True, log_with=[rejecting, "tensorboard"], project_dir=str(tmp_path))
+    accelerator.init_trackers("run")
+    model = script.build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=script.LR, momentum=script.MOMENTUM)
+    x, y = script.make_data(160, seed=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    watch(accelerator, model, optimizer, script.make_data(32, seed=2), every=5, trace=False,
+          criterion=torch.nn.CrossEntropyLoss(), strict=strict)
+    if strict:
+        with pytest.raises(RuntimeError, match="backend rejected the point"):
+            _train(accelerator, model, optimizer, loader)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _train(accelerator, model, optimizer, loader) == 20
+    accelerator.end_training()
+    messages = [str(w.message) for w in caught if issubclass(w.category, CurvatureWarning)]
+    assert len(messages) == 1 and "rejecting failed" in messages[0], messages
+    assert rejecting.steps == list(range(1, 21))  # the loop's own values
+    assert sorted(curves(tmp_path / "run")["curvature/lambda_max"]) == [5, 10, 15, 20]  # the other tracker
+
+
+@pytest.mark.parametrize("axis", ["zero_based", "micro_batches", "every_tenth_update"])
+def test_wandb_keeps_every_point_whatever_step_counter_the_loop_logs_with(tmp_path, monkeypatch, axis):
+    # wandb drops points below its current step: a loop counting from 0, or counting
+    # micro-batches, must lose neither its own points nor the curvature ones
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    accumulate = 2 if axis == "micro_batches" else 1
+    accelerator, model, optimizer, loader = _setup(
+        tmp_path, micro_batches=20 * accumulate, gradient_accumulation_steps=accumulate, log_with="wandb",
+        init_kwargs={"wandb": {"dir": str(tmp_path)}},
+    )
+    monitor = watch(accelerator, model, optimizer, script.make_data(32, seed=2), every=5, trace=False,
+                    criterion=torch.nn.CrossEntropyLoss())
+    criterion, updates = torch.nn.CrossEntropyLoss(), 0
+    for i, (xb, yb) in enumerate(loader):
+        with accelerator.accumulate(model):
+            loss = criterion(model(xb), yb)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        updates += accelerator.sync_gradients
+        if axis == "micro_batches":
+            accelerator.log({"loss": loss.item()}, step=i)
+        elif axis == "zero_based" and accelerator.sync_gradients:
+            accelerator.log({"loss": loss.item()}, step=updates - 1)
+        elif accelerator.sync_gradients and updates % 10 == 0:  # two measurements between the loop's points
+            accelerator.log({"loss": loss.item()}, step=updates)
+    accelerator.end_training()
+
+    rows = read_wandb(tmp_path)
+    expected = {"micro_batches": 40, "zero_based": 20, "every_tenth_update": 2}[axis]
+    assert len([row for row in rows if "loss" in row]) == expected  # every point of the loop
+    measured = {r.step: r.lambda_max for r in monitor.history}
+    assert sorted(measured) == [5, 10, 15, 20]
+    logged = wandb_curves(rows, x="curvature/step")  # the x axis of curvature/* (define_metric)
+    assert logged["curvature/lambda_max"] == pytest.approx(measured, rel=1e-12)

@@ -56,7 +56,9 @@ def main() -> None:
     probe = make_data(32, seed=2)  # the whole probe batch, the same on every process
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     criterion = torch.nn.CrossEntropyLoss()
-    monitor = watch(accelerator, model, optimizer, probe, every=args.every, criterion=criterion)
+    sink_steps: list[int] = []  # a user's sink: main process only
+    monitor = watch(accelerator, model, optimizer, probe, every=args.every, criterion=criterion,
+                    sinks=[lambda result: sink_steps.append(result.step)])
 
     step = 0
     for xb, yb in loader:
@@ -75,6 +77,7 @@ def main() -> None:
                 "updates": step,
                 "probe_examples": batch_length(monitor.batch),
                 "history": [r.to_dict() for r in monitor.history],
+                "sink_steps": sink_steps,
             },
             f,
         )
