@@ -24,7 +24,16 @@ from accelerate.tracking import GeneralTracker  # noqa: E402
 
 from curvwatch import CurvatureMonitor, CurvatureWarning  # noqa: E402
 from curvwatch.integrations.accelerate import watch  # noqa: E402
-from tests._helpers import curves, direct, event_files, read_wandb, sharpness_chart, wandb_curves  # noqa: E402
+from tests._helpers import (  # noqa: E402
+    curves,
+    direct,
+    event_files,
+    read_csv,
+    read_mlflow,
+    read_wandb,
+    sharpness_chart,
+    wandb_curves,
+)
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "accelerate_watch.py"
 _spec = importlib.util.spec_from_file_location("accelerate_watch", SCRIPT)
@@ -397,3 +406,69 @@ def test_wandb_keeps_every_point_whatever_step_counter_the_loop_logs_with(tmp_pa
     assert sorted(measured) == [5, 10, 15, 20]
     logged = wandb_curves(rows, x="curvature/step")  # the x axis of curvature/* (define_metric)
     assert logged["curvature/lambda_max"] == pytest.approx(measured, rel=1e-12)
+
+
+SAME_RUN = Path(__file__).parent / "ddp_scripts" / "same_run.py"
+# what every framework must log identically (top_overlap from the second measurement on)
+COMPARED = ("lambda_max", "lambda_1", "lambda_2", "trace", "trace_stderr", "threshold", "sharpness_ratio",
+            "top_overlap", "hvps")
+
+
+@pytest.mark.slow
+def test_the_same_run_under_lightning_transformers_and_accelerate_logs_the_same_curves(tmp_path):
+    """Same model, data, optimizer, schedule and seed: the same curvature at the same steps, everywhere.
+
+    Each framework writes TensorBoard and one other tracker (Lightning: CSV, transformers: an MLflow
+    file store, Accelerate: wandb offline); everything is read back from the trackers' own files.
+    """
+    for package in ("lightning", "transformers", "mlflow", "wandb"):
+        pytest.importorskip(package)
+    spec = importlib.util.spec_from_file_location("same_run", SAME_RUN)
+    same = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(same)
+    logged, tracked, results = {}, {}, {}
+    for framework in ("lightning", "transformers", "accelerate"):
+        out = tmp_path / framework
+        out.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+        done = subprocess.run([sys.executable, str(SAME_RUN), "--framework", framework, "--out", str(out)],
+                              cwd=SAME_RUN.parent, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results[framework] = json.loads((out / "result.json").read_text())
+        logged[framework] = curves(out / "tb")
+        tracked[framework] = {
+            "lightning": lambda: read_csv(out / "csv" / "metrics.csv"),
+            "transformers": lambda: read_mlflow(out / "mlruns"),
+            "accelerate": lambda: wandb_curves(read_wandb(out), x="curvature/step"),
+        }[framework]()
+
+    # the three trainings are the same training
+    weights = {framework: result["weights"] for framework, result in results.items()}
+    assert weights["lightning"] == weights["transformers"] == weights["accelerate"]
+    def value(h: dict, name: str) -> float:
+        return h["eigenvalues"][int(name[-1]) - 1] if name.startswith("lambda_") and name[-1].isdigit() else h[name]
+
+    measured = {
+        framework: {
+            name: {h["step"]: value(h, name) for h in result["history"] if math.isfinite(value(h, name))}
+            for name in COMPARED
+        }
+        for framework, result in results.items()
+    }
+    reference = measured["accelerate"]
+    assert sorted(reference["lambda_max"]) == [5, 10, 15, 20]
+    assert sorted(reference["top_overlap"]) == [10, 15, 20]
+    # the threshold of each measurement is the one of the update it follows: lr (1 - (k - 1) / STEPS)
+    heavy_ball = (2 + 2 * same.MOMENTUM) / same.LR
+    for step, value in reference["threshold"].items():
+        assert value == pytest.approx(heavy_ball / (1 - (step - 1) / same.STEPS), rel=1e-12)
+    for framework in ("lightning", "transformers", "accelerate"):
+        for name in COMPARED:
+            tag = "curvature/" + name
+            assert measured[framework][name] == pytest.approx(reference[name], rel=1e-9), (framework, name)
+            assert logged[framework][tag] == pytest.approx(reference[name], rel=1e-6), (framework, name)  # float32
+            assert tracked[framework][tag] == pytest.approx(reference[name], rel=1e-9), (framework, name)
+    # next to each framework's own loss curve
+    assert logged["lightning"]["train_loss"] and tracked["lightning"]["train_loss"]
+    assert sorted(logged["transformers"]["train/loss"]) == sorted(tracked["transformers"]["loss"]) == [5, 10, 15, 20]
+    assert sorted(logged["accelerate"]["train_loss"]) == [5, 10, 15, 20]
