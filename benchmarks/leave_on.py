@@ -141,6 +141,7 @@ def run_size(name: str, device: torch.device, args) -> dict:
 
     # fp32 exact reference (double backward, full float32, tight tolerance)
     t = time.perf_counter()
+    ref = None
     try:
         ref = cw.CurvatureMonitor(model, probe, optimizer=opt, top_k=1, trace=False, precision="fp32",
                                   method="double_backward", strict=True, basis_device="cpu" if cuda else None,
@@ -173,6 +174,10 @@ def run_size(name: str, device: torch.device, args) -> dict:
         out = {}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            if cuda:  # the allocator's peak is the training step's when the monitor reads it
+                torch.cuda.reset_peak_memory_stats()
+            step()
+            sync()
             mon = cw.CurvatureMonitor(model, probe, optimizer=opt, **options)
             for which in ("cold", "warm"):
                 for _ in range(5):
@@ -215,6 +220,10 @@ def run_size(name: str, device: torch.device, args) -> dict:
             step()
         sync()
         plain = time.perf_counter() - t
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
         mon = cw.CurvatureMonitor(model, probe, optimizer=opt, every=100)
         handle = mon.attach(opt)
         sync()

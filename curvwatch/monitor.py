@@ -266,6 +266,7 @@ class CurvatureMonitor:
         self._training_peak: float | None = None
         self._peak_after_measuring: float | None = None
         self._method_override: str | None = None
+        self._observe_training_peak(device)
 
     # -- scheduling ------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -389,12 +390,12 @@ class CurvatureMonitor:
         device = params[0].device
         self._observe_training_peak(device)
         method = self._ggn_kind or self._resolved_method or "double_backward"
-        if device.type == "cuda":
-            allowed = device_allowance(device, self.budget.memory_ratio, self._training_peak)
+        if self.budget.max_memory is not None:  # the user's number replaces the ratio
+            allowed = float(self.budget.max_memory)
+            if device.type == "cuda":
+                allowed = min(allowed, device_allowance(device, self.budget.memory_ratio, None))
         else:
-            allowed = device_allowance(device, self.budget.memory_ratio, None)
-        if self.budget.max_memory is not None:
-            allowed = min(allowed, float(self.budget.max_memory)) if device.type == "cuda" else float(self.budget.max_memory)
+            allowed = device_allowance(device, self.budget.memory_ratio, self._training_peak)
         size = sum(p.numel() for p in params)
         if is_sharded(self.model):
             size = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
@@ -420,12 +421,17 @@ class CurvatureMonitor:
         return plan
 
     def _observe_training_peak(self, device: torch.device) -> None:
-        """The training step's peak CUDA memory: the allocator's peak, unless it is ours."""
+        """The training step's peak CUDA memory: the largest allocator peak seen that is not ours.
+
+        Read at construction and before each measurement; a peak that our own
+        measurement set is skipped, and a reset of the allocator's statistics
+        never lowers what was seen.
+        """
         if device.type != "cuda":
             return
         peak = float(torch.cuda.max_memory_allocated(device))
         if self._peak_after_measuring is None or peak > self._peak_after_measuring:
-            self._training_peak = peak
+            self._training_peak = max(self._training_peak or 0.0, peak)
 
     def _note_peak(self) -> None:
         device = next(self.model.parameters()).device

@@ -21,6 +21,7 @@ Three ways to apply it (Pearlmutter 1994 for the first two):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Literal
 
@@ -217,7 +218,7 @@ class HessianOperator(CurvatureOperator):
             return torch.zeros_like(v)
         with torch.no_grad():
             saved = [p.detach().clone() for p in self.params]
-            rms = (flatten(saved).pow(2).mean().sqrt().item())
+            rms = math.sqrt(sum(float(p.double().pow(2).sum()) for p in saved) / self.size)
         if self.scheme == "forward":
             self._ensure_base_gradient()
         h = self.step if self.step is not None else finite_difference_step(self.dtype, rms, self.scheme)
