@@ -2,7 +2,8 @@
 
 One measurement (:meth:`CurvatureMonitor.measure`):
 
-1. enter :func:`~curvwatch.guard.measurement_guard` (eval mode, RNG, buffers,
+1. enter :func:`~curvwatch.guard.measurement_guard` (modes of the training loss:
+   normalization layers as training runs them, dropout off; RNG, buffers,
    autocast off, math attention);
 2. build the Hessian operator on the probe batch (one first-order graph);
 3. top-``k`` Lanczos, warm-started from the previous eigenvectors;
@@ -94,8 +95,16 @@ class CurvatureMonitor:
             sharpness is logged without a threshold.
         sinks: callables receiving each :class:`~curvwatch.CurvatureResult`.
         strict: raise on a failed measurement instead of warning and skipping.
-        train_mode: measure in train mode (dropout on, BatchNorm batch
-            statistics; buffers restored afterwards). Default False: eval mode.
+        train_mode: which modes the model is measured in (buffers and flags
+            restored afterwards; the reasons are in :mod:`curvwatch.guard`).
+            ``None`` (default, auto): the curvature of the loss training
+            descends, without its noise: normalization layers with running
+            statistics (BatchNorm, SyncBatchNorm, InstanceNorm) keep their
+            current mode (batch statistics during training; frozen ones stay
+            frozen), every other module is in eval mode (dropout off).
+            ``False``: eval mode throughout (running statistics: the inference
+            loss). ``True``: the modes as they are (dropout on), with one
+            dropout mask for every product of a measurement.
         param_group: the parameter group whose lr sets the threshold.
         seed: seeds start vectors and probes (``seed + step``).
         reduce: mean over data-parallel ranks of a tensor (each rank holds its
@@ -152,7 +161,7 @@ class CurvatureMonitor:
         optimizer: Any = None,
         sinks: Iterable[Sink] = (),
         strict: bool = False,
-        train_mode: bool = False,
+        train_mode: bool | None = None,
         param_group: int = 0,
         seed: int = 0,
         reduce: Reduce | None = None,
@@ -196,6 +205,8 @@ class CurvatureMonitor:
             raise CurvatureError("minibatches=... is for batch sharpness: also pass batch_size=<training batch size>")
         if optimizer is not None:
             unwrap_optimizer(optimizer)
+        if train_mode is not None and not isinstance(train_mode, bool):
+            raise CurvatureError(f"train_mode must be None (auto), True or False, got {train_mode!r}")
         if precision not in PRECISIONS:
             raise CurvatureError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if basis_device is not None:
@@ -624,7 +635,10 @@ class CurvatureMonitor:
         if self.optimizer is None:
             self._warn_once("no-optimizer", "curvwatch: no optimizer given: sharpness is logged without a threshold")
             return None
-        return threshold(self.optimizer, self.param_group)
+        limit = threshold(self.optimizer, self.param_group)
+        if limit.note:  # no rule for this optimizer, or no lr: NaN threshold, said once
+            self._warn_once(f"threshold-note {limit.rule}", f"curvwatch: {limit.note}")
+        return limit
 
     def _preconditioner(self, limit: Threshold | None, params) -> torch.Tensor | None:
         if limit is None or not limit.adaptive:
@@ -633,8 +647,8 @@ class CurvatureMonitor:
         if diagonal is None:
             self._warn_once(
                 "no-state",
-                "curvwatch: the optimizer has no second-moment state for every parameter yet "
-                "(before its first step?): preconditioned sharpness skipped",
+                "curvwatch: the optimizer has no second-moment state for the measured "
+                "parameters yet (before its first step?): preconditioned sharpness skipped",
             )
         return diagonal
 

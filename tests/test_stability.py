@@ -1,7 +1,6 @@
 """Edge-of-stability thresholds and the Adam preconditioner, from real optimizers."""
 
 import dataclasses
-import inspect
 import math
 import warnings
 
@@ -223,11 +222,6 @@ def _budget(**kwargs):
     return cw.Budget(**kwargs)
 
 
-def _monitor_warns_threshold_notes() -> bool:
-    """The monitor.py patch of issue #15 (train_mode=None default and the note warning) is in."""
-    return inspect.signature(cw.CurvatureMonitor).parameters["train_mode"].default is None
-
-
 @pytest.mark.parametrize("make", [lambda p: torch.optim.Adagrad(p, lr=0.1), _NoLr], ids=["Adagrad", "no-lr"])
 def test_monitor_measures_without_a_threshold(make):
     torch.manual_seed(0)
@@ -241,8 +235,6 @@ def test_monitor_measures_without_a_threshold(make):
     assert math.isnan(r.threshold) and math.isnan(r.sharpness_ratio) and math.isnan(r.preconditioned_lambda_max)
 
 
-@pytest.mark.xfail(not _monitor_warns_threshold_notes(), strict=True,
-                   reason="needs the monitor.py patch of issue #15: warn once with Threshold.note")
 def test_monitor_warns_once_with_the_note_naming_the_optimizer():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     opt = torch.optim.Rprop(model.parameters(), lr=0.1)

@@ -6,7 +6,6 @@ keeps dropout on with one mask per measurement; ``False`` is plain eval mode.
 """
 
 import dataclasses
-import inspect
 import logging
 import math
 import random
@@ -23,17 +22,6 @@ def _budget(**kwargs):
     if "overhead" in {f.name for f in dataclasses.fields(cw.Budget)}:
         kwargs.setdefault("overhead", None)
     return cw.Budget(**kwargs)
-
-
-def _default_is_auto() -> bool:
-    """The monitor.py patch of issue #15 is in: ``CurvatureMonitor(train_mode=None)`` by default."""
-    return inspect.signature(cw.CurvatureMonitor).parameters["train_mode"].default is None
-
-
-needs_monitor_patch = pytest.mark.xfail(
-    not _default_is_auto(), strict=True,
-    reason="needs the monitor.py patch of issue #15 (train_mode=None, auto, as the default)",
-)
 
 
 # -- BatchNorm after a bias, trained with AdamW -------------------------------------------
@@ -72,7 +60,6 @@ def test_batchnorm_model_is_stable_under_auto(caplog):
     assert not events  # no "crossed the edge-of-stability threshold"
 
 
-@needs_monitor_patch
 def test_batchnorm_model_is_stable_under_the_default(caplog):
     r, events = _measure_bn_adamw(caplog)
     assert r.sharpness_ratio < 1 and not events
