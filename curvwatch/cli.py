@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MissingExtra as error:
-        print(f"curvwatch: {error}", file=sys.stderr)
+        print(error, file=sys.stderr)
         return EXIT_MISSING_EXTRA
 
 
