@@ -4,8 +4,9 @@ For each GPT-2-shaped model (built from a config, random bigram tokens, AdamW,
 optionally bf16 autocast), this script records:
 
 * the training step: median time and peak CUDA memory;
-* an fp32 reference: preconditioned sharpness (AdamW) and lambda_max by exact
-  double backward in full float32 with a tight tolerance;
+* an fp32 reference at the same state as each measurement: preconditioned
+  sharpness (AdamW) and lambda_max by exact double backward (or central
+  differences, ``--ref-method``) in full float32, tolerance 1e-4;
 * each monitor configuration's first (cold) and second (warm) measurement: time
   as training steps, peak as a multiple of the step's, host RSS growth, method,
   precision, products, and the errors against the reference;
@@ -82,8 +83,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--overhead-steps", type=int, default=600)
-    parser.add_argument("--ref-hvps", type=int, default=40)
-    parser.add_argument("--configs", default="defaults,forward_difference,fp32,no_memory_limit")
+    parser.add_argument("--ref-hvps", type=int, default=120)
+    parser.add_argument("--ref-method", default="double_backward",
+                        help="double_backward | finite_difference (central) | none")
+    parser.add_argument("--configs", default="defaults,forward_difference,fp32,ratio_1.5,threshold_only")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(min(8, os.cpu_count() or 1))
@@ -98,6 +101,27 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump({**results, "runs": [row]}, f, indent=1, default=str)
         print(json.dumps(row, default=str), flush=True)
+
+
+def reference(cw, model, probe, opt, args) -> dict:
+    """Preconditioned sharpness and lambda_max in full float32, tight tolerance."""
+    t = time.perf_counter()
+    device = next(model.parameters()).device
+    try:
+        mon = cw.CurvatureMonitor(
+            model, probe, optimizer=opt, top_k=1, trace=False, precision="fp32", method=args.ref_method,
+            strict=True, basis_device="cpu" if args.ref_method != "double_backward" and device.type == "cuda" else None,
+            budget=cw.Budget(max_hvps=args.ref_hvps, trace_hvps=0, tol=1e-4, overhead=None, max_basis=20),
+        )
+        r = mon.measure(1)
+        out = {"preconditioned": r.preconditioned_lambda_max, "lambda_max": r.lambda_max, "method": r.method,
+               "hvps": r.hvps, "converged": r.converged, "error_bound": r.error_bound,
+               "seconds": time.perf_counter() - t}
+    except Exception as error:  # noqa: BLE001 - report and go on
+        out = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def run_size(name: str, device: torch.device, args) -> dict:
@@ -139,26 +163,6 @@ def run_size(name: str, device: torch.device, args) -> dict:
            "resident_gib": torch.cuda.memory_allocated() / 2**30 if cuda else math.nan}
     print(f"[{name}] {n/1e6:.0f}M params, step {step_s*1e3:.1f} ms, peak {row['step_peak_gib']:.2f} GiB", flush=True)
 
-    # fp32 exact reference (double backward, full float32, tight tolerance)
-    t = time.perf_counter()
-    ref = None
-    try:
-        ref = cw.CurvatureMonitor(model, probe, optimizer=opt, top_k=1, trace=False, precision="fp32",
-                                  method="double_backward", strict=True, basis_device="cpu" if cuda else None,
-                                  budget=cw.Budget(max_hvps=2 * args.ref_hvps, trace_hvps=0, tol=1e-5, overhead=None,
-                                                   max_memory=1e15, max_basis=2 * args.ref_hvps + 2))
-        r = ref.measure(1)
-        row["reference"] = {"preconditioned": r.preconditioned_lambda_max, "lambda_max": r.lambda_max,
-                            "hvps": r.hvps, "converged": r.converged, "seconds": time.perf_counter() - t}
-    except Exception as error:  # noqa: BLE001 - report and go on
-        row["reference"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-    del ref
-    if cuda:
-        torch.cuda.empty_cache()
-    print(f"[{name}] reference {row['reference']}", flush=True)
-    pre_ref = row["reference"].get("preconditioned", math.nan)
-    lam_ref = row["reference"].get("lambda_max", math.nan)
-
     # one measurement's cost: the defaults except the time share (which would defer
     # the second measurement here; the overhead run below keeps the share)
     share_off = cw.Budget(overhead=None)
@@ -166,24 +170,31 @@ def run_size(name: str, device: torch.device, args) -> dict:
         "defaults": {"budget": share_off},
         "forward_difference": {"method": "forward_difference", "budget": share_off},
         "fp32": {"precision": "fp32", "budget": share_off},
-        "no_memory_limit": {"budget": cw.Budget(overhead=None, max_memory=1e15)},
+        "ratio_1.5": {"budget": cw.Budget(overhead=None, memory_ratio=1.5)},
+        "threshold_only": {"budget": share_off, "top_k": 1, "trace": False},
     }
-    row["configs"] = {}
-    for label in args.configs.split(","):
-        options = configs[label]
-        out = {}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if cuda:  # the allocator's peak is the training step's when the monitor reads it
-                torch.cuda.reset_peak_memory_stats()
-            step()
-            sync()
-            mon = cw.CurvatureMonitor(model, probe, optimizer=opt, **options)
-            for which in ("cold", "warm"):
-                for _ in range(5):
-                    step()
-                sync()
+    labels = [label for label in args.configs.split(",") if label]
+    if cuda:  # the allocator's peak is the training step's when the monitors read it
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    sync()
+    monitors = {label: cw.CurvatureMonitor(model, probe, optimizer=opt, **configs[label]) for label in labels}
+    row["configs"] = {label: {} for label in labels}
+    for which in ("cold", "warm"):
+        if which == "warm":
+            for _ in range(5):
+                step()
+        sync()
+        ref = reference(cw, model, probe, opt, args) if args.ref_method != "none" else {}
+        row[f"reference_{which}"] = ref
+        print(f"[{name}] reference ({which}) {ref}", flush=True)
+        pre_ref = ref.get("preconditioned", math.nan)
+        lam_ref = ref.get("lambda_max", math.nan)
+        for label, mon in monitors.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 if cuda:
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 rss0 = rss_gib()
                 t = time.perf_counter()
@@ -191,26 +202,27 @@ def run_size(name: str, device: torch.device, args) -> dict:
                 sync()
                 seconds = time.perf_counter() - t
                 peak = torch.cuda.max_memory_allocated() if cuda else math.nan
-                out[which] = {
-                    "skipped": res is None, "steps": seconds / step_s,
-                    "peak_x_step": peak / step_peak if cuda else math.nan,
-                    "host_rss_growth_gib": rss_gib() - rss0,
-                }
-                if res is not None:
-                    out[which].update({
-                        "method": res.method, "precision": res.precision, "hvps": res.hvps, "converged": res.converged,
-                        "error_bound": res.error_bound,
-                        "preconditioned": res.preconditioned_lambda_max, "lambda_max": res.lambda_max,
-                        "pre_rel_error": abs(res.preconditioned_lambda_max - pre_ref) / abs(pre_ref),
-                        "lambda_rel_error": abs(res.lambda_max - lam_ref) / abs(lam_ref) if math.isfinite(res.lambda_max) else math.nan,
-                        "trace": res.trace,
-                    })
-        out["warnings"] = sorted({str(w.message)[:400] for w in caught})
-        row["configs"][label] = out
-        print(f"[{name}] {label}: {json.dumps(out, default=str)}", flush=True)
-        del mon
-        if cuda:
-            torch.cuda.empty_cache()
+            out = {
+                "skipped": res is None, "steps": seconds / step_s,
+                "peak_x_step": peak / step_peak if cuda else math.nan,
+                "host_rss_growth_gib": rss_gib() - rss0,
+                "plan": mon.last_plan.message if mon.last_plan else None,
+                "warnings": sorted({str(w.message)[:300] for w in caught}),
+            }
+            if res is not None:
+                out.update({
+                    "method": res.method, "precision": res.precision, "hvps": res.hvps, "converged": res.converged,
+                    "error_bound": res.error_bound,
+                    "preconditioned": res.preconditioned_lambda_max, "lambda_max": res.lambda_max,
+                    "pre_rel_error": abs(res.preconditioned_lambda_max - pre_ref) / abs(pre_ref),
+                    "lambda_rel_error": abs(res.lambda_max - lam_ref) / abs(lam_ref) if math.isfinite(res.lambda_max) else math.nan,
+                    "trace": res.trace,
+                })
+            row["configs"][label][which] = out
+            print(f"[{name}] {label} {which}: {json.dumps(out, default=str)}", flush=True)
+    del monitors
+    if cuda:
+        torch.cuda.empty_cache()
 
     # training overhead, side by side: N steps without, then N steps with the monitor (defaults, every=100)
     if args.overhead_steps:

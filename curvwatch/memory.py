@@ -35,12 +35,17 @@ GIB = float(1 << 30)
 WORKING_VECTORS = {"double_backward": 6, "forward_over_reverse": 7, "finite_difference": 7, "forward_difference": 7, "ggn": 6}
 
 # One product's activations as a multiple of the training step's (peak minus
-# resident memory): a float32 product after bf16-autocast training keeps twice
-# the bytes per activation, double backward about twice the tensors again.
-ACTIVATION_FACTOR = {"double_backward": 4.0, "forward_over_reverse": 4.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0}
+# resident memory). Double backward in TF32 measured 3.8x (GPT-2 124M, fp32
+# training) and 4.8x (355M, bf16-autocast training) on an H200 (benchmarks/
+# results/leave_on_h200.md); a finite difference is one float32 forward and
+# backward: up to twice a bf16 step's activations.
+ACTIVATION_FACTOR = {"double_backward": 5.0, "forward_over_reverse": 5.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0}
 
 # Share of the host's available memory a measurement may take.
 HOST_SHARE = 0.5
+
+# Device memory left free for fragmentation and the allocator's rounding.
+DEVICE_MARGIN = 2 * GIB
 
 
 @dataclass(frozen=True)
@@ -78,19 +83,21 @@ def host_available_bytes() -> float:
     return math.inf
 
 
-def device_allowance(device: torch.device, memory_ratio: float, training_peak: float | None) -> float:
+def device_allowance(device: torch.device, memory_ratio: float | None, training_peak: float | None) -> float:
     """Bytes a measurement may add on ``device`` now.
 
-    CUDA: ``min(free, memory_ratio * training_peak - allocated)``, where free
-    counts the caching allocator's unused reserve. CPU: ``HOST_SHARE`` of the
-    available host memory.
+    CUDA: ``min(free, memory_ratio * training_peak - allocated)`` (``free``
+    alone without a ratio or a known peak), where free counts the caching
+    allocator's unused reserve, less :data:`DEVICE_MARGIN`. CPU:
+    ``HOST_SHARE`` of the available host memory.
     """
     if device.type != "cuda":
         return HOST_SHARE * host_available_bytes()
     free, _ = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     free += torch.cuda.memory_reserved(device) - allocated
-    if training_peak is None:
+    free = max(0.0, free - DEVICE_MARGIN)
+    if training_peak is None or memory_ratio is None:
         return float(free)
     return float(max(0.0, min(free, memory_ratio * training_peak - allocated)))
 

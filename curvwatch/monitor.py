@@ -277,6 +277,7 @@ class CurvatureMonitor:
         self._training_peak: float | None = None
         self._peak_after_measuring: float | None = None
         self._method_override: str | None = None
+        self.last_plan: MemoryPlan | None = None  # where the last measurement put its basis, and why
         self._observe_training_peak(device)
 
     # -- scheduling ------------------------------------------------------------
@@ -323,6 +324,7 @@ class CurvatureMonitor:
         started = time.perf_counter()
         try:
             plan = self._plan_memory()
+            self.last_plan = plan
             if not plan.fits:
                 raise _DoesNotFit(plan.message)
             with measurement_guard(self.model, self.train_mode):
