@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -174,6 +175,38 @@ def rank_zero_sinks(options: dict[str, Any], is_zero: bool, *own: Sink) -> tuple
     return (*sinks, *own) if is_zero else ()
 
 
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """Return the torch optimizer inside a framework's wrapper, whose ``step`` applies the update.
+
+    Wrappers such as ``AcceleratedOptimizer`` subclass ``torch.optim.Optimizer``
+    without its hook machinery, so step hooks go on the optimizer inside.
+
+    Raises:
+        CurvatureError: no torch optimizer inside ``optimizer``.
+    """
+    try:
+        return unwrap_optimizer(optimizer)
+    except CurvatureError:
+        raise CurvatureError(
+            "optimizer must be a torch.optim.Optimizer or the prepared optimizer around one "
+            f"(accelerator.prepare(...)), got {type(optimizer).__name__}"
+        ) from None
+
+
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a monitor ``state_dict`` into (its JSON-serialisable entries, the rest: tensors)."""
+
+    def plain(value: Any) -> bool:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    small = {k: v for k, v in state.items() if plain(v)}
+    return small, {k: v for k, v in state.items() if k not in small}
+
+
 class WarnOnce:
     """``warn(key, message)``: one :class:`~curvwatch.CurvatureWarning` per key."""
 
@@ -198,7 +231,7 @@ class UpdateLearningRate:
     """
 
     def __init__(self, optimizer: Any) -> None:
-        self.optimizer = unwrap_optimizer(optimizer)
+        self.optimizer = torch_optimizer(optimizer)
         self.rates: list[float] | None = None
         self._handle = self.optimizer.register_step_post_hook(self._record)
 

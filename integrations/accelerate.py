@@ -88,6 +88,7 @@ from ._common import (
     process_share,
     rank_zero_sinks,
     tensorboard_writer,
+    torch_optimizer,
 )
 
 __all__ = ["watch"]
@@ -213,7 +214,7 @@ def watch(
     )
     if not batch_sharpness and train_dataloader is not None:
         raise CurvatureError("train_dataloader=... is for batch sharpness: also pass batch_sharpness=True")
-    inner = _inner_optimizer(optimizer)
+    inner = torch_optimizer(optimizer)
     # FSDP: measure the sharded module itself (unwrapping FSDP1 leaves flat-parameter
     # views whose forward does not gather); the sharded operator reduces itself.
     sharded = is_sharded(model)
@@ -293,26 +294,6 @@ class _WandbAxis:
             run.log({}, commit=True)
         run.log({**metrics, WANDB_STEP: step}, commit=False)
         self._open_row = run.step
-
-
-def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer whose ``step`` applies the update.
-
-    ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` without its
-    hook machinery, so hooks go on ``.optimizer`` inside it.
-    """
-    seen = 0
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-        seen += 1
-        if seen > 5:
-            break
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise CurvatureError(
-            "optimizer must be the prepared optimizer (accelerator.prepare(...)) or a "
-            f"torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    return optimizer
 
 
 @contextlib.contextmanager

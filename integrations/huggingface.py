@@ -36,7 +36,6 @@ switched to ``"eager"`` for the measurement and back afterwards.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -62,6 +61,7 @@ from ._common import (
     data_parallel_reduce,
     logged_scalars,
     rank_zero_sinks,
+    split_state,
     unwrap_loader,
     writer_target,
 )
@@ -258,7 +258,7 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
-        _, tensors = _split(self.monitor.state_dict())
+        _, tensors = split_state(self.monitor.state_dict())
         torch.save(tensors, os.path.join(folder, _tensor_file(args)))
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
@@ -272,8 +272,8 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
         """The JSON part of the checkpoint: plain arguments and the small monitor state."""
         config = {"every": self.every, "batch_sharpness": self.batch_sharpness,
                   "batch_sharpness_source": self.batch_sharpness_source}
-        config.update({k: v for k, v in self.monitor_options.items() if _json(v)})
-        small = _split(self.monitor.state_dict())[0] if self.monitor is not None else self._resume
+        config.update(split_state(self.monitor_options)[0])
+        small = split_state(self.monitor.state_dict())[0] if self.monitor is not None else self._resume
         return {"args": config, "attributes": {"_resume": small}}
 
     # -- helpers ----------------------------------------------------------------
@@ -327,20 +327,6 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
 
             targets.append(Target(type(tracker).__name__, on_log))
         return targets
-
-
-def _json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _split(monitor_state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(JSON-serialisable entries, the rest: tensors) of a monitor ``state_dict``."""
-    small = {k: v for k, v in monitor_state.items() if _json(v)}
-    return small, {k: v for k, v in monitor_state.items() if k not in small}
 
 
 def _tensor_file(args: Any) -> str:

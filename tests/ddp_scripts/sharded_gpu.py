@@ -27,7 +27,7 @@ import sys
 import torch
 
 STEPS, EVERY, LR, MOMENTUM, BATCH = 10, 5, 0.1, 0.9, 16
-BUDGET = dict(max_hvps=60, trace_hvps=4, tol=1e-4)
+BUDGET = dict(max_hvps=60, trace_hvps=4, tol=1e-4, overhead=None)
 
 
 class Net(torch.nn.Module):
@@ -136,8 +136,8 @@ def accelerate(args):
     accelerator = Accelerator(cpu=args.device == "cpu", fsdp_plugin=plugin, log_with="tensorboard",
                               project_dir=args.out)
     accelerator.init_trackers("tb")
-    model = accelerator.prepare(Net())
-    optimizer = accelerator.prepare(torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
+    model = Net()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM))
     loader = accelerator.prepare(
         torch.utils.data.DataLoader(Examples(STEPS * BATCH * accelerator.num_processes, 1), batch_size=BATCH)
     )
