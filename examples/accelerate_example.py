@@ -16,6 +16,10 @@ Run::
 
 In TensorBoard, the CUSTOM SCALARS tab overlays sharpness with its threshold;
 SCALARS has ``train/loss`` and every ``curvature/*`` curve on the same step axis.
+Every other tracker of the Accelerator (``log_with=["tensorboard", "wandb"]``,
+``"mlflow"``, ...) gets the values too; in wandb the ``curvature/*`` charts use
+``curvature/step`` (the update count) as their x axis, whatever step the loop
+logs its own values with.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ Run::
 The curves land in the Trainer's own TensorBoard run: SCALARS has
 ``train/loss``, ``train/learning_rate`` and every ``curvature/*`` curve on the
 optimizer-step axis; CUSTOM SCALARS overlays the preconditioned sharpness with
-its threshold.
+its threshold. Every other ``report_to`` integration (``report_to=["tensorboard",
+"wandb"]``, ``"mlflow"``, ...) gets the same values at the same steps, and
+``trainer.state.log_history`` holds them next to the loss entries.
 """
 
 from __future__ import annotations

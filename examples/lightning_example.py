@@ -11,7 +11,10 @@ on a CPU in well under a minute:
 
 In TensorBoard: SCALARS shows ``train_loss`` and the ``curvature/*`` curves on
 the same step axis; CUSTOM SCALARS shows the sharpness overlaid with its
-threshold.
+threshold. Every other logger of the Trainer (``logger=[TensorBoardLogger(...),
+CSVLogger(...)]``, wandb, MLflow) gets the same values, and they are in
+``trainer.callback_metrics``, so ``EarlyStopping(monitor="curvature/sharpness_ratio")``
+or ``ModelCheckpoint(monitor=...)`` can use them.
 """
 
 from __future__ import annotations
