@@ -229,7 +229,7 @@ class RestartedLanczosProcess:
         self.projected = torch.diag(theta[-keep:])
         self.restarts += 1
 
-    def _combine_in_place(self, coefficients: torch.Tensor, chunk: int = 1 << 22) -> None:
+    def _combine_in_place(self, coefficients: torch.Tensor, chunk: int = 1 << 18) -> None:
         """``V[:, :j] <- V @ coefficients`` in place, ``chunk`` entries at a time."""
         j = coefficients.shape[1]
         c = coefficients.to(dtype=self.operator.dtype)

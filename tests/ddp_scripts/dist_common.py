@@ -56,7 +56,7 @@ def share(batch, rank: int, world: int):
 
 def monitor(model, batch, **kwargs) -> CurvatureMonitor:
     """The monitor every comparison uses (strict: failures raise)."""
-    kwargs.setdefault("budget", Budget(max_hvps=60, trace_hvps=4, tol=TOL))
+    kwargs.setdefault("budget", Budget(max_hvps=60, trace_hvps=4, tol=TOL, overhead=None))
     return CurvatureMonitor(
         model, batch, criterion=nn.CrossEntropyLoss(), top_k=2, strict=True, **kwargs
     )

@@ -165,7 +165,7 @@ def train(kind: str, rank: int, world: int, watched: bool) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     mon = None
     if watched:
-        budget = Budget(max_hvps=16, trace_hvps=4, tol=TOL)
+        budget = Budget(max_hvps=40, trace_hvps=4, tol=TOL, overhead=None)  # preconditioned first, then raw
         mon = monitor(model, share(make_data(PROBE, seed=7), rank, world), every=2, optimizer=opt, budget=budget)
         mon.attach(opt)
     losses = []

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from curvwatch import Budget, CurvatureMonitor
 from curvwatch.integrations.lightning import CurvatureCallback
 
-BUDGET = dict(max_hvps=60, trace_hvps=4, tol=1e-4)
+BUDGET = dict(max_hvps=60, trace_hvps=4, tol=1e-4, overhead=None)
 
 
 class ShardedClassifier(Classifier):

@@ -1,0 +1,184 @@
+"""Leave it on: a share of training time, memory that does not grow, and a clean skip."""
+
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import curvwatch as cw
+import curvwatch.cost
+import curvwatch.monitor
+
+
+class FakeClock:
+    """``time.perf_counter`` under the test's control: training and products advance it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(curvwatch.cost.time, "perf_counter", fake)
+    monkeypatch.setattr(curvwatch.monitor.time, "perf_counter", fake)
+    return fake
+
+
+def _model_with_forward_cost(clock, seconds_per_forward):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def tick(module, args, output):
+        clock.now += seconds_per_forward
+
+    model.register_forward_hook(tick)
+    return model
+
+
+def test_overhead_share_is_kept_by_deferring(clock):
+    """Steps of 1 s, forwards of 0.1 s: measuring stays within 5% of training time."""
+    model = _model_with_forward_cost(clock, 0.1)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = cw.CurvatureMonitor(
+        model, (x, y), criterion=torch.nn.MSELoss(), every=1, top_k=1, trace=False, optimizer=opt,
+        method="finite_difference", budget=cw.Budget(overhead=0.05, negligible_seconds=0.0),
+    )
+    measured = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 401):
+            clock.now += 1.0 - 0.1  # the training step (its forward adds 0.1 s)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            result = monitor.measure(step)
+            if result is not None:
+                measured.append(result)
+    first, later = measured[0], measured[1:]
+    assert first.step == 1 and len(later) >= 3
+    assert len(measured) < 100  # most due steps were deferred
+    deferred = [w for w in caught if "deferred" in str(w.message)]
+    assert len(deferred) == 1 and "Budget(overhead=0.05)" in str(deferred[0].message)
+    # After the first measurement (which learns what a product costs and runs
+    # unlimited), measuring never runs ahead of 5% of the 400 s of training by
+    # more than the last product that crossed its deadline (two forwards here).
+    assert first.seconds > 0.05 * 1.0
+    assert monitor._cost.measuring_seconds <= 0.05 * 400 + 0.3
+    assert all(r.overhead <= 0.05 + 0.3 / r.step for r in later)
+    assert "curvature/overhead" in later[-1].scalars()
+    assert all(r.converged for r in later)
+
+
+def test_overhead_none_measures_every_due_step(clock):
+    model = _model_with_forward_cost(clock, 0.1)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), every=1, top_k=1,
+                                  trace=False, budget=cw.Budget(overhead=None))
+    for step in range(1, 6):
+        clock.now += 1.0
+        assert monitor.measure(step) is not None
+    assert monitor.history[-1].overhead > 0.05  # measured, and the share says what it cost
+
+
+def test_cost_state_is_checkpointed(clock):
+    model = _model_with_forward_cost(clock, 0.1)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    kwargs = dict(criterion=torch.nn.MSELoss(), top_k=1, trace=False, budget=cw.Budget(negligible_seconds=0.0))
+    monitor = cw.CurvatureMonitor(model, (x, y), **kwargs)
+    clock.now += 100.0
+    monitor.measure(10)
+    fresh = cw.CurvatureMonitor(model, (x, y), **kwargs)
+    fresh.load_state_dict(monitor.state_dict())
+    assert fresh._cost.measuring_seconds == monitor._cost.measuring_seconds > 0
+    assert fresh._cost.seconds_per_product == monitor._cost.seconds_per_product
+
+
+def test_a_measurement_that_cannot_fit_skips_once_and_training_is_bit_identical():
+    def train(with_monitor):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        x, y = torch.randn(64, 8), torch.randn(64, 1)
+        monitor = None
+        if with_monitor:
+            monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), every=2,
+                                          budget=cw.Budget(max_memory=1000, overhead=None))
+            monitor.attach(opt)
+        losses = []
+        for _ in range(8):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, [p.detach().clone() for p in model.parameters()], monitor
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        losses, params, monitor = train(True)
+    plain_losses, plain_params, _ = train(False)
+    assert losses == plain_losses
+    assert all(torch.equal(a, b) for a, b in zip(params, plain_params))
+    assert monitor.history == []
+    messages = [str(w.message) for w in caught if isinstance(w.message, cw.CurvatureWarning)]
+    assert len(messages) == 1
+    assert "needs about" in messages[0] and "is allowed" in messages[0] and "fix:" in messages[0]
+
+
+def test_strict_raises_the_memory_message():
+    model = torch.nn.Linear(4, 1)
+    monitor = cw.CurvatureMonitor(model, (torch.randn(8, 4), torch.randn(8, 1)), criterion=torch.nn.MSELoss(),
+                                  strict=True, budget=cw.Budget(max_memory=100))
+    with pytest.raises(cw.CurvatureError, match="needs about .* GiB"):
+        monitor.measure(1)
+
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch, curvwatch as cw
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 1024),
+                                torch.nn.Tanh(), torch.nn.Linear(1024, 1))
+    x, y = torch.randn(16, 512), torch.randn(16, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), top_k=1, trace=False,
+                                  strict=True, budget=cw.Budget(max_hvps=int(sys.argv[1]), trace_hvps=0,
+                                                                tol=1e-12, overhead=None))
+    r = monitor.measure(1)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n = sum(p.numel() for p in model.parameters())
+    print(r.hvps, n, (after - before) * 1024)
+    """
+)
+
+
+@pytest.mark.slow
+def test_measurement_memory_does_not_grow_with_products():
+    """max_hvps=60 peaks no higher than max_hvps=15, and at most c * n * 4 bytes above the step."""
+    peaks = {}
+    for hvps in (15, 60):
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(hvps)], capture_output=True, text=True,
+                             check=True, timeout=300).stdout.split()
+        spent, n, growth = int(out[0]), int(out[1]), float(out[2])
+        assert spent == hvps or (hvps == 60 and spent >= 35)  # or an invariant subspace, found exactly
+        peaks[hvps] = growth
+    vector = 4 * n  # ~6 MB
+    # a basis of 10, the graph's gradient, the product and Lanczos' working vectors,
+    # and the allocator's slack: measured ~25 vectors; a growing basis would add 60
+    assert peaks[60] <= 32 * vector, peaks
+    assert peaks[60] - peaks[15] <= 3 * vector, peaks
