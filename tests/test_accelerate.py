@@ -160,7 +160,8 @@ def test_skipped_fp16_step_is_not_an_update(tmp_path):
     assert monitor.state_dict()["attached_steps"] == applied == 10
     assert [r.step for r in monitor.history] == [5, 10]
     # the measurement at 10 used the weights after the 10th applied update
-    assert all(torch.equal(a, b.detach()) for a, b in zip(weights_at[10], accelerator.unwrap_model(model).parameters()))
+    final = accelerator.unwrap_model(model).parameters()
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights_at[10], final, strict=True))
     reference = _direct(accelerator.unwrap_model(model), script.make_data(32, seed=2), optimizer, 10)
     assert monitor.history[-1].lambda_max == pytest.approx(reference.lambda_max, rel=1e-3)
 
@@ -234,7 +235,8 @@ def test_batch_sharpness_from_the_training_loader(tmp_path):
 
     model, monitor, events = run("watched", True)
     plain, _, _ = run("plain", False)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters()))  # training unchanged
+    # training unchanged
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True))
 
     assert monitor.batch_size == 8  # the training loader's
     for tag in ("curvature/batch_sharpness", "curvature/batch_sharpness_stderr"):
@@ -436,11 +438,12 @@ def test_the_same_run_under_lightning_transformers_and_accelerate_logs_the_same_
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         results[framework] = json.loads((out / "result.json").read_text())
         logged[framework] = curves(out / "tb")
-        tracked[framework] = {
-            "lightning": lambda: read_csv(out / "csv" / "metrics.csv"),
-            "transformers": lambda: read_mlflow(out / "mlruns"),
-            "accelerate": lambda: wandb_curves(read_wandb(out), x="curvature/step"),
-        }[framework]()
+        if framework == "lightning":
+            tracked[framework] = read_csv(out / "csv" / "metrics.csv")
+        elif framework == "transformers":
+            tracked[framework] = read_mlflow(out / "mlruns")
+        else:
+            tracked[framework] = wandb_curves(read_wandb(out), x="curvature/step")
 
     # the three trainings are the same training
     weights = {framework: result["weights"] for framework, result in results.items()}

@@ -159,7 +159,7 @@ def test_measuring_leaves_training_bit_exact_and_probes_the_first_training_batch
     rows = {tuple(row.tolist()) for row in watched.train_dataset.ids}
     assert all(tuple(row.tolist()) in rows for row in callback.monitor.batch["input_ids"])
     # fetching the probe batch and measuring changed neither data order, RNG nor weights
-    for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters()):
+    for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert not event_files(tmp_path)
     # the values are in the Trainer's log history all the same
@@ -191,7 +191,7 @@ def test_batch_sharpness_on_training_minibatches_leaves_training_bit_exact(tmp_p
     callback = CurvatureTrainerCallback(every=EVERY, trace=False, batch_sharpness=True, batch_sharpness_batches=4)
     watched, plain = run([callback], "watched"), run(None, "plain")
     # drawing the mini-batches (shuffled sampler, collator on Python/NumPy RNGs) left training as it was
-    for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters()):
+    for (name, a), b in zip(plain.model.named_parameters(), watched.model.parameters(), strict=True):
         assert torch.equal(a, b), name
 
     assert callback.monitor.batch_size == watched.args.per_device_train_batch_size == 8
@@ -290,7 +290,7 @@ def test_resume_from_checkpoint_keeps_schedule_and_warm_start(tmp_path):
     # the warm-start vector came through: step 15 reports its overlap with step 10's eigenvector
     assert math.isfinite(resumed.monitor.history[0].top_overlap)
     # and the resumed run measures what the uninterrupted one did, from the same warm start
-    for got, expected in zip(resumed.monitor.history, full.monitor.history[2:]):
+    for got, expected in zip(resumed.monitor.history, full.monitor.history[2:], strict=True):
         assert got.lambda_max == pytest.approx(expected.lambda_max, rel=1e-5)
         assert got.hvps == expected.hvps
 

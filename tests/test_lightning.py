@@ -208,7 +208,7 @@ def test_measuring_does_not_change_training(tmp_path):
 
     watched, plain = run(CurvatureCallback(every=EVERY), "watched"), run(None, "plain")
     assert watched.train_losses == plain.train_losses
-    for a, b in zip(watched.parameters(), plain.parameters()):
+    for a, b in zip(watched.parameters(), plain.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -238,7 +238,7 @@ def test_batch_sharpness_on_training_minibatches(tmp_path):
     callback = CurvatureCallback(every=EVERY, trace=False, batch_sharpness=True, batch_sharpness_batches=4)
     (watched, log_dir), (plain, _) = run([start, callback], "watched"), run([], "plain")
     assert watched.train_losses == plain.train_losses
-    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters(), strict=True))
 
     assert callback.monitor.batch_size == 16  # the training dataloader's
     for tag in ("curvature/batch_sharpness", "curvature/batch_sharpness_stderr"):
@@ -254,7 +254,8 @@ def test_batch_sharpness_on_training_minibatches(tmp_path):
         minibatches=second_pass[2:6], batch_sharpness_batches=4, strict=True,
     ).measure(20)
     assert last(log_dir, "curvature/batch_sharpness") == pytest.approx(reference.batch_sharpness, rel=1e-5)
-    assert last(log_dir, "curvature/batch_sharpness_stderr") == pytest.approx(reference.batch_sharpness_stderr, rel=1e-4)
+    stderr = reference.batch_sharpness_stderr
+    assert last(log_dir, "curvature/batch_sharpness_stderr") == pytest.approx(stderr, rel=1e-4)
 
 
 def test_checkpoint_resume_keeps_schedule_and_warm_start(tmp_path, uninterrupted):

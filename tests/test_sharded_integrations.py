@@ -84,7 +84,7 @@ def test_lightning_model_parallel_fsdp2_matches_single_process(lightning_run):
         assert not rank["reduces"], "the sharded operator reduces itself: no strategy reduce"
         assert [h["step"] for h in rank["history"]] == [5, 10]
         assert all(h["method"] == "finite_difference" and h["converged"] for h in rank["history"])
-    for a, b in zip(ranks[0]["history"], ranks[1]["history"]):  # the same Lanczos on every rank
+    for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):  # the same Lanczos on every rank
         assert (a["eigenvalues"], a["hvps"], a["trace"]) == (b["eigenvalues"], b["hvps"], b["trace"])
     assert "reference" not in ranks[1]
 
