@@ -13,6 +13,7 @@ import json
 import math
 import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,21 +148,37 @@ def _wandb_records(path: str) -> Any:
             chunks = []
 
 
-def read_wandb(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """The history rows (``_step`` included) of the one offline wandb run below ``root``."""
+def read_wandb(root: str | os.PathLike, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The history rows (``_step`` included) of the one offline wandb run below ``root``.
+
+    wandb's service may still be writing the file when ``finish()`` has returned:
+    the file is read again until it ends with the run's ``exit`` record.
+    """
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     paths = glob.glob(os.path.join(str(root), "**", "offline-run-*", "run-*.wandb"), recursive=True)
     assert len(paths) == 1, f"expected one offline wandb run under {root}, found {paths}"
-    rows = []
-    for raw in _wandb_records(paths[0]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({
-                (item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item
-            })
-    return rows
+    deadline = time.monotonic() + timeout
+    while True:
+        rows, finished = [], False
+        try:
+            for raw in _wandb_records(paths[0]):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(raw)
+                kind = record.WhichOneof("record_type")
+                finished = finished or kind == "exit"
+                if kind == "history":
+                    rows.append({
+                        (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                        for item in record.history.item
+                    })
+        except (DecodeError, struct.error):
+            finished = False
+        if finished:
+            return rows
+        assert time.monotonic() < deadline, f"{paths[0]} has no exit record after {timeout} s"
+        time.sleep(0.1)
 
 
 def wandb_curves(rows: list[dict[str, Any]], x: str) -> Curves:
