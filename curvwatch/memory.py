@@ -32,7 +32,11 @@ GIB = float(1 << 30)
 # basis: the product's input and output, the operator's cached gradient and
 # saved parameters (finite differences), the Ritz vectors, the warm starts and
 # the preconditioner diagonal.
-WORKING_VECTORS = {"double_backward": 6, "forward_over_reverse": 7, "finite_difference": 7, "forward_difference": 7, "ggn": 6}
+# Counted from the code paths (product in and out, cached gradient, saved
+# parameters, the preconditioner and its scaled vector, Ritz vectors, warm starts,
+# the central-difference certificate's two gradients); the 1.56B run on an H200
+# ran out of memory with an estimate of 7 for differences.
+WORKING_VECTORS = {"double_backward": 8, "forward_over_reverse": 9, "finite_difference": 10, "forward_difference": 10, "ggn": 8}
 
 # One product's activations as a multiple of the training step's (peak minus
 # resident memory). Double backward in TF32 measured 3.8x (GPT-2 124M, fp32
@@ -44,8 +48,13 @@ ACTIVATION_FACTOR = {"double_backward": 5.0, "forward_over_reverse": 5.0, "finit
 # Share of the host's available memory a measurement may take.
 HOST_SHARE = 0.5
 
-# Device memory left free for fragmentation and the allocator's rounding.
+# Device memory left free for fragmentation and the allocator's rounding, and
+# the share of what is allowed that an estimate may fill.
 DEVICE_MARGIN = 2 * GIB
+DEVICE_FILL = 0.85
+
+# Most basis vectors kept on the host: its memory is the user's too.
+HOST_MAX_VECTORS = 6
 
 
 @dataclass(frozen=True)
@@ -140,19 +149,22 @@ def plan_memory(
     working = WORKING_VECTORS.get(method, 7) * vector + activations
     host = HOST_SHARE * (host_available_bytes() if host_available is None else host_available)
     cuda = device.type == "cuda"
-    candidates: list[tuple[str, int]] = []
+    smallest = k + 2
+    # on the device: the basis asked for, else the largest that fits (at least k + 2)
+    room = int((DEVICE_FILL * allowed - working) // vector) if vector > 0 else max_basis
+    fitted = max(smallest, min(max_basis, room))
+    host_basis = max(smallest, min(max_basis, HOST_MAX_VECTORS))
     if basis_device is not None:
-        candidates = [(str(basis_device), max_basis), (str(basis_device), k + 2)]
+        candidates = [(str(basis_device), max_basis), (str(basis_device), smallest)]
+    elif cuda:
+        candidates = [("cuda", max_basis), ("cuda", fitted), ("cpu", host_basis), ("cpu", smallest)]
     else:
-        candidates = [(device.type, max_basis)]
-        if cuda:
-            candidates += [("cpu", max_basis), ("cpu", k + 2)]
-        candidates.append((device.type, k + 2))
+        candidates = [(device.type, max_basis), (device.type, smallest)]
     for where, m in candidates:
-        on_device = where == device.type
+        on_device = torch.device(where).type == device.type
         device_bytes = working + (m * vector if on_device else 0.0)
         host_bytes = 0.0 if on_device else m * vector
-        limit_ok = device_bytes <= allowed if cuda else device_bytes + host_bytes <= allowed
+        limit_ok = device_bytes <= DEVICE_FILL * allowed if cuda else device_bytes + host_bytes <= allowed
         if limit_ok and host_bytes <= host:
             return MemoryPlan(
                 True, where, m, device_bytes, host_bytes, allowed,
