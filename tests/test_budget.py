@@ -1,6 +1,5 @@
 """Leave it on: a share of training time, memory that does not grow, and a clean skip."""
 
-import math
 import subprocess
 import sys
 import textwrap
