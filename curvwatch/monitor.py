@@ -204,7 +204,18 @@ class CurvatureMonitor:
         if minibatches is not None and batch_size is None:
             raise CurvatureError("minibatches=... is for batch sharpness: also pass batch_size=<training batch size>")
         if optimizer is not None:
-            unwrap_optimizer(optimizer)
+            _check_param_group(unwrap_optimizer(optimizer), param_group)
+        if isinstance(spectrum_every, bool) or not isinstance(spectrum_every, int) or spectrum_every < 0:
+            raise CurvatureError(
+                f"spectrum_every must be 0 (never) or a positive integer (every M-th measurement), "
+                f"got {spectrum_every!r}"
+            )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if top_k > trainable:
+            raise CurvatureError(
+                f"top_k={top_k} exceeds the number of trainable parameters ({trainable}): "
+                f"the Hessian has {trainable} eigenvalues; pass top_k <= {trainable}"
+            )
         if train_mode is not None and not isinstance(train_mode, bool):
             raise CurvatureError(f"train_mode must be None (auto), True or False, got {train_mode!r}")
         if precision not in PRECISIONS:
@@ -278,6 +289,7 @@ class CurvatureMonitor:
         self._peak_after_measuring: float | None = None
         self._method_override: str | None = None
         self.last_plan: MemoryPlan | None = None  # where the last measurement put its basis, and why
+        self._attached: tuple[Any, Any] | None = None
         self._observe_training_peak(device)
 
     # -- scheduling ------------------------------------------------------------
@@ -296,14 +308,26 @@ class CurvatureMonitor:
         Returns the hook handle (``handle.remove()`` detaches).
         """
         inner = unwrap_optimizer(optimizer)
+        if self._attached is not None:
+            attached_to, handle = self._attached
+            if attached_to is inner and handle.id in inner._optimizer_step_post_hooks:
+                return handle  # attaching twice would count every step twice
+            if handle.id in attached_to._optimizer_step_post_hooks:
+                raise CurvatureError(
+                    "this monitor is already attached to another optimizer: call "
+                    "handle.remove() on the handle attach() returned first"
+                )
         if self.optimizer is None:
             self.optimizer = inner
+            _check_param_group(inner, self.param_group)
 
         def hook(opt, args, kwargs) -> None:
             self._attached_steps += 1
             self.maybe_measure(self._attached_steps)
 
-        return inner.register_step_post_hook(hook)
+        handle = inner.register_step_post_hook(hook)
+        self._attached = (inner, handle)
+        return handle
 
     # -- measuring --------------------------------------------------------------
     def measure(self, step: int | None = None) -> CurvatureResult | None:
@@ -531,7 +555,19 @@ class CurvatureMonitor:
 
         pre_lambda = pre.lambda_max if pre is not None else math.nan
         lambda_max = eig.lambda_max if eig is not None else math.nan
-        sharp = pre_lambda if diagonal is not None else (bs if self.batch_size is not None and not limit_adaptive(limit) else lambda_max)
+        uses_batch_sharpness = diagonal is None and self.batch_size is not None and not limit_adaptive(limit)
+        sharp = pre_lambda if diagonal is not None else (bs if uses_batch_sharpness else lambda_max)
+        if not uses_batch_sharpness and threshold_solve.relative_error_bound > RATIO_MAX_ERROR:
+            # a Ritz value that has not converged is only a lower bound of the
+            # sharpness: no ratio (and no crossing) from it; error_bound says why
+            self._warn_once(
+                "unconverged",
+                f"curvwatch: step {step}: the threshold's eigenvalue is not within "
+                f"{RATIO_MAX_ERROR:.0%} (error bound {threshold_solve.relative_error_bound:.2g}) after "
+                f"{hvps} products: it is a lower bound, logged without a sharpness ratio. Raise "
+                "Budget.max_hvps / max_seconds / overhead",
+            )
+            sharp = math.nan
         return CurvatureResult(
             step=step,
             lambda_max=lambda_max,
@@ -676,7 +712,16 @@ class CurvatureMonitor:
             result.step, "crossed" if above else "fell back below", ratio, result.threshold,
         )
         if self.on_threshold is not None:
-            self.on_threshold(result)
+            try:
+                self.on_threshold(result)
+            except Exception as error:  # noqa: BLE001 - the same policy as sinks
+                if self.strict:
+                    raise
+                self._warn_once(
+                    "on_threshold",
+                    f"curvwatch: on_threshold failed ({type(error).__name__}: {error}); "
+                    "training continues (strict=True raises instead)",
+                )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -711,6 +756,21 @@ class CurvatureMonitor:
             self._cost.load_state_dict(state["cost"])
         if self.method == "auto" and self._ggn_kind is None:
             self._resolved_method = state.get("method")
+
+
+# A ratio sharpness/threshold is logged only when the sharpness is known to this
+# relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
+RATIO_MAX_ERROR = 1e-2
+
+
+def _check_param_group(optimizer: Any, param_group: int) -> None:
+    """Refuse a ``param_group`` the optimizer does not have (at construction, not at every measurement)."""
+    groups = len(getattr(optimizer, "param_groups", []))
+    if isinstance(param_group, bool) or not isinstance(param_group, int) or not 0 <= param_group < max(groups, 1):
+        raise CurvatureError(
+            f"param_group={param_group!r} but the optimizer has {groups} parameter group(s): "
+            f"pass an index in 0..{groups - 1}"
+        )
 
 
 class _DoesNotFit(Exception):
