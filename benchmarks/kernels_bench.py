@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from curvwatch.kernels import cross_entropy_logit_hvp, triton_available
-from curvwatch.kernels.lm_head import lm_head_ggn_product
+from curvwatch.operators.lm_head import lm_head_ggn_product
 
 GiB = 2**30
 

@@ -2,9 +2,6 @@
 
 from curvwatch._errors import CurvatureError, CurvatureWarning, NoSecondDerivativeError
 from curvwatch.monitor import CurvatureMonitor
-from curvwatch.results import Budget, CurvatureResult
-from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
-from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
 from curvwatch.operators import (
     CurvatureOperator,
     DenseOperator,
@@ -12,6 +9,8 @@ from curvwatch.operators import (
     HessianOperator,
     PreconditionedOperator,
 )
+from curvwatch.results import Budget, CurvatureResult
+from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
 from curvwatch.solvers import (
     LanczosResult,
     SpectralDensity,
@@ -20,6 +19,7 @@ from curvwatch.solvers import (
     lanczos,
     slq,
 )
+from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
 
 __version__ = "0.1.0"
 

@@ -19,44 +19,51 @@ Failures inside a measurement are one warning and a skipped point, unless
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
 import warnings
-from dataclasses import replace
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning, NoSecondDerivativeError
-from curvwatch.cost import OverheadAccount
-from curvwatch.memory import MemoryPlan, activation_bytes, device_allowance, plan_memory
-from curvwatch.precision import PRECISIONS, Precision, matmul_precision, resolve_precision
 from curvwatch.batch_sharpness import batch_length, batch_sharpness
+from curvwatch.cost import OverheadAccount
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
-from curvwatch._methods import (
+from curvwatch.memory import MemoryPlan, activation_bytes, device_allowance, plan_memory
+from curvwatch.operators.distributed import Reduce
+from curvwatch.operators.factory import (
     CURVATURES,
     MONITOR_METHODS,
     auto_method,
     build_ggn_operator,
     build_operator,
-    certify_top,
-    disagree,
     ggn_kind,
-    is_sharded,
 )
-from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.preconditioned import PreconditionedOperator
-from curvwatch.operators.sharded import check_supported
+from curvwatch.operators.sharded import check_supported, is_sharded
+from curvwatch.precision import (
+    PRECISIONS,
+    Precision,
+    matmul_precision,
+    resolve_precision,
+)
 from curvwatch.probe import LossFn, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
+from curvwatch.solvers.certificate import certify_top, disagree
 from curvwatch.solvers.density import slq
 from curvwatch.solvers.lanczos import LanczosResult, default_max_basis, lanczos
 from curvwatch.solvers.trace import hutchinson
-from curvwatch.stability import Threshold, preconditioner_diagonal, threshold, unwrap_optimizer
+from curvwatch.stability import (
+    Threshold,
+    preconditioner_diagonal,
+    threshold,
+    unwrap_optimizer,
+)
 
 logger = logging.getLogger("curvwatch")
 
@@ -131,7 +138,7 @@ class CurvatureMonitor:
             ``(inputs, targets)`` batches (:class:`~curvwatch.GGNOperator`,
             ``result.method == "ggn"``), and a Hugging Face causal LM with a dict
             batch holding ``input_ids`` and ``labels`` (the chunked LM-head
-            path :func:`~curvwatch.kernels.lm_head.causal_lm_ggn_operator`,
+            path :func:`~curvwatch.operators.lm_head.causal_lm_ggn_operator`,
             ``result.method == "ggn_lm_head"``). ``method`` is ignored (the GGN
             products are exact; no finite-difference certificate); not
             supported under FSDP or with batch sharpness (``batch_size``).
@@ -800,41 +807,3 @@ def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot
         return math.nan
     a, b = previous[:, 0], current[:, 0].to(previous.device)
     return abs(dot(a, b).item()) / max((dot(a, a) * dot(b, b)).sqrt().item(), 1e-300)
-
-
-def check_adapter_arguments(
-    every: Any,
-    loss_fn: Any,
-    criterion: Any,
-    batch_sharpness: Any,
-    batch_sharpness_source: Any,
-    options: dict[str, Any],
-    reserved: Iterable[str],
-) -> None:
-    """Validate the arguments every framework adapter shares, at construction.
-
-    Raises:
-        CurvatureError: a bad ``every``, both or non-callable ``loss_fn`` /
-            ``criterion``, a bad batch-sharpness switch, an option the adapter
-            sets itself (``reserved``), or a name :class:`CurvatureMonitor` does
-            not take.
-    """
-    if not isinstance(batch_sharpness, bool):
-        raise CurvatureError(f"batch_sharpness must be True or False, got {batch_sharpness!r}")
-    if batch_sharpness_source not in ("train", "probe"):
-        raise CurvatureError(f"batch_sharpness_source must be 'train' or 'probe', got {batch_sharpness_source!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise CurvatureError(f"every must be a positive integer, got {every!r}")
-    if loss_fn is not None and criterion is not None:
-        raise CurvatureError("pass loss_fn or criterion, not both")
-    for name, value in (("loss_fn", loss_fn), ("criterion", criterion)):
-        if value is not None and not callable(value):
-            raise CurvatureError(f"{name} must be callable, got {type(value).__name__}")
-    reserved = set(reserved)
-    own = sorted(set(options) & reserved)
-    if own:
-        raise CurvatureError(f"{own} are set by the callback; remove them from the options")
-    known = set(inspect.signature(CurvatureMonitor.__init__).parameters) - {"self"} - reserved
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise CurvatureError(f"unknown CurvatureMonitor options {unknown}; choose from {sorted(known)}")

@@ -80,7 +80,9 @@ def read_source(source: str) -> Series:
                     for tag, value in record.get("scalars", {}).items():
                         series[tag].append((record["step"], value))
     else:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
 
         acc = EventAccumulator(source, size_guidance={"scalars": 0})
         acc.Reload()

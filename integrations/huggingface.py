@@ -44,7 +44,12 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback
+from transformers.trainer_callback import (
+    DefaultFlowCallback,
+    ExportableState,
+    PrinterCallback,
+    ProgressCallback,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from curvwatch import CurvatureError, CurvatureMonitor

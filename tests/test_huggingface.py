@@ -317,6 +317,9 @@ def test_curves_reach_every_tracker_and_the_log_history_next_to_the_loss(tmp_pat
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # wandb keeps its settings (the run directory) from an earlier test's run
     rejecting = _RejectingTracker()
     callback = CurvatureTrainerCallback(every=EVERY, trace=False)
     with warnings.catch_warnings(record=True) as caught:

@@ -13,8 +13,8 @@ from curvwatch.kernels import (
     mean_row_weights,
     select_backend,
 )
-from curvwatch.kernels.cross_entropy import cross_entropy_logit_hvp as eager_reference
-from curvwatch.kernels.lm_head import (
+from curvwatch.kernels.cross_entropy import cross_entropy_logit_hvp_eager as eager_reference
+from curvwatch.operators.lm_head import (
     LMHeadGGNOperator,
     causal_lm_ggn_operator,
     lm_head_ggn_product,

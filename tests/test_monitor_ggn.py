@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import curvwatch as cw
-from curvwatch.kernels.lm_head import causal_lm_ggn_operator
+from curvwatch.operators.lm_head import causal_lm_ggn_operator
 from tests.cases import dense_ggn_ce, linear_regression, tanh_mlp_ce
 
 

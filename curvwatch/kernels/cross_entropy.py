@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 
-def cross_entropy_logit_hvp(
+def cross_entropy_logit_hvp_eager(
     logits: torch.Tensor,
     tangent: torch.Tensor,
     targets: torch.Tensor | None = None,

@@ -4,6 +4,7 @@ from curvwatch.operators._base import CurvatureOperator, DenseOperator
 from curvwatch.operators.ggn import GGNOperator
 from curvwatch.operators.hessian import HessianOperator, finite_difference_step
 from curvwatch.operators.preconditioned import PreconditionedOperator
+from curvwatch.operators.sharded import is_sharded
 
 __all__ = [
     "CurvatureOperator",
@@ -12,4 +13,5 @@ __all__ = [
     "HessianOperator",
     "PreconditionedOperator",
     "finite_difference_step",
+    "is_sharded",
 ]

@@ -37,7 +37,7 @@ class GGNOperator(CurvatureOperator):
             reduction; ``H_out = (diag(p) - p p^T) / N``, applied by
             :func:`curvwatch.kernels.cross_entropy_logit_hvp`: Triton on CUDA,
             ``CURVWATCH_CE_BACKEND`` forces a path; for a causal LM with a large
-            vocabulary, :func:`curvwatch.kernels.lm_head.causal_lm_ggn_operator`
+            vocabulary, :func:`curvwatch.operators.lm_head.causal_lm_ggn_operator`
             never holds the full logits), ``"mse"`` (mean of
             squared errors over all output elements; ``H_out = 2/numel I``), or
             a callable ``loss(outputs) -> scalar`` whose output-space Hessian is

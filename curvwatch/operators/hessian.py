@@ -38,6 +38,7 @@ from curvwatch.operators._closure import (
     is_missing_derivative,
     zeros_for_none,
 )
+from curvwatch.operators._difference import difference_product
 
 Method = Literal["double_backward", "forward_over_reverse", "finite_difference"]
 METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
@@ -207,35 +208,19 @@ class HessianOperator(CurvatureOperator):
             g, loss = self._gradient_at_current()
             self.gradient, self.loss = g, loss.item()
 
-    @torch.no_grad()
-    def _shift(self, saved: list[torch.Tensor], direction: torch.Tensor, scale: float) -> None:
-        for p, p0, d in zip(self.params, saved, unflatten(direction, self.params)):
-            p.copy_(p0 + scale * d)
-
     def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
         vnorm = v.norm().item()
         if vnorm == 0.0:
             return torch.zeros_like(v)
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in self.params]
-            rms = math.sqrt(sum(float(p.double().pow(2).sum()) for p in saved) / self.size)
         if self.scheme == "forward":
             self._ensure_base_gradient()
+        with torch.no_grad():
+            rms = math.sqrt(sum(float(p.double().pow(2).sum()) for p in self.params) / self.size)
         h = self.step if self.step is not None else finite_difference_step(self.dtype, rms, self.scheme)
-        eps = h / vnorm
-        try:
-            with torch.enable_grad():
-                self._shift(saved, v, eps)
-                g_plus, _ = self._gradient_at_current()
-                if self.scheme == "central":
-                    self._shift(saved, v, -eps)
-                    g_minus, _ = self._gradient_at_current()
-                    return (g_plus - g_minus).div_(2 * eps)
-                return (g_plus - self.gradient).div_(eps)
-        finally:
-            with torch.no_grad():
-                for p, p0 in zip(self.params, saved):
-                    p.copy_(p0)
+        with torch.enable_grad():
+            return difference_product(
+                self.params, v, h, vnorm, lambda: self._gradient_at_current()[0], self.scheme, self.gradient
+            )
 
     def gradient_at_theta(self) -> torch.Tensor:
         """The flat gradient at the current parameters (computed once, cached)."""

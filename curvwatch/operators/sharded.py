@@ -73,9 +73,10 @@ from typing import Literal
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch._flat import flatten, local, unflatten
+from curvwatch._flat import flatten, local
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import Closure, check_params, checked_loss
+from curvwatch.operators._difference import difference_product
 from curvwatch.operators.hessian import finite_difference_step
 
 # Elements per independently seeded chunk of a parameter's global random vector.
@@ -103,6 +104,13 @@ def check_supported(model: torch.nn.Module) -> None:
     """
     if any(hasattr(p, "ds_id") or hasattr(p, "ds_status") for p in model.parameters()):
         raise CurvatureError(DEEPSPEED_ZERO3_MSG)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for FSDP-wrapped models (FSDP1 wrappers or FSDP2 DTensor parameters)."""
+    if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()):
+        return True
+    return any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") for p in model.parameters())
 
 
 @dataclass(frozen=True)
@@ -288,38 +296,21 @@ class ShardedHessianOperator(CurvatureOperator):
         return self.gradient
 
     # -- products -------------------------------------------------------------------
-    @torch.no_grad()
-    def _shift(self, saved: Sequence[torch.Tensor], direction: torch.Tensor, scale: float) -> None:
-        for lp, p0, d in zip(self._local_params(), saved, unflatten(direction, saved)):
-            lp.copy_(p0 + scale * d)
-
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         vnorm = self.norm(v).item()
         if vnorm == 0.0:
             return torch.zeros_like(v)
         if self.scheme == "forward":
             self.gradient_at_theta()
-        with torch.no_grad():
-            saved = [lp.detach().clone() for lp in self._local_params()]
+        local = self._local_params()
         if self._rms is None:  # theta is the same for every product of this operator
             squares = torch.zeros(1, dtype=torch.float64, device=self.device)
-            for t in saved:
-                squares += t.to(torch.float64).pow(2).sum()
+            with torch.no_grad():
+                for t in local:
+                    squares += t.to(torch.float64).pow(2).sum()
             self._rms = math.sqrt(self._all_reduce_sum(squares).item() / max(self.global_size, 1))
         h = self.step if self.step is not None else finite_difference_step(self._compute_dtype, self._rms, self.scheme)
-        eps = h / vnorm
-        try:
-            self._shift(saved, v, eps)
-            g_plus, _ = self._gradient()
-            if self.scheme == "central":
-                self._shift(saved, v, -eps)
-                g_minus, _ = self._gradient()
-                return g_plus.sub_(g_minus).div_(2 * eps)
-            return g_plus.sub_(self.gradient).div_(eps)
-        finally:
-            with torch.no_grad():
-                for lp, p0 in zip(self._local_params(), saved):
-                    lp.copy_(p0)
+        return difference_product(local, v, h, vnorm, lambda: self._gradient()[0], self.scheme, self.gradient)
 
     def release(self) -> None:
         """Nothing to free: finite differences keep no graph."""

@@ -38,6 +38,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     from curvwatch.batch_sharpness import batch_length
+    from curvwatch import Budget
     from curvwatch.integrations.accelerate import watch
 
     parser = argparse.ArgumentParser()
@@ -58,7 +59,7 @@ def main() -> None:
     criterion = torch.nn.CrossEntropyLoss()
     sink_steps: list[int] = []  # a user's sink: main process only
     monitor = watch(accelerator, model, optimizer, probe, every=args.every, criterion=criterion,
-                    sinks=[lambda result: sink_steps.append(result.step)])
+                    sinks=[lambda result: sink_steps.append(result.step)], budget=Budget(overhead=None))
 
     step = 0
     for xb, yb in loader:

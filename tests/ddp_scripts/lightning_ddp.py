@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from curvwatch import Budget
 from curvwatch.integrations.lightning import CurvatureCallback
 
 LR, MOMENTUM = 0.1, 0.9
@@ -83,7 +84,7 @@ def main() -> None:
     sink_steps: list[int] = []  # a user's sink: process zero only
     callback = CurvatureCallback(
         every=args.every, batch=whole_probe_batch(args.probe) if args.probe == "batch" else None, strict=True,
-        sinks=[lambda result: sink_steps.append(result.step)],
+        sinks=[lambda result: sink_steps.append(result.step)], budget=Budget(overhead=None),
     )
     module = Classifier()
     trainer = pl.Trainer(

@@ -77,6 +77,7 @@ def lightning(out: str):
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    from curvwatch import Budget
     from curvwatch.integrations.lightning import CurvatureCallback
 
     class Module(pl.LightningModule):
@@ -96,7 +97,7 @@ def lightning(out: str):
             optimizer, schedule = optimizer_and_schedule(self)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    callback = CurvatureCallback(every=EVERY, batch=probe(), loss_fn=loss_fn)
+    callback = CurvatureCallback(every=EVERY, batch=probe(), loss_fn=loss_fn, budget=Budget(overhead=None))
     module = Module()
     trainer = pl.Trainer(
         max_steps=STEPS, accelerator="cpu", devices=1, callbacks=[callback], log_every_n_steps=EVERY,
@@ -111,6 +112,7 @@ def transformers(out: str):
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainingArguments
 
+    from curvwatch import Budget
     from curvwatch.integrations.huggingface import CurvatureTrainerCallback
 
     class InOrder(Trainer):
@@ -121,7 +123,7 @@ def transformers(out: str):
         MLFLOW_TRACKING_URI="file://" + os.path.join(os.path.abspath(out), "mlruns"),
         MLFLOW_EXPERIMENT_NAME="same_run", MLFLOW_ALLOW_FILE_STORE="true",
     )
-    callback = CurvatureTrainerCallback(every=EVERY, batch=probe(), loss_fn=loss_fn)
+    callback = CurvatureTrainerCallback(every=EVERY, batch=probe(), loss_fn=loss_fn, budget=Budget(overhead=None))
     model = Net()
     args = TrainingArguments(
         output_dir=os.path.join(out, "tb"), max_steps=STEPS,
@@ -137,6 +139,7 @@ def transformers(out: str):
 def accelerate(out: str):
     from accelerate import Accelerator
 
+    from curvwatch import Budget
     from curvwatch.integrations.accelerate import watch
 
     accelerator = Accelerator(cpu=True, log_with=["tensorboard", "wandb"], project_dir=out)
@@ -145,7 +148,7 @@ def accelerate(out: str):
     optimizer, schedule = optimizer_and_schedule(model)
     loader = torch.utils.data.DataLoader(train_data(), batch_size=BATCH)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    monitor = watch(accelerator, model, optimizer, probe(), every=EVERY, loss_fn=loss_fn)
+    monitor = watch(accelerator, model, optimizer, probe(), every=EVERY, loss_fn=loss_fn, budget=Budget(overhead=None))
     for updates, batch in enumerate(loader, start=1):
         loss = model(**batch)["loss"]
         accelerator.backward(loss)

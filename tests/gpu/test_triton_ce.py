@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from curvwatch.kernels import cross_entropy_logit_hvp, select_backend
-from curvwatch.kernels.cross_entropy import cross_entropy_logit_hvp as eager_reference
-from curvwatch.kernels.lm_head import lm_head_ggn_product
+from curvwatch.kernels.cross_entropy import cross_entropy_logit_hvp_eager as eager_reference
+from curvwatch.operators.lm_head import lm_head_ggn_product
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -104,7 +104,7 @@ def test_causal_lm_fused_ggn_on_device_equals_plain_ggn():
         pytest.skip("CUDA only (the CPU version is in tests/test_kernels.py)")
     transformers = pytest.importorskip("transformers")
     import curvwatch as cw
-    from curvwatch.kernels.lm_head import causal_lm_ggn_operator
+    from curvwatch.operators.lm_head import causal_lm_ggn_operator
 
     config = transformers.GPT2Config(
         n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64, bos_token_id=0, eos_token_id=0

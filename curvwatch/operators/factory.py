@@ -1,13 +1,15 @@
-"""How a measurement applies the Hessian: method choice, operator, certificate.
+"""Which operator a measurement uses, built in one place for every caller.
 
 ``method="auto"`` is exact where possible (double backward, one first-order
 graph per measurement) and central finite differences where it is not (FSDP;
-models without a second derivative switch at their first measurement).
+models without a second derivative switch at their first measurement, on a
+:class:`~curvwatch.NoSecondDerivativeError`).
 
 ``"forward_difference"`` is the cheap opt-in for large models: one-sided
 differences against the cached probe gradient (about 1.3 training steps and
 1.3x the step's memory per product on GPT-2 small, H100), with lambda_max
-certified by one central-difference Rayleigh quotient and flagged when the two
+certified by one central-difference Rayleigh quotient
+(:func:`curvwatch.solvers.certificate.certify_top`) and flagged when the two
 disagree. It is not the default because differences see what double backward
 does not: the kinks of ReLU-type activations (lambda_max 2.33 vs 0.64 on a ReLU
 transformer) and strong third-order terms in sharp regions (+66% on GPT-2 small
@@ -17,7 +19,6 @@ at lambda_max 888).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,8 +27,11 @@ from curvwatch._errors import CurvatureError
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators.distributed import Reduce, ReducedOperator
 from curvwatch.operators.hessian import METHODS, HessianOperator
-from curvwatch.operators.sharded import ShardedHessianOperator, check_supported
-from curvwatch.solvers.lanczos import LanczosResult
+from curvwatch.operators.sharded import (
+    ShardedHessianOperator,
+    check_supported,
+    is_sharded,
+)
 
 MONITOR_METHODS = (*METHODS, "forward_difference")
 
@@ -43,18 +47,6 @@ _GGN_FIX = (
     "dict batches holding 'input_ids' and 'labels' (no loss_fn); pass curvature='hessian' "
     "for anything else"
 )
-
-# One-sided and central estimates of lambda_max further apart than this (relative)
-# mean the finite-difference steps are outside their accurate range at this point.
-FD_AGREEMENT_RTOL = 1e-2
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True for FSDP-wrapped models (FSDP1 wrappers or FSDP2 DTensor parameters)."""
-    if any(type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in model.modules()):
-        return True
-    return any(type(p).__name__ == "DTensor" or hasattr(p, "device_mesh") for p in model.parameters())
-
 
 def auto_method(model: torch.nn.Module) -> str:
     """``method="auto"``: central finite differences under FSDP, else double backward."""
@@ -153,15 +145,22 @@ def ggn_kind(model: torch.nn.Module, batch: Any, loss_fn: Any, criterion: Any) -
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
-    """True for ``transformers`` causal LMs (whose loss shifts the labels by one)."""
-    name = type(model).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
+    """True for Hugging Face causal LMs (whose loss shifts the labels by one).
+
+    Read from the model alone, without importing ``transformers`` (the core
+    imports no framework): the class name of the standard heads, or a model
+    that generates and is not an encoder-decoder.
+    """
+    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         return True
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except Exception:  # noqa: BLE001 - transformers absent or reorganised
-        return False
-    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    config = getattr(model, "config", None)
+    return (
+        callable(getattr(model, "generate", None))
+        and config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+        and getattr(config, "is_decoder", True) is not False
+        and "CausalLM" in " ".join(getattr(config, "architectures", None) or [])
+    )
 
 
 def build_ggn_operator(
@@ -175,7 +174,7 @@ def build_ggn_operator(
 ) -> CurvatureOperator:
     """The Gauss-Newton operator of the probe loss for ``kind`` (from :func:`ggn_kind`).
 
-    :data:`GGN_LM_HEAD`: :func:`~curvwatch.kernels.lm_head.causal_lm_ggn_operator`
+    :data:`GGN_LM_HEAD`: :func:`~curvwatch.operators.lm_head.causal_lm_ggn_operator`
     (``check``: compare the head's logits with the model's once).
     :data:`GGN_CRITERION`: :class:`~curvwatch.GGNOperator` on ``model(inputs)``;
     for cross-entropy the class dimension (1 for ``(N, C, d1, ...)`` outputs)
@@ -186,8 +185,8 @@ def build_ggn_operator(
     Raises:
         CurvatureError: FSDP (the model may have been sharded after construction).
     """
-    from curvwatch.kernels.lm_head import DEFAULT_CHUNK_SIZE, causal_lm_ggn_operator
     from curvwatch.operators.ggn import GGNOperator
+    from curvwatch.operators.lm_head import DEFAULT_CHUNK_SIZE, causal_lm_ggn_operator
 
     check_supported(model)
     if is_sharded(model):
@@ -215,28 +214,3 @@ def build_ggn_operator(
         inputs = batch[0]
         operator = GGNOperator(lambda: model(inputs), params, loss="mse")
     return operator if reduce is None else ReducedOperator(operator, reduce)
-
-
-def certify_top(operator: CurvatureOperator, eig: LanczosResult) -> LanczosResult:
-    r"""Replace the top Ritz value by the Rayleigh quotient ``y^T A y`` under ``operator``.
-
-    Lanczos driven by cheap, slightly biased products (one-sided differences,
-    O(h) error) gives a Ritz vector ``y`` whose error is first order in the
-    bias; the Rayleigh quotient of a more accurate operator (central
-    differences, O(h^2)) at ``y`` is off by only the *square* of that error
-    (Parlett 1998, Thm. 11.7.1). One product. The residual becomes
-    ``||A y - theta y||`` under the accurate operator.
-    """
-    y = eig.eigenvectors[:, 0]
-    ay = operator.matvec(y.contiguous())
-    theta = operator.dot(y, ay) / operator.dot(y, y)
-    residual = operator.norm(ay - theta * y)
-    values = eig.eigenvalues.clone()
-    residuals = eig.residuals.clone()
-    values[0], residuals[0] = theta.item(), residual.item()
-    return replace(eig, eigenvalues=values, residuals=residuals)
-
-
-def disagree(central: float, one_sided: float) -> bool:
-    """True when two estimates of lambda_max differ by more than :data:`FD_AGREEMENT_RTOL`."""
-    return abs(central - one_sided) > FD_AGREEMENT_RTOL * max(abs(central), 1e-30)
