@@ -21,7 +21,8 @@ import torch
 
 from curvwatch._errors import CurvatureError
 from curvwatch.operators.distributed import Reduce
-from curvwatch.operators.hessian import HessianOperator
+from curvwatch.operators.factory import build_operator
+from curvwatch.operators.sharded import is_sharded
 from curvwatch.probe import LossFn, map_tensors
 
 # Stop averaging once the standard error is below this fraction of the mean.
@@ -78,7 +79,7 @@ def batch_sharpness(
     seed: int = 0,
     reduce: Reduce | None = None,
     source: Callable[[], Any] | None = None,
-) -> tuple[float, float]:
+) -> tuple[float, float, int]:
     """Estimate the batch sharpness and its standard error.
 
     Draws mini-batches of ``batch_size`` examples without replacement within a
@@ -87,34 +88,41 @@ def batch_sharpness(
     ``max_batches`` were used. With ``source``, mini-batches come from
     ``source()`` instead (e.g. the next training batches), used as they are.
     Under data parallelism (``reduce``) each rank
-    draws from its own share and the per-batch values are averaged over ranks.
+    draws from its own share and the per-batch values are averaged over ranks;
+    under FSDP the sharded operator's gradient and inner products already span
+    every rank's share. The operator comes from
+    :func:`~curvwatch.operators.factory.build_operator`, so every ``method`` of
+    the monitor works here (finite differences under FSDP).
 
     Returns:
-        ``(mean, stderr)``.
+        ``(mean, stderr, products)``.
     """
     n = batch_length(batch)
     if source is None and batch_size > n:
         raise CurvatureError(f"batch_size={batch_size} is larger than the probe batch ({n} examples)")
     generator = torch.Generator().manual_seed(seed)
+    sharded = is_sharded(model)
     values: list[float] = []
+    products = 0
     for _ in range(max_batches):
         if source is None:
             sub = take(batch, torch.randperm(n, generator=generator)[:batch_size])
         else:
             sub = source()
-        op = HessianOperator(lambda: loss_fn(model, sub), params, method, module=model)
+        op = build_operator(model, lambda sub=sub: loss_fn(model, sub), params, method)
         g = op.gradient_at_theta()
         hg = op.matvec(g)
-        value = (torch.dot(g, hg) / torch.dot(g, g).clamp_min(1e-300)).reshape(1)
-        if reduce is not None:
+        value = (op.dot(g, hg) / op.dot(g, g).clamp_min(1e-300)).reshape(1)
+        if reduce is not None and not sharded:
             value = reduce(value)
         values.append(value.item())
+        products += op.matvecs
         op.release()
         if len(values) >= MIN_BATCHES:
             mean, stderr = _mean_stderr(values)
             if stderr <= RELATIVE_STDERR * abs(mean):
                 break
-    return _mean_stderr(values)
+    return (*_mean_stderr(values), products)
 
 
 def _mean_stderr(values: list[float]) -> tuple[float, float]:

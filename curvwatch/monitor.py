@@ -541,13 +541,12 @@ class CurvatureMonitor:
             bs = bs_err = math.nan
             bs_products = 0
             if self.batch_size is not None:
-                bs, bs_err = batch_sharpness(
+                bs, bs_err, bs_products = batch_sharpness(
                     self.model, self.loss_fn, self.batch, params, self.batch_size,
-                    method="finite_difference" if self._effective_method() == "forward_difference" else self._effective_method(),
+                    method=self._effective_method(),
                     max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
                     source=None if self.minibatches is None else self._next_minibatch,
                 )
-                bs_products = self.batch_sharpness_batches
             hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0) + bs_products
             loss = operator.loss if self._ggn_kind is None else None  # a GGN never forms the loss
             if loss is None:  # central differences never evaluate the loss at theta itself

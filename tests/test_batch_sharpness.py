@@ -15,7 +15,7 @@ def test_constant_curvature_stops_at_the_minimum_number_of_batches():
     model.w = w
     x = torch.randn(64, 5, dtype=torch.float64)
     loss_fn = lambda m, b: 1.5 * m.w.pow(2).sum() + (b @ m.w).mean()  # noqa: E731
-    value, stderr = batch_sharpness(model, loss_fn, x, [w], batch_size=8, max_batches=50)
+    value, stderr, products = batch_sharpness(model, loss_fn, x, [w], batch_size=8, max_batches=50)
     assert value == pytest.approx(3.0, rel=1e-12)
     assert stderr == pytest.approx(0.0, abs=1e-12)
 
@@ -24,7 +24,7 @@ def test_noisy_curvature_uses_the_whole_budget_and_reports_stderr():
     model, x, y = digits_problem()
     loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
     params = list(model.parameters())
-    value, stderr = batch_sharpness(model, loss_fn, (x[:256], y[:256]), params, batch_size=8, max_batches=12)
+    value, stderr, products = batch_sharpness(model, loss_fn, (x[:256], y[:256]), params, batch_size=8, max_batches=12)
     assert value > 0 and 0 < stderr < value
     # by hand: the same mini-batches, the same formula
     generator = torch.Generator().manual_seed(0)

@@ -104,6 +104,9 @@ def test_fsdp_matches_single_process(fsdp):
         forward = rank["forward"]  # one-sided products, central Rayleigh certificate
         assert forward["method"] == "forward_difference"
         _assert_close(forward["eigenvalues"][:1], ref["eigenvalues"][:1])
+        value, stderr, method = rank["batch_sharpness"]  # skipped the whole measurement before
+        assert method == "finite_difference" and 0 < value and math.isfinite(stderr)
+    assert ranks[0]["batch_sharpness"] == ranks[1]["batch_sharpness"]  # all-reduced inner products
     assert ranks[0]["sharded"] == ranks[1]["sharded"]  # same Lanczos on every rank
     assert ranks[0]["second"] == ranks[1]["second"]
     if ranks[0]["replicas"] == 1:  # sharded over both ranks

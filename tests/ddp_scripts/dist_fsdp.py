@@ -135,6 +135,8 @@ def measure_and_compare(kind: str, rank: int, world: int) -> dict:
     first = summary(mon.measure(3))
     second = summary(mon.measure(4))  # warm-started: overlap with the first
     forward = monitor(model, local_probe, optimizer=opt, method="forward_difference").measure(5)
+    # batch sharpness builds its operators through the same factory: differences under FSDP
+    batch = monitor(model, local_probe, batch_size=8).measure(6)
     after = {
         "params_exact": same(before, local_values(params)),
         "grads_same_objects": all(g is p.grad for g, p in zip(grads, params)),
@@ -150,6 +152,7 @@ def measure_and_compare(kind: str, rank: int, world: int) -> dict:
         "sharded": first,
         "second": second,
         "forward": summary(forward),
+        "batch_sharpness": [batch.batch_sharpness, batch.batch_sharpness_stderr, batch.method],
         "reference": reference(plain, probe, ref_opt),
         "local_size": op.size,
         "global_size": op.global_size,
