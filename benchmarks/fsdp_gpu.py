@@ -14,7 +14,7 @@ Measured side by side in one run on one card, on a small causal transformer
    still alive) against the peak of a training step (forward, backward, Adam
    step, ``zero_grad``), both as ``torch.cuda.max_memory_allocated`` after
    ``reset_peak_memory_stats``; target: at most 1.3x. The Lanczos basis lives on
-   the host (``--basis-device cpu``, default), as DESIGN.md asks for big models;
+   the host (``--basis-device cpu``, default), as docs/design.md asks for big models;
 3. time: median training step, one measurement, and one Hessian-vector
    product as a multiple of a training step.
 
@@ -218,7 +218,8 @@ def main() -> None:
     args = parser.parse_args()
     rank, world, device = init_distributed()
     gpu = device.type == "cuda"
-    for name, on_gpu, on_cpu in (("vocab", 8192, 512), ("d", 512, 64), ("layers", 4, 2), ("seq", 256, 32), ("batch", 16, 8)):
+    sizes = (("vocab", 8192, 512), ("d", 512, 64), ("layers", 4, 2), ("seq", 256, 32), ("batch", 16, 8))
+    for name, on_gpu, on_cpu in sizes:
         if getattr(args, name) is None:
             setattr(args, name, on_gpu if gpu else on_cpu)
     if not gpu:
@@ -232,7 +233,9 @@ def main() -> None:
     step_times, losses = [], []
     for step in range(5):
         batch = share(make_batch(args, 100 + step, device), rank, world)
-        (loss, peak_train, base_train), seconds = timed(lambda: peak_of(lambda: train_step(model, opt, batch), device), device)
+        (loss, peak_train, base_train), seconds = timed(
+            lambda batch=batch: peak_of(lambda: train_step(model, opt, batch), device), device
+        )
         losses.append(loss)
         if step >= 2:
             step_times.append(seconds)
@@ -248,7 +251,9 @@ def main() -> None:
         grads = [p.grad for p in params]
         grad_values = [local(g).clone() for g in grads]
     mon = monitor(model, share(probe, rank, world), opt, args)
-    (result, peak_measure, base_measure), measure_seconds = timed(lambda: peak_of(lambda: mon.measure(5), device), device)
+    (result, peak_measure, base_measure), measure_seconds = timed(
+        lambda: peak_of(lambda: mon.measure(5), device), device
+    )
     with torch.no_grad():
         params_exact = all(torch.equal(a, local(p)) for a, p in zip(before, params))
         grads_exact = all(g is p.grad for g, p in zip(grads, params)) and all(
@@ -272,14 +277,18 @@ def main() -> None:
         "backend": dist.get_backend(),
         "world_size": world,
         "torch": torch.__version__,
-        "config": {k: getattr(args, k) for k in ("vocab", "d", "layers", "heads", "seq", "batch", "lr", "hvps", "tol", "basis_device")},
+        "config": {
+            k: getattr(args, k)
+            for k in ("vocab", "d", "layers", "heads", "seq", "batch", "lr", "hvps", "tol", "basis_device")
+        },
         "parameters": n_params,
         "training_losses": losses,
         "fsdp": {"eigenvalues": list(result.eigenvalues), "preconditioned": result.preconditioned_lambda_max,
                  "method": result.method, "hvps": result.hvps, "converged": result.converged},
         "plain_exact": {"eigenvalues": list(exact.eigenvalues), "preconditioned": exact.preconditioned_lambda_max,
                         "method": exact.method, "hvps": exact.hvps, "converged": exact.converged},
-        "plain_finite_difference": {"eigenvalues": list(plain_fd.eigenvalues), "preconditioned": plain_fd.preconditioned_lambda_max,
+        "plain_finite_difference": {"eigenvalues": list(plain_fd.eigenvalues),
+                                    "preconditioned": plain_fd.preconditioned_lambda_max,
                                     "hvps": plain_fd.hvps, "converged": plain_fd.converged},
         "rel_diff_vs_exact": {
             "lambda_1": rel(result.eigenvalues[0], exact.eigenvalues[0]),
@@ -326,7 +335,10 @@ def markdown(r: dict) -> str:
     ]
     for key in ("fsdp", "plain_exact", "plain_finite_difference"):
         e = r[key]
-        lines.append(f"| {key} | {e['eigenvalues'][0]:.6g} | {e['eigenvalues'][1]:.6g} | {e['preconditioned']:.6g} | {e['hvps']} | {e['converged']} |")
+        lines.append(
+            f"| {key} | {e['eigenvalues'][0]:.6g} | {e['eigenvalues'][1]:.6g} | {e['preconditioned']:.6g} "
+            f"| {e['hvps']} | {e['converged']} |"
+        )
     d = r["rel_diff_vs_exact"]
     lines += [
         "",

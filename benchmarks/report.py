@@ -7,7 +7,7 @@ from typing import Any
 
 from benchmarks.timing import GiB
 
-GOALS = "issue 6 / DESIGN.md 'Performance targets'"
+GOALS = "issue 6 / docs/design.md 'Performance targets'"
 # The row of the product table that each monitor method uses.
 MONITOR_ROW = {
     "forward_difference": "finite_difference forward",

@@ -46,7 +46,7 @@ METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
 # Parameter-space step |eps * v| of a finite difference, relative to 1 + rms(theta),
 # as a multiple of machine epsilon's cube root (central) or square root (forward).
 # Measured on a tiny GPT-2 in float32: |eps v| = 1e-3 central -> 3.8e-5 relative
-# error of lambda_max, 1e-2 -> 3.7e-3; one-sided 1e-4 -> 5.0e-5 (DESIGN.md).
+# error of lambda_max, 1e-2 -> 3.7e-3; one-sided 1e-4 -> 5.0e-5 (docs/design.md).
 CENTRAL_STEP_FACTOR = 0.2
 FORWARD_STEP_FACTOR = 0.3
 
@@ -65,7 +65,7 @@ def finite_difference_step(
     i.e. about 1e-3 (central) and 1e-4 (forward) in float32 for unit-scale
     weights, and 1.2e-6 / 4.5e-9 in float64: the steps that balance truncation
     (O(h^2) central, O(h) forward) against rounding (O(eps_mach / h)) in the
-    measurements recorded in DESIGN.md. The textbook
+    measurements recorded in docs/design.md. The textbook
     ``(1 + |theta|) eps_mach^(1/3) / |v|`` with the full norm was 35% off.
     """
     machine_eps = torch.finfo(dtype).eps
