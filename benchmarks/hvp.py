@@ -87,8 +87,8 @@ def product_times(model, batch, meter: Meter, reps: int, step=None) -> dict[str,
         try:
             with guard:
                 op = make()
-                first, _ = meter.once(lambda: op.matvec(v))
-                steady = meter.time(lambda: op.matvec(v), reps, warmup=0)
+                first, _ = meter.once(lambda op=op: op.matvec(v))
+                steady = meter.time(lambda op=op: op.matvec(v), reps, warmup=0)
                 getattr(op, "release", lambda: None)()
             rows[name] = {"first_s": first, "steady": steady.as_dict(), "step_local": local}
         except Exception as error:  # noqa: BLE001 - a failing method is a result
@@ -124,7 +124,7 @@ def lanczos_accuracy(model, batch, meter: Meter, ref: float, matvecs: int, skip=
             with measurement_guard(model):
                 op = make()
                 seconds, result = meter.once(
-                    lambda: lanczos(op, k=1, tol=1e-12, max_matvecs=matvecs, seed=0)
+                    lambda op=op: lanczos(op, k=1, tol=1e-12, max_matvecs=matvecs, seed=0)
                 )
                 getattr(op, "release", lambda: None)()
             rows[name] = {
@@ -153,7 +153,9 @@ def first_within(op: CurvatureOperator, ref: float, v0, seed: int, max_matvecs: 
     return None
 
 
-def measurement(model, batch, meter: Meter, ref: float, v0, seed: int, max_matvecs: int, basis_device=None, oracle=True):
+def measurement(
+    model, batch, meter: Meter, ref: float, v0, seed: int, max_matvecs: int, basis_device=None, oracle=True
+):
     """One lambda_max measurement to 1% by the residual rule (tol=1e-2)."""
     with measurement_guard(model):
         op = HessianOperator(lambda: loss_fn(model, batch), [p for p in model.parameters() if p.requires_grad])
@@ -215,12 +217,14 @@ def memory(model, optimizer, batch, meter: Meter, state_bytes: int, max_matvecs:
         op.matvec(v)
         op.matvec(v)
     out[FAST_ATTENTION_ROW] = meter.peak(fast, state_bytes)
-    del v
+    v = None  # frees the probe vector (the closures above that hold it have run) before the cold measurements
     for label, basis in (("cold measurement", None), ("cold measurement, basis on CPU", "cpu")):
         if basis is not None and not meter.cuda:
             continue
         out[label] = meter.peak(
-            lambda basis=basis: measurement(model, batch, meter, 1.0, None, 0, max_matvecs, basis_device=basis, oracle=False),
+            lambda basis=basis: measurement(
+                model, batch, meter, 1.0, None, 0, max_matvecs, basis_device=basis, oracle=False
+            ),
             state_bytes,
         )
     return out

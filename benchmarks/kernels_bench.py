@@ -76,7 +76,7 @@ def _peak_extra(fn) -> tuple[int, object]:
 def copy_bandwidth(nbytes: int = 4 * GiB, reps: int = 20) -> dict:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    t = _time_ms(lambda: dst.copy_(src), reps, warmup=3)
+    t = _time_ms(lambda dst=dst, src=src: dst.copy_(src), reps, warmup=3)
     del src, dst
     return {"bytes_moved": 2 * nbytes, **t, "bytes_per_s": 2 * nbytes / (t["median_ms"] * 1e-3)}
 
@@ -101,7 +101,7 @@ def bench_logit_hvp(n: int, vocab: int, dtype: torch.dtype, bw: float, reps: int
     backends = ["eager"] + (["compile", "triton"] if triton_available() else [])
     ref = None
     for backend in backends:
-        fn = lambda b=backend: cross_entropy_logit_hvp(z, u, y, backend=b)  # noqa: E731
+        fn = lambda b=backend, z=z, u=u, y=y: cross_entropy_logit_hvp(z, u, y, backend=b)  # noqa: E731
         t0 = time.perf_counter()
         fn()  # compiles / autotunes
         torch.cuda.synchronize()
@@ -123,7 +123,7 @@ def bench_logit_hvp(n: int, vocab: int, dtype: torch.dtype, bw: float, reps: int
         entry["speedup_vs_eager"] = eager / entry["median_ms"]
     if "triton" in rows["backends"]:
         rows["triton_ablation"] = _triton_ablation(z, u, y, reps, flush)
-    del z, u, y, ref
+    del z, u, y, ref, fn
     torch.cuda.empty_cache()
     return rows
 
@@ -163,7 +163,7 @@ def bench_lm_head(d: int, vocab: int, sizes: list[int], chunk: int, unchunked_ma
         dh = torch.randn(n, d, device="cuda", generator=g)
         y = torch.randint(0, vocab, (n,), device="cuda", generator=g)
         for c in [chunk] + ([n] if n <= unchunked_max and n != chunk else []):
-            fn = lambda c=c: lm_head_ggn_product(  # noqa: E731
+            fn = lambda c=c, h=h, dh=dh, y=y: lm_head_ggn_product(  # noqa: E731
                 h, W, hidden_tangent=dh, weight_tangent=dW, targets=y, chunk_size=c)
             fn()
             timing = _time_ms(fn, reps=3, warmup=1)
@@ -172,7 +172,7 @@ def bench_lm_head(d: int, vocab: int, sizes: list[int], chunk: int, unchunked_ma
             rows.append({"N": n, "d": d, "V": vocab, "chunk_size": c, "chunked": c < n,
                          "peak_extra_bytes": peak, "peak_extra_gib": peak / GiB,
                          "one_NxV_fp32_gib": n * vocab * 4 / GiB, **timing})
-        del h, dh, y
+        del h, dh, y, fn
         torch.cuda.empty_cache()
     return rows
 
@@ -180,7 +180,8 @@ def bench_lm_head(d: int, vocab: int, sizes: list[int], chunk: int, unchunked_ma
 def _markdown(res: dict) -> str:
     lines = [f"# Cross-entropy curvature kernels on {res['device']}", "",
              f"torch {res['torch']}, triton {res['triton']}; copy bandwidth "
-             f"{res['copy']['bytes_per_s'] / 1e12:.2f} TB/s (read + write, {res['copy']['bytes_moved'] / GiB:.0f} GiB moved, median).",
+             f"{res['copy']['bytes_per_s'] / 1e12:.2f} TB/s "
+             f"(read + write, {res['copy']['bytes_moved'] / GiB:.0f} GiB moved, median).",
              "Floor = two passes reading logits and tangent + one output write, at the copy bandwidth.", ""]
     for r in res["logit_hvp"]:
         lines += [f"## logit HVP, N={r['N']}, V={r['V']}, {r['dtype']}: floor {r['floor_two_pass_ms']:.2f} ms "

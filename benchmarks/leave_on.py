@@ -215,7 +215,9 @@ def run_size(name: str, device: torch.device, args) -> dict:
                     "error_bound": res.error_bound,
                     "preconditioned": res.preconditioned_lambda_max, "lambda_max": res.lambda_max,
                     "pre_rel_error": abs(res.preconditioned_lambda_max - pre_ref) / abs(pre_ref),
-                    "lambda_rel_error": abs(res.lambda_max - lam_ref) / abs(lam_ref) if math.isfinite(res.lambda_max) else math.nan,
+                    "lambda_rel_error": (
+                        abs(res.lambda_max - lam_ref) / abs(lam_ref) if math.isfinite(res.lambda_max) else math.nan
+                    ),
                     "trace": res.trace,
                 })
             row["configs"][label][which] = out

@@ -73,7 +73,9 @@ def build_model(setup: Setup, device: torch.device, seed: int = 0) -> CausalLM:
     return CausalLM(GPT2LMHeadModel(config)).to(device)
 
 
-def bigram_batches(setup: Setup, count: int, device: torch.device, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def bigram_batches(
+    setup: Setup, count: int, device: torch.device, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` batches ``(ids, ids)`` of a fixed random bigram language."""
     table = torch.Generator().manual_seed(1234)  # the language: same for every seed
     successors = torch.randint(0, setup.vocab, (setup.vocab, 4), generator=table)

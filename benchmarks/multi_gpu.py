@@ -153,7 +153,7 @@ def main() -> None:
         dist.all_gather_object(gathered, row)
         if rank == 0:
             ref = gathered[0]["single"]["lambda_max"]
-            for r_i, r in enumerate(gathered):
+            for r in gathered:
                 for mode in ("ddp", "fsdp2"):
                     r[mode]["rel_diff_vs_single"] = abs(r[mode]["lambda_max"] - ref) / abs(ref)
             results["models"][kind] = gathered

@@ -42,7 +42,9 @@ def _run(model, optimizer, batches, probe, steps: int, every: int | None, meter:
     return row
 
 
-def monitor_overhead(model, optimizer, batches, probe, steps: int, every: int, repeats: int, meter: Meter) -> dict[str, Any]:
+def monitor_overhead(
+    model, optimizer, batches, probe, steps: int, every: int, repeats: int, meter: Meter
+) -> dict[str, Any]:
     """Alternate plain and monitored runs ``repeats`` times; overhead from the summed times."""
     start = snapshot(model, optimizer)
     plain, monitored = [], []

@@ -50,7 +50,9 @@ def eigenthings(model, batch, meter: Meter, ref: float, max_iter: int, samples: 
         import hessian_eigenthings as he
     except ImportError as error:
         return _missing("hessian_eigenthings", error)
-    out: dict[str, Any] = {"available": True, "version": he.__version__, "hvp_method": "autograd (new graph per product)"}
+    out: dict[str, Any] = {
+        "available": True, "version": he.__version__, "hvp_method": "autograd (new graph per product)"
+    }
     count = [0]
     with measurement_guard(model):
         op = he.HessianOperator(model, [batch], loss_fn, method="autograd")
@@ -113,7 +115,7 @@ def pyhessian(model, batch, meter: Meter, ref: float, max_iter: int, samples: in
         with measurement_guard(model):
             out["setup_s"], h = meter.once(lambda: Hessian(model, lm_criterion, data=batch, cuda=meter.cuda))
             # Full run without its stopping rule: the estimate after each iteration.
-            seconds, _ = meter.once(lambda: h.eigenvalues(maxIter=max_iter, tol=0.0))
+            seconds, _ = meter.once(lambda h=h: h.eigenvalues(maxIter=max_iter, tol=0.0))
             values = [float(t) for t in record]
             out["seconds_per_iteration"] = seconds / max(len(values), 1)
             errors = [_err(x, ref) for x in values]
@@ -125,13 +127,13 @@ def pyhessian(model, batch, meter: Meter, ref: float, max_iter: int, samples: in
                 out[f"stop_tol_{tol:g}"] = {"iterations": n, "rel_error": errors[n - 1], "capped": n == max_iter}
             # Its own run at the 1% target (tol=1e-2), timed.
             record.clear()
-            seconds, (eigenvalues, _) = meter.once(lambda: h.eigenvalues(maxIter=max_iter, tol=ACCURACY))
+            seconds, (eigenvalues, _) = meter.once(lambda h=h: h.eigenvalues(maxIter=max_iter, tol=ACCURACY))
             out["power_tol_0.01"] = {
                 "iterations": len(record), "lambda_max": float(eigenvalues[0]),
                 "rel_error": _err(float(eigenvalues[0]), ref), "seconds": seconds,
             }
             record.clear()
-            seconds, trace_samples = meter.once(lambda: h.trace(maxIter=samples, tol=0.0))
+            seconds, trace_samples = meter.once(lambda h=h: h.trace(maxIter=samples, tol=0.0))
             out["hutchinson"] = {
                 "samples": len(trace_samples), "matvecs": len(record),
                 "seconds_per_sample": seconds / max(len(trace_samples), 1),

@@ -77,13 +77,15 @@ def markdown(r: dict[str, Any]) -> str:
         traj = eig["lanczos_trajectory_rel_error"]
         lines.append(
             f"| hessian-eigenthings {eig['version']} ({eig['hvp_method']}) | {_x(eig['hvp']['median'] / step)} | "
-            f"{_x(eig['hvp']['min'] / r['step']['min'])} | {eig['hvp']['spread']:.0%} | - | {_x(mem.get('peers', {}).get('hessian-eigenthings', math.nan) / step_mem)} | "
+            f"{_x(eig['hvp']['min'] / r['step']['min'])} | {eig['hvp']['spread']:.0%} | - | "
+            f"{_x(mem.get('peers', {}).get('hessian-eigenthings', math.nan) / step_mem)} | "
             f"{_e(traj[min(29, len(traj) - 1)])} |"
         )
     if pyh.get("available"):
         lines.append(
             f"| PyHessian ({pyh['hvp_method']}) | {_x(pyh['seconds_per_iteration'] / step)} | - | - | "
-            f"{_x(pyh['setup_s'] / step)} (set-up) | {_x(mem.get('peers', {}).get('PyHessian', math.nan) / step_mem)} | "
+            f"{_x(pyh['setup_s'] / step)} (set-up) | "
+            f"{_x(mem.get('peers', {}).get('PyHessian', math.nan) / step_mem)} | "
             "(power iteration, below) |"
         )
     lines += [
@@ -113,30 +115,37 @@ def markdown(r: dict[str, Any]) -> str:
         lz = eig["lanczos"]
         lines.append(
             f"| hessian-eigenthings lanczos(k=1, max_iter={lz['max_iter']}, which='LA') | {lz['matvecs']} | "
-            f"{eig['iterations_to_1pct'] or '> %d' % len(eig['lanczos_trajectory_rel_error'])} | {_e(lz['rel_error'])} | "
+            f"{eig['iterations_to_1pct'] or '> ' + str(len(eig['lanczos_trajectory_rel_error']))} | "
+            f"{_e(lz['rel_error'])} | "
             f"{_x(lz['seconds'] / step, 1)} | {lz['converged']} |"
         )
     if pyh.get("available"):
         pw = pyh["power_tol_0.01"]
         lines.append(
             f"| PyHessian eigenvalues(tol=1e-2) (power iteration) | {pw['iterations']} | "
-            f"{pyh['iterations_to_1pct'] or '> %d' % pyh['max_iter']} | {_e(pw['rel_error'])} | "
+            f"{pyh['iterations_to_1pct'] or '> ' + str(pyh['max_iter'])} | {_e(pw['rel_error'])} | "
             f"{_x(pw['seconds'] / step, 1)} | - |"
         )
         d = pyh["stop_tol_0.001"]
         lines.append(
             f"| PyHessian eigenvalues(tol=1e-3) (its default tol; from the same iterates) | {d['iterations']} | "
             f"| {_e(d['rel_error'])} | {_x(d['iterations'] * pyh['seconds_per_iteration'] / step, 1)} | "
-            f"{'capped at %d' % pyh['max_iter'] if d['capped'] else '-'} |"
+            f"{'capped at ' + str(pyh['max_iter']) if d['capped'] else '-'} |"
         )
     lines += [
         "",
         "'HVPs needed for 1%': products after which the top Ritz value (power iterate) is first within 1% of the "
         "reference, replayed from the same start. Warm: started from the previous measurement's eigenvector "
         "after one more AdamW step (reference recomputed there). "
-        + (f"Peak memory of a cold measurement, Lanczos basis included: {_x(cm.get('cold measurement', math.nan) / step_mem)} the step"
-           + (f"; basis in host memory: {_x(cm['cold measurement, basis on CPU'] / step_mem)}." if "cold measurement, basis on CPU" in cm else "."))
-        ,
+        + (
+            "Peak memory of a cold measurement, Lanczos basis included: "
+            f"{_x(cm.get('cold measurement', math.nan) / step_mem)} the step"
+            + (
+                f"; basis in host memory: {_x(cm['cold measurement, basis on CPU'] / step_mem)}."
+                if "cold measurement, basis on CPU" in cm
+                else "."
+            )
+        ),
         "",
         "## Hutchinson trace: cost of one sample",
         "",
@@ -152,7 +161,6 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {label} | {t['samples']} | {t['matvecs']} | {_x(t['seconds_per_sample'] / step)} |")
     mon = r["monitor"]
     ms = mon["monitored_runs"][-1]["measurements"]
-    plain = [x["seconds"] for x in mon["plain_runs"]]
     lines += [
         "",
         "## Monitor overhead on training",
@@ -166,7 +174,10 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     for a, b in zip(mon["plain_runs"], mon["monitored_runs"]):
         lines.append(f"| plain | {a['seconds']:.2f} | 1.00x |")
-        lines.append(f"| monitored ({len(b['measurements'])} measurements) | {b['seconds']:.2f} | {b['seconds'] / a['seconds']:.2f}x |")
+        lines.append(
+            f"| monitored ({len(b['measurements'])} measurements) | {b['seconds']:.2f} | "
+            f"{b['seconds'] / a['seconds']:.2f}x |"
+        )
     lines += [
         "",
         f"Overhead {mon['overhead']:+.1%} (per repeat: {', '.join(f'{x:+.1%}' for x in mon['overhead_per_run'])}). "
@@ -190,15 +201,32 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| default HVP <= 1.3x step peak memory | {mm:.2f}x | {'yes' if mm <= 1.3 else 'no'} |")
         e = r["lanczos_30"].get(default, {}).get("rel_error")
         e = math.nan if e is None else e
-        lines.append(f"| lambda_max within 1e-3 (Lanczos of up to 30 products, no certificate) | {e:.1e} | {'yes' if e <= 1e-3 else 'no'} |")
+        lines.append(
+            f"| lambda_max within 1e-3 (Lanczos of up to 30 products, no certificate) | {e:.1e} | "
+            f"{'yes' if e <= 1e-3 else 'no'} |"
+        )
     c, w = r["measurements"]["cold"], r["measurements"]["warm (next step)"]
-    lines.append(f"| 1% in <= 20 HVPs cold | {c['matvecs']} (error {c['rel_error']:.1e}) | {'yes' if c['matvecs'] <= 20 and c['rel_error'] <= 1e-2 else 'no'} |")
-    lines.append(f"| 1% in <= 5 HVPs warm | {w['matvecs']} (error {w['rel_error']:.1e}) | {'yes' if w['matvecs'] <= 5 and w['rel_error'] <= 1e-2 else 'no'} |")
-    lines.append(f"| one Hutchinson sample = one HVP | {h['matvecs']} HVPs for {h['samples']} samples | {'yes' if h['matvecs'] == h['samples'] else 'no'} |")
-    lines.append(f"| monitor every={mon['every']} adds < 5% | {mon['overhead']:+.1%} | {'yes' if mon['overhead'] < 0.05 else 'no'} |")
+    cold_met = c["matvecs"] <= 20 and c["rel_error"] <= 1e-2
+    warm_met = w["matvecs"] <= 5 and w["rel_error"] <= 1e-2
+    lines.append(
+        f"| 1% in <= 20 HVPs cold | {c['matvecs']} (error {c['rel_error']:.1e}) | {'yes' if cold_met else 'no'} |"
+    )
+    lines.append(
+        f"| 1% in <= 5 HVPs warm | {w['matvecs']} (error {w['rel_error']:.1e}) | {'yes' if warm_met else 'no'} |"
+    )
+    lines.append(
+        f"| one Hutchinson sample = one HVP | {h['matvecs']} HVPs for {h['samples']} samples | "
+        f"{'yes' if h['matvecs'] == h['samples'] else 'no'} |"
+    )
+    lines.append(
+        f"| monitor every={mon['every']} adds < 5% | {mon['overhead']:+.1%} | "
+        f"{'yes' if mon['overhead'] < 0.05 else 'no'} |"
+    )
     if r.get("notes"):
         lines += ["", "## Notes (written after the run, from the JSON)", ""] + [f"- {n}" for n in r["notes"]]
-    skipped = [f"{n}: {p['reason']}" for n, p in (("hessian-eigenthings", eig), ("PyHessian", pyh)) if not p.get("available")]
+    skipped = [
+        f"{n}: {p['reason']}" for n, p in (("hessian-eigenthings", eig), ("PyHessian", pyh)) if not p.get("available")
+    ]
     if skipped:
         lines += ["", "Not run: " + "; ".join(skipped)]
     return "\n".join(lines) + "\n"
