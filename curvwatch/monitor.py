@@ -23,45 +23,41 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 
-from curvwatch._errors import CurvatureError, CurvatureWarning, NoSecondDerivativeError
-from curvwatch.batch_sharpness import batch_length, batch_sharpness
+from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch.batch_sharpness import batch_length
 from curvwatch.cost import OverheadAccount
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
+from curvwatch.measurement import (
+    Allowance,
+    MeasurementConfig,
+    MeasurementState,
+    Probe,
+    affordable_products,
+)
+from curvwatch.measurement import measure as measure_once
 from curvwatch.memory import MemoryPlan, activation_bytes, device_allowance, plan_memory
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import (
     CURVATURES,
     MONITOR_METHODS,
-    auto_method,
-    build_ggn_operator,
-    build_operator,
     ggn_kind,
 )
-from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.operators.sharded import check_supported, is_sharded
 from curvwatch.precision import (
     PRECISIONS,
     Precision,
-    matmul_precision,
-    resolve_precision,
 )
 from curvwatch.probe import LossFn, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
-from curvwatch.solvers.certificate import certify_top, disagree
-from curvwatch.solvers.density import slq
-from curvwatch.solvers.lanczos import LanczosResult, default_max_basis, lanczos
-from curvwatch.solvers.trace import hutchinson
+from curvwatch.solvers.lanczos import default_max_basis
 from curvwatch.stability import (
-    Threshold,
-    preconditioner_diagonal,
-    threshold,
     unwrap_optimizer,
 )
 
@@ -246,7 +242,6 @@ class CurvatureMonitor:
         self.criterion = criterion
         # "ggn" or "ggn_lm_head": which Gauss-Newton path (None: the Hessian)
         self._ggn_kind = ggn_kind(model, batch, loss_fn, criterion) if curvature == "ggn" else None
-        self._ggn_checked = False
         device = next(p for p in model.parameters() if p.requires_grad).device
         self.batch = move_to(batch, device) if device.type != "meta" else batch
         if batch_size is not None and minibatches is None and _known_length(self.batch) < batch_size:
@@ -281,12 +276,9 @@ class CurvatureMonitor:
         self.spectrum_every = spectrum_every
         self.on_threshold = on_threshold
         self.history: list[CurvatureResult] = []
-        self.measurements = 0
-        self._warm: torch.Tensor | None = None
-        self._warm_preconditioned: torch.Tensor | None = None
+        self._state = MeasurementState(resolved_method=None if method == "auto" else method)
         self._above: bool | None = None
         self._crossed_before = False
-        self._resolved_method: str | None = None if method == "auto" else method
         self._warned: set[str] = set()
         self._attached_steps = 0
         self.precision = precision
@@ -294,9 +286,9 @@ class CurvatureMonitor:
         self._cost.start()
         self._training_peak: float | None = None
         self._peak_after_measuring: float | None = None
-        self._method_override: str | None = None
         self.last_plan: MemoryPlan | None = None  # where the last measurement put its basis, and why
         self._attached: tuple[Any, Any] | None = None
+        self._method_override: str | None = None  # set by the memory plan for one measurement
         self._observe_training_peak(device)
 
     # -- scheduling ------------------------------------------------------------
@@ -358,8 +350,16 @@ class CurvatureMonitor:
             self.last_plan = plan
             if not plan.fits:
                 raise _DoesNotFit(plan.message)
+            allowance = Allowance(
+                products=affordable_products(self.budget, self.top_k, seconds, self._cost.product_seconds()),
+                seconds=seconds, plan=plan, method=self._method_override,
+            )
             with measurement_guard(self.model, self.train_mode):
-                result = self._measure(step, seconds, plan)
+                result, self._state, notes = measure_once(
+                    self._config(), self._state, self.model, self._probe(), step, self.optimizer, allowance
+                )
+            for key, message in notes:
+                self._warn_once(key, message)
         except Exception as error:  # noqa: BLE001 - the failure policy
             self._cost.measured(time.perf_counter() - started, 0)
             if self.strict and isinstance(error, _DoesNotFit):
@@ -378,7 +378,6 @@ class CurvatureMonitor:
             self._note_peak()
         self._cost.measured(time.perf_counter() - started, result.hvps)
         result = replace(result, overhead=self._cost.share, seconds=time.perf_counter() - started)
-        self.measurements += 1
         self.history.append(result)
         self._threshold_event(result)
         for sink in self.sinks:
@@ -409,7 +408,7 @@ class CurvatureMonitor:
         per_product = self._cost.product_seconds()
         if math.isnan(per_product):  # the first measurement learns what a product costs
             return cap
-        needed = (3 if self._warm is not None else 10) * per_product
+        needed = (3 if self._state.warm is not None else 10) * per_product
         if needed <= self.budget.negligible_seconds:
             return cap
         if allowance < needed:
@@ -433,7 +432,8 @@ class CurvatureMonitor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         device = params[0].device
         self._observe_training_peak(device)
-        method = self._ggn_kind or self._resolved_method or "double_backward"
+        self._method_override = None
+        method = self._ggn_kind or self._state.resolved_method or "double_backward"
         if self.budget.max_memory is not None:  # the user's number replaces the ratio
             allowed = float(self.budget.max_memory)
             if device.type == "cuda":
@@ -482,179 +482,21 @@ class CurvatureMonitor:
         if device.type == "cuda":
             self._peak_after_measuring = float(torch.cuda.max_memory_allocated(device))
 
-    def _measure(self, step: int, seconds: float | None, plan: MemoryPlan) -> CurvatureResult:
-        """One measurement inside the guard: the threshold's quantity first, the rest as the budget allows."""
-        start = time.perf_counter()
-        deadline = None if seconds is None else start + seconds
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        seed = self.seed + step
-        limit = self._threshold()
-        diagonal = self._preconditioner(limit, params)
-        products = self._affordable_products(seconds)
+    @property
+    def measurements(self) -> int:
+        """Measurements made so far (the schedule's default step)."""
+        return self._state.measurements
 
-        operator = self._operator(params)
-        precision = resolve_precision(self.precision, self._effective_method(), operator.device)
-        with matmul_precision(precision):
-            try:
-                first = self._first_solve(operator, diagonal, products, deadline, seed, plan)
-            except CurvatureError as error:
-                if self._ggn_kind is not None or self.method != "auto" or not isinstance(error, NoSecondDerivativeError):
-                    raise
-                self._resolved_method = "finite_difference"
-                self._warn_once("auto-fd", f"curvwatch: {error}. Using finite differences from now on.")
-                operator = self._operator(params)
-                precision = "fp32"
-                first = self._first_solve(operator, diagonal, products, deadline, seed, plan)
-            certificate = self._certificate(params)
-            pre = eig = None
-            if diagonal is not None:
-                pre = self._certified(first, PreconditionedOperator(certificate, diagonal) if certificate else None, step)
-                self._warm_preconditioned = pre.eigenvectors.detach()
-                spent = operator.matvecs + (certificate.matvecs if certificate else 0)
-                if products - spent >= self.top_k and not _past(deadline):
-                    eig = self._lanczos(operator, self.top_k, products - spent, deadline, self._warm, seed, plan)
-                    eig = self._certified(eig, certificate, step)
-            else:
-                eig = self._certified(first, certificate, step)
-            overlap = math.nan
-            if eig is not None:
-                overlap = _overlap(self._warm, eig.eigenvectors, operator.dot)
-                self._warm = eig.eigenvectors.detach()
-            threshold_solve = pre if pre is not None else eig
-            converged = threshold_solve.converged and (eig is None or eig.converged)
-
-            spent = operator.matvecs + (certificate.matvecs if certificate else 0)
-            trace_value = trace_stderr = math.nan
-            if self.trace and self.budget.trace_hvps > 0 and products - spent >= min(2, self.budget.trace_hvps) and not _past(deadline):
-                probes = min(self.budget.trace_hvps, products - spent)
-                tr = hutchinson(operator, probes, seed=seed + 2, deflation=eig)
-                trace_value, trace_stderr = tr.estimate, tr.stderr
-
-            spectrum = None
-            spent = operator.matvecs + (certificate.matvecs if certificate else 0)
-            if self.spectrum_every and self.measurements % self.spectrum_every == 0:
-                steps = min(30, operator.size, (products - spent) // 2)  # two probes
-                if steps >= min(5, operator.size) and not _past(deadline):
-                    density = slq(operator, num_probes=2, num_steps=steps, seed=seed + 3)
-                    spectrum = (tuple(density.nodes.flatten().tolist()), tuple((density.weights / density.weights.shape[0]).flatten().tolist()))
-
-            bs = bs_err = math.nan
-            bs_products = 0
-            if self.batch_size is not None:
-                bs, bs_err, bs_products = batch_sharpness(
-                    self.model, self.loss_fn, self.batch, params, self.batch_size,
-                    method=self._effective_method(),
-                    max_batches=self.batch_sharpness_batches, seed=seed + 4, reduce=self.reduce,
-                    source=None if self.minibatches is None else self._next_minibatch,
-                )
-            hvps = operator.matvecs + (certificate.matvecs if certificate is not None else 0) + bs_products
-            loss = operator.loss if self._ggn_kind is None else None  # a GGN never forms the loss
-            if loss is None:  # central differences never evaluate the loss at theta itself
-                if is_sharded(self.model):  # FSDP1 must not run a forward without backward
-                    operator.gradient_at_theta()
-                    loss = operator.loss
-                else:
-                    with torch.no_grad():
-                        loss = float(self.loss_fn(self.model, self.batch))
-            loss = operator.mean_over_ranks(loss)
-            operator.release()
-
-        pre_lambda = pre.lambda_max if pre is not None else math.nan
-        lambda_max = eig.lambda_max if eig is not None else math.nan
-        uses_batch_sharpness = diagonal is None and self.batch_size is not None and not limit_adaptive(limit)
-        sharp = pre_lambda if diagonal is not None else (bs if uses_batch_sharpness else lambda_max)
-        if not uses_batch_sharpness and threshold_solve.relative_error_bound > RATIO_MAX_ERROR:
-            # a Ritz value that has not converged is only a lower bound of the
-            # sharpness: no ratio (and no crossing) from it; error_bound says why
-            self._warn_once(
-                "unconverged",
-                f"curvwatch: step {step}: the threshold's eigenvalue is not within "
-                f"{RATIO_MAX_ERROR:.0%} (error bound {threshold_solve.relative_error_bound:.2g}) after "
-                f"{hvps} products: it is a lower bound, logged without a sharpness ratio. Raise "
-                "Budget.max_hvps / max_seconds / overhead",
-            )
-            sharp = math.nan
-        return CurvatureResult(
-            step=step,
-            lambda_max=lambda_max,
-            eigenvalues=tuple(eig.eigenvalues.tolist()) if eig is not None else (),
-            residuals=tuple(eig.residuals.tolist()) if eig is not None else (),
-            trace=trace_value,
-            trace_stderr=trace_stderr,
-            threshold=limit.value if limit else math.nan,
-            sharpness_ratio=sharp / limit.value if limit else math.nan,
-            preconditioned_lambda_max=pre_lambda,
-            hvps=hvps,
-            seconds=time.perf_counter() - start,
-            converged=converged,
-            lr=limit.lr if limit else math.nan,
-            loss=math.nan if loss is None else float(loss),
-            method=self._ggn_kind or self._effective_method() or "",
-            top_overlap=overlap,
-            batch_sharpness=bs,
-            batch_sharpness_stderr=bs_err,
-            spectrum=spectrum,
-            error_bound=threshold_solve.relative_error_bound,
-            precision=precision,
+    def _config(self) -> MeasurementConfig:
+        return MeasurementConfig(
+            top_k=self.top_k, trace=self.trace, budget=self.budget, method=self.method,
+            precision=self.precision, param_group=self.param_group, seed=self.seed, reduce=self.reduce,
+            batch_size=self.batch_size, batch_sharpness_batches=self.batch_sharpness_batches,
+            spectrum_every=self.spectrum_every, ggn_kind=self._ggn_kind, criterion=self.criterion,
         )
 
-    def _affordable_products(self, seconds: float | None) -> int:
-        """Products this measurement may apply: ``max_hvps``, fewer when the time share is short."""
-        cap = self.budget.max_hvps
-        per_product = self._cost.product_seconds()
-        if seconds is None or math.isnan(per_product) or per_product <= 0:
-            return cap
-        return max(self.top_k, min(cap, int(seconds / per_product)))
-
-    def _first_solve(self, operator, diagonal, products, deadline, seed, plan) -> LanczosResult:
-        """The threshold's quantity: preconditioned sharpness (adaptive) or the top-k eigenvalues."""
-        if diagonal is not None:
-            return self._lanczos(
-                PreconditionedOperator(operator, diagonal), 1, products, deadline,
-                self._warm_preconditioned, seed + 1, plan,
-            )
-        return self._lanczos(operator, self.top_k, products, deadline, self._warm, seed, plan)
-
-    def _certified(self, eig: LanczosResult, certificate, step: int) -> LanczosResult:
-        """With one-sided differences: the top value re-measured by a central Rayleigh quotient."""
-        if certificate is None:
-            return eig
-        certified = certify_top(certificate, eig)
-        if disagree(certified.lambda_max, eig.lambda_max):
-            # The finite-difference steps are outside their accurate range here
-            # (kinks, strong third-order terms): say so rather than hide it.
-            self._warn_once(
-                "fd-disagree",
-                f"curvwatch: step {step}: one-sided and central differences disagree "
-                f"({eig.lambda_max:.6g} vs {certified.lambda_max:.6g}); such measurements "
-                "are reported as not converged (method='auto' measures exactly)",
-            )
-            certified = replace(certified, converged=False)
-        return certified
-
-    def _effective_method(self) -> str | None:
-        """The method of this measurement: a memory-driven override, else the resolved one."""
-        return self._method_override or self._resolved_method
-
-    def _certificate(self, params: Sequence[torch.Tensor]):
-        """A central-difference operator to certify the top eigenvalue, or ``None``."""
-        if self._ggn_kind is not None or self._effective_method() != "forward_difference":
-            return None
-        return self._operator(params, scheme="central")
-
-    def _operator(self, params: Sequence[torch.Tensor], scheme: str | None = None):
-        """The Hessian operator, resolving ``method="auto"`` on first use (or the GGN's)."""
-        if self._ggn_kind is not None:
-            operator = build_ggn_operator(
-                self.model, self.batch, self.criterion, params, self._ggn_kind, self.reduce,
-                check=not self._ggn_checked,
-            )
-            self._ggn_checked = True  # the LM head's logits are compared with the model's once
-            return operator
-        if self._resolved_method is None:
-            self._resolved_method = auto_method(self.model)
-        closure = lambda: self.loss_fn(self.model, self.batch)  # noqa: E731
-        return build_operator(self.model, closure, params, self._effective_method(), scheme, self.reduce)
+    def _probe(self) -> Probe:
+        return Probe(self.batch, self.loss_fn, None if self.minibatches is None else self._next_minibatch)
 
     def _next_minibatch(self) -> Any:
         """The next training mini-batch (cycling through ``minibatches``), on the model's device."""
@@ -666,35 +508,6 @@ class CurvatureMonitor:
             self._minibatch_iter = iter(self.minibatches)
             batch = next(self._minibatch_iter)
         return move_to(batch, next(self.model.parameters()).device)
-
-    def _lanczos(self, operator, k, max_matvecs, deadline, warm, seed, plan: MemoryPlan) -> LanczosResult:
-        seconds = None if deadline is None else max(0.0, deadline - time.perf_counter())
-        return lanczos(
-            operator, k=k, tol=self.budget.tol, max_matvecs=max(k, max_matvecs),
-            max_seconds=seconds, v0=warm, seed=seed, basis_device=plan.basis_device,
-            max_basis=max(plan.max_basis, k + 1),
-        )
-
-    def _threshold(self) -> Threshold | None:
-        if self.optimizer is None:
-            self._warn_once("no-optimizer", "curvwatch: no optimizer given: sharpness is logged without a threshold")
-            return None
-        limit = threshold(self.optimizer, self.param_group)
-        if limit.note:  # no rule for this optimizer, or no lr: NaN threshold, said once
-            self._warn_once(f"threshold-note {limit.rule}", f"curvwatch: {limit.note}")
-        return limit
-
-    def _preconditioner(self, limit: Threshold | None, params) -> torch.Tensor | None:
-        if limit is None or not limit.adaptive:
-            return None
-        diagonal = preconditioner_diagonal(self.optimizer, params)
-        if diagonal is None:
-            self._warn_once(
-                "no-state",
-                "curvwatch: the optimizer has no second-moment state for the measured "
-                "parameters yet (before its first step?): preconditioned sharpness skipped",
-            )
-        return diagonal
 
     def _threshold_event(self, result: CurvatureResult) -> None:
         """Log a line and call ``on_threshold`` when the ratio crosses 1 either way.
@@ -736,37 +549,44 @@ class CurvatureMonitor:
 
     # -- checkpointing ----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Schedule and warm-start state (CPU tensors), for checkpoints."""
+        """The whole state (CPU tensors), for checkpoints.
+
+        The measurement's state (:class:`~curvwatch.measurement.MeasurementState`:
+        count, warm starts, resolved method), the schedule of :meth:`attach`, the
+        threshold-crossing state and the time account.
+        """
+        state = self._state
         return {
-            "measurements": self.measurements,
+            "measurements": state.measurements,
             "attached_steps": self._attached_steps,
-            "warm": None if self._warm is None else self._warm.cpu(),
-            "warm_preconditioned": None if self._warm_preconditioned is None else self._warm_preconditioned.cpu(),
+            "warm": None if state.warm is None else state.warm.cpu(),
+            "warm_preconditioned": None if state.warm_preconditioned is None else state.warm_preconditioned.cpu(),
+            "method": state.resolved_method,
+            "ggn_checked": state.ggn_checked,
             "above": self._above,
             "crossed_before": self._crossed_before,
-            "method": self._resolved_method,
             "cost": self._cost.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
         device = next(self.model.parameters()).device
-        self.measurements = int(state["measurements"])
+        warm, warm_pre = state["warm"], state.get("warm_preconditioned")
+        resolved = self._state.resolved_method
+        if self.method == "auto" and self._ggn_kind is None:
+            resolved = state.get("method")
+        self._state = MeasurementState(
+            measurements=int(state["measurements"]),
+            warm=None if warm is None else warm.to(device),
+            warm_preconditioned=None if warm_pre is None else warm_pre.to(device),
+            resolved_method=resolved,
+            ggn_checked=bool(state.get("ggn_checked", False)),
+        )
         self._attached_steps = int(state.get("attached_steps", 0))
-        self._warm = None if state["warm"] is None else state["warm"].to(device)
-        wp = state.get("warm_preconditioned")
-        self._warm_preconditioned = None if wp is None else wp.to(device)
         self._above = state.get("above")
         self._crossed_before = bool(state.get("crossed_before", False))
         if "cost" in state:
             self._cost.load_state_dict(state["cost"])
-        if self.method == "auto" and self._ggn_kind is None:
-            self._resolved_method = state.get("method")
-
-
-# A ratio sharpness/threshold is logged only when the sharpness is known to this
-# relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
-RATIO_MAX_ERROR = 1e-2
 
 
 def _check_param_group(optimizer: Any, param_group: int) -> None:
@@ -783,26 +603,9 @@ class _DoesNotFit(Exception):
     """A measurement that would not fit in the memory allowed (the message says why)."""
 
 
-def _past(deadline: float | None) -> bool:
-    return deadline is not None and time.perf_counter() >= deadline
-
-
 def _known_length(batch: Any) -> float:
     """Examples in ``batch``; infinity where its batch dimension cannot be told."""
     try:
         return batch_length(batch)
     except CurvatureError:
         return math.inf
-
-
-def limit_adaptive(limit: Threshold | None) -> bool:
-    """True when ``limit`` compares against a preconditioned sharpness."""
-    return limit is not None and limit.adaptive
-
-
-def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot) -> float:
-    # `dot` is the operator's: all-reduced when vectors are FSDP shards
-    if previous is None or previous.shape[0] != current.shape[0]:
-        return math.nan
-    a, b = previous[:, 0], current[:, 0].to(previous.device)
-    return abs(dot(a, b).item()) / max((dot(a, a) * dot(b, b)).sqrt().item(), 1e-300)

@@ -106,3 +106,38 @@ def test_an_unconverged_sharpness_is_not_logged_as_a_ratio():
     full = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), optimizer=opt, top_k=1,
                                trace=False, budget=cw.Budget(overhead=None)).measure(1)
     assert full.converged and full.sharpness_ratio > 1 and r.lambda_max <= full.lambda_max * (1 + 1e-6)
+
+
+def test_the_measurement_is_a_pure_function_of_config_state_and_model():
+    """measure(config, state, ...) twice from the same state gives the same result and state."""
+    from curvwatch.measurement import Allowance, measure
+    from curvwatch.memory import MemoryPlan
+
+    model, x, y, monitor = _setup(top_k=2, trace=True, optimizer=None)
+    monitor.measure(1)
+    config, state, probe = monitor._config(), monitor._state, monitor._probe()
+    plan = MemoryPlan(True, "cpu", 10, 0.0, 0.0, 1e12, "")
+    allowance = Allowance(products=60, seconds=None, plan=plan)
+    a, state_a, _ = measure(config, state, model, probe, 2, None, allowance)
+    b, state_b, _ = measure(config, state, model, probe, 2, None, allowance)
+    assert (a.eigenvalues, a.trace, a.hvps) == (b.eigenvalues, b.trace, b.hvps)
+    assert torch.equal(state_a.warm, state_b.warm) and state_a.measurements == state.measurements + 1
+    assert state.measurements == 1  # the state passed in is left alone
+
+
+def test_a_restored_monitor_continues_exactly_like_the_original():
+    """state_dict is the whole state: warm starts, method, crossings and the time account."""
+    model, x, y, monitor = _setup(top_k=1, trace=False)
+    opt = torch.optim.SGD(model.parameters(), lr=100.0)  # crossed at once
+    monitor.optimizer = opt
+    crossings = []
+    monitor.on_threshold = crossings.append
+    monitor.measure(1)
+    state = monitor.state_dict()
+    assert state["above"] is True and state["crossed_before"] is True and state["method"] == "double_backward"
+    _, _, _, fresh = _setup(top_k=1, trace=False)
+    fresh.optimizer, fresh.on_threshold = opt, crossings.append
+    fresh.load_state_dict(state)
+    again, original = fresh.measure(2), monitor.measure(2)
+    assert again.eigenvalues == original.eigenvalues and again.hvps == original.hvps
+    assert len(crossings) == 1  # still above: no second crossing after the restore

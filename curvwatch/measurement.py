@@ -1,0 +1,379 @@
+"""One measurement, as a pure procedure: ``(config, state, model, probe, step) -> (result, state)``.
+
+:func:`measure` does, inside the guard the monitor has entered:
+
+1. read the threshold (and Adam's preconditioner) from the optimizer;
+2. build the operator (:mod:`curvwatch.operators.factory`), resolving
+   ``method="auto"`` on first use and falling back to finite differences on a
+   :class:`~curvwatch.NoSecondDerivativeError`;
+3. measure the threshold's quantity first: the preconditioned sharpness for
+   Adam-type optimizers, else the top-``k`` eigenvalues (warm-started Lanczos,
+   certified by a central difference under one-sided differences);
+4. then, as the allowance permits: the raw top-``k`` (adaptive optimizers), the
+   deflated Hutchinson trace, the SLQ spectrum, the batch sharpness;
+5. return the frozen :class:`~curvwatch.CurvatureResult`, the new
+   :class:`MeasurementState` (warm starts, resolved method) and the notes to
+   warn about once. Nothing else is kept between measurements.
+
+The monitor (:class:`~curvwatch.CurvatureMonitor`) owns the schedule, the time
+share, the memory plan, the guard, the failure policy and the sinks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from curvwatch._errors import CurvatureError, NoSecondDerivativeError
+from curvwatch.batch_sharpness import batch_sharpness
+from curvwatch.memory import MemoryPlan
+from curvwatch.operators.distributed import Reduce
+from curvwatch.operators.factory import auto_method, build_ggn_operator, build_operator
+from curvwatch.operators.preconditioned import PreconditionedOperator
+from curvwatch.operators.sharded import is_sharded
+from curvwatch.precision import matmul_precision, resolve_precision
+from curvwatch.probe import LossFn
+from curvwatch.results import Budget, CurvatureResult
+from curvwatch.solvers.certificate import certify_top, disagree
+from curvwatch.solvers.density import slq
+from curvwatch.solvers.lanczos import LanczosResult, lanczos
+from curvwatch.solvers.trace import hutchinson
+from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
+
+# A ratio sharpness/threshold is logged only when the sharpness is known to this
+# relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
+RATIO_MAX_ERROR = 1e-2
+
+Note = tuple[str, str]  # (key, message): the monitor warns once per key
+
+
+@dataclass(frozen=True)
+class MeasurementConfig:
+    """What to measure: the monitor's settings that a measurement reads."""
+
+    top_k: int
+    trace: bool
+    budget: Budget
+    method: str
+    precision: str
+    param_group: int
+    seed: int
+    reduce: Reduce | None
+    batch_size: int | None
+    batch_sharpness_batches: int
+    spectrum_every: int
+    ggn_kind: str | None
+    criterion: Any
+
+
+@dataclass(frozen=True)
+class MeasurementState:
+    """What one measurement hands to the next (all of it; checkpointed whole).
+
+    Attributes:
+        measurements: measurements made so far.
+        warm: the last top-``k`` Ritz vectors ``(n, k)`` (warm start), or ``None``.
+        warm_preconditioned: the last preconditioned top Ritz vector, or ``None``.
+        resolved_method: what ``method="auto"`` resolved to (``None``: not yet).
+        ggn_checked: the LM head's logits were compared with the model's once.
+    """
+
+    measurements: int = 0
+    warm: torch.Tensor | None = None
+    warm_preconditioned: torch.Tensor | None = None
+    resolved_method: str | None = None
+    ggn_checked: bool = False
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The held-out batch, its loss, and (batch sharpness) where training mini-batches come from."""
+
+    batch: Any
+    loss_fn: LossFn
+    minibatch: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What this measurement may spend: products, seconds, memory (the monitor's plan)."""
+
+    products: int
+    seconds: float | None
+    plan: MemoryPlan
+    method: str | None = None  # a method forced by the memory plan for this measurement only
+
+
+def measure(
+    config: MeasurementConfig,
+    state: MeasurementState,
+    model: torch.nn.Module,
+    probe: Probe,
+    step: int,
+    optimizer: Any,
+    allowance: Allowance,
+) -> tuple[CurvatureResult, MeasurementState, list[Note]]:
+    """Measure once; return the result, the new state and the notes to warn about.
+
+    Raises:
+        CurvatureError: bad input found while measuring (the message names the fix).
+    """
+    return _Measurement(config, state, model, probe, step, optimizer, allowance).run()
+
+
+class _Measurement:
+    """The locals of one :func:`measure` call (private: built and run once)."""
+
+    def __init__(self, config, state, model, probe, step, optimizer, allowance) -> None:
+        self.config, self.model, self.probe, self.step = config, model, probe, step
+        self.optimizer, self.allowance = optimizer, allowance
+        self.state = state
+        self.notes: list[Note] = []
+        self.start = time.perf_counter()
+        seconds = allowance.seconds
+        self.deadline = None if seconds is None else self.start + seconds
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.seed = config.seed + step
+        self.resolved = state.resolved_method if config.method == "auto" else config.method
+        self.ggn_checked = state.ggn_checked
+
+    # -- the procedure ------------------------------------------------------------
+    def run(self) -> tuple[CurvatureResult, MeasurementState, list[Note]]:
+        config, state = self.config, self.state
+        limit = self._threshold()
+        diagonal = self._preconditioner(limit)
+        products = self.allowance.products
+        operator = self._operator()
+        precision = resolve_precision(config.precision, self._method(), operator.device)
+        with matmul_precision(precision):
+            try:
+                first = self._first_solve(operator, diagonal, products)
+            except CurvatureError as error:
+                if config.ggn_kind is not None or config.method != "auto" or not isinstance(
+                    error, NoSecondDerivativeError
+                ):
+                    raise
+                self.resolved = "finite_difference"
+                self.notes.append(("auto-fd", f"curvwatch: {error}. Using finite differences from now on."))
+                operator = self._operator()
+                precision = "fp32"
+                first = self._first_solve(operator, diagonal, products)
+            certificate = self._certificate()
+
+            def spent() -> int:
+                return operator.matvecs + (certificate.matvecs if certificate else 0)
+
+            warm, warm_pre = state.warm, state.warm_preconditioned
+            pre = eig = None
+            if diagonal is not None:
+                pre_certificate = PreconditionedOperator(certificate, diagonal) if certificate else None
+                pre = self._certified(first, pre_certificate)
+                warm_pre = pre.eigenvectors.detach()
+                if products - spent() >= config.top_k and not self._past():
+                    eig = self._lanczos(operator, config.top_k, products - spent(), warm, self.seed)
+                    eig = self._certified(eig, certificate)
+            else:
+                eig = self._certified(first, certificate)
+            overlap = math.nan
+            if eig is not None:
+                overlap = _overlap(warm, eig.eigenvectors, operator.dot)
+                warm = eig.eigenvectors.detach()
+            threshold_solve = pre if pre is not None else eig
+            converged = threshold_solve.converged and (eig is None or eig.converged)
+
+            trace_value = trace_stderr = math.nan
+            left = products - spent()
+            if config.trace and config.budget.trace_hvps > 0 and left >= min(2, config.budget.trace_hvps) and not self._past():
+                tr = hutchinson(operator, min(config.budget.trace_hvps, left), seed=self.seed + 2, deflation=eig)
+                trace_value, trace_stderr = tr.estimate, tr.stderr
+
+            spectrum = None
+            if config.spectrum_every and state.measurements % config.spectrum_every == 0:
+                steps = min(30, operator.size, (products - spent()) // 2)  # two probes
+                if steps >= min(5, operator.size) and not self._past():
+                    density = slq(operator, num_probes=2, num_steps=steps, seed=self.seed + 3)
+                    weights = density.weights / density.weights.shape[0]
+                    spectrum = (tuple(density.nodes.flatten().tolist()), tuple(weights.flatten().tolist()))
+
+            bs = bs_err = math.nan
+            bs_products = 0
+            if config.batch_size is not None:
+                bs, bs_err, bs_products = batch_sharpness(
+                    self.model, self.probe.loss_fn, self.probe.batch, self.params, config.batch_size,
+                    method=self._method(), max_batches=config.batch_sharpness_batches, seed=self.seed + 4,
+                    reduce=config.reduce, source=self.probe.minibatch,
+                )
+            hvps = spent() + bs_products
+            loss = self._probe_loss(operator)
+            operator.release()
+
+        pre_lambda = pre.lambda_max if pre is not None else math.nan
+        lambda_max = eig.lambda_max if eig is not None else math.nan
+        uses_batch_sharpness = diagonal is None and config.batch_size is not None and not _adaptive(limit)
+        sharp = pre_lambda if diagonal is not None else (bs if uses_batch_sharpness else lambda_max)
+        if not uses_batch_sharpness and threshold_solve.relative_error_bound > RATIO_MAX_ERROR:
+            # a Ritz value that has not converged is only a lower bound of the
+            # sharpness: no ratio (and no crossing) from it; error_bound says why
+            self.notes.append((
+                "unconverged",
+                f"curvwatch: step {self.step}: the threshold's eigenvalue is not within "
+                f"{RATIO_MAX_ERROR:.0%} (error bound {threshold_solve.relative_error_bound:.2g}) after "
+                f"{hvps} products: it is a lower bound, logged without a sharpness ratio. Raise "
+                "Budget.max_hvps / max_seconds / overhead",
+            ))
+            sharp = math.nan
+        result = CurvatureResult(
+            step=self.step,
+            lambda_max=lambda_max,
+            eigenvalues=tuple(eig.eigenvalues.tolist()) if eig is not None else (),
+            residuals=tuple(eig.residuals.tolist()) if eig is not None else (),
+            trace=trace_value,
+            trace_stderr=trace_stderr,
+            threshold=limit.value if limit else math.nan,
+            sharpness_ratio=sharp / limit.value if limit else math.nan,
+            preconditioned_lambda_max=pre_lambda,
+            hvps=hvps,
+            seconds=time.perf_counter() - self.start,
+            converged=converged,
+            lr=limit.lr if limit else math.nan,
+            loss=math.nan if loss is None else float(loss),
+            method=config.ggn_kind or self._method() or "",
+            top_overlap=overlap,
+            batch_sharpness=bs,
+            batch_sharpness_stderr=bs_err,
+            spectrum=spectrum,
+            error_bound=threshold_solve.relative_error_bound,
+            precision=precision,
+        )
+        new_state = MeasurementState(
+            measurements=state.measurements + 1,
+            warm=warm,
+            warm_preconditioned=warm_pre,
+            resolved_method=self.resolved,
+            ggn_checked=self.ggn_checked,
+        )
+        return result, new_state, self.notes
+
+    # -- its parts ------------------------------------------------------------------
+    def _method(self) -> str | None:
+        """The method of this measurement: one forced by the memory plan, else the resolved one."""
+        return self.allowance.method or self.resolved
+
+    def _past(self) -> bool:
+        return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def _threshold(self) -> Threshold | None:
+        if self.optimizer is None:
+            self.notes.append(("no-optimizer", "curvwatch: no optimizer given: sharpness is logged without a threshold"))
+            return None
+        limit = threshold(self.optimizer, self.config.param_group)
+        if limit.note:  # no rule for this optimizer, or no lr: NaN threshold, said once
+            self.notes.append((f"threshold-note {limit.rule}", f"curvwatch: {limit.note}"))
+        return limit
+
+    def _preconditioner(self, limit: Threshold | None) -> torch.Tensor | None:
+        if limit is None or not limit.adaptive:
+            return None
+        diagonal = preconditioner_diagonal(self.optimizer, self.params)
+        if diagonal is None:
+            self.notes.append((
+                "no-state",
+                "curvwatch: the optimizer has no second-moment state for the measured "
+                "parameters yet (before its first step?): preconditioned sharpness skipped",
+            ))
+        return diagonal
+
+    def _operator(self, scheme: str | None = None):
+        """The Hessian operator, resolving ``method="auto"`` on first use (or the GGN's)."""
+        config = self.config
+        if config.ggn_kind is not None:
+            operator = build_ggn_operator(
+                self.model, self.probe.batch, config.criterion, self.params, config.ggn_kind, config.reduce,
+                check=not self.ggn_checked,
+            )
+            self.ggn_checked = True  # the LM head's logits are compared with the model's once
+            return operator
+        if self.resolved is None:
+            self.resolved = auto_method(self.model)
+
+        def closure() -> torch.Tensor:
+            return self.probe.loss_fn(self.model, self.probe.batch)
+
+        return build_operator(self.model, closure, self.params, self._method(), scheme, config.reduce)
+
+    def _certificate(self):
+        """A central-difference operator to certify the top eigenvalue, or ``None``."""
+        if self.config.ggn_kind is not None or self._method() != "forward_difference":
+            return None
+        return self._operator(scheme="central")
+
+    def _lanczos(self, operator, k: int, max_matvecs: int, warm, seed: int) -> LanczosResult:
+        seconds = None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+        plan = self.allowance.plan
+        return lanczos(
+            operator, k=k, tol=self.config.budget.tol, max_matvecs=max(k, max_matvecs),
+            max_seconds=seconds, v0=warm, seed=seed, basis_device=plan.basis_device,
+            max_basis=max(plan.max_basis, k + 1),
+        )
+
+    def _first_solve(self, operator, diagonal, products: int) -> LanczosResult:
+        """The threshold's quantity: preconditioned sharpness (adaptive) or the top-k eigenvalues."""
+        if diagonal is not None:
+            return self._lanczos(
+                PreconditionedOperator(operator, diagonal), 1, products, self.state.warm_preconditioned, self.seed + 1
+            )
+        return self._lanczos(operator, self.config.top_k, products, self.state.warm, self.seed)
+
+    def _certified(self, eig: LanczosResult, certificate) -> LanczosResult:
+        """With one-sided differences: the top value re-measured by a central Rayleigh quotient."""
+        if certificate is None:
+            return eig
+        certified = certify_top(certificate, eig)
+        if disagree(certified.lambda_max, eig.lambda_max):
+            # The finite-difference steps are outside their accurate range here
+            # (kinks, strong third-order terms): say so rather than hide it.
+            self.notes.append((
+                "fd-disagree",
+                f"curvwatch: step {self.step}: one-sided and central differences disagree "
+                f"({eig.lambda_max:.6g} vs {certified.lambda_max:.6g}); such measurements "
+                "are reported as not converged (method='auto' measures exactly)",
+            ))
+            certified = replace(certified, converged=False)
+        return certified
+
+    def _probe_loss(self, operator) -> float:
+        """The probe loss at theta, averaged over ranks (a forward of its own where no product formed it)."""
+        loss = operator.loss if self.config.ggn_kind is None else None  # a GGN never forms the loss
+        if loss is None:  # nor do central differences at theta itself
+            if is_sharded(self.model):  # FSDP1 must not run a forward without backward
+                operator.gradient_at_theta()
+                loss = operator.loss
+            else:
+                with torch.no_grad():
+                    loss = float(self.probe.loss_fn(self.model, self.probe.batch))
+        return operator.mean_over_ranks(loss)
+
+
+def affordable_products(budget: Budget, top_k: int, seconds: float | None, seconds_per_product: float) -> int:
+    """Products a measurement may apply: ``max_hvps``, fewer when its seconds are short."""
+    if seconds is None or math.isnan(seconds_per_product) or seconds_per_product <= 0:
+        return budget.max_hvps
+    return max(top_k, min(budget.max_hvps, int(seconds / seconds_per_product)))
+
+
+def _adaptive(limit: Threshold | None) -> bool:
+    """True when ``limit`` compares against a preconditioned sharpness."""
+    return limit is not None and limit.adaptive
+
+
+def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot) -> float:
+    """``|<u_t, u_t-1>|`` of the top Ritz vectors; ``dot`` is the operator's (all-reduced under FSDP)."""
+    if previous is None or previous.shape[0] != current.shape[0]:
+        return math.nan
+    a, b = previous[:, 0], current[:, 0].to(previous.device)
+    return abs(dot(a, b).item()) / max((dot(a, a) * dot(b, b)).sqrt().item(), 1e-300)
