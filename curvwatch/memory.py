@@ -36,14 +36,18 @@ GIB = float(1 << 30)
 # parameters, the preconditioner and its scaled vector, Ritz vectors, warm starts,
 # the central-difference certificate's two gradients); the 1.56B run on an H200
 # ran out of memory with an estimate of 7 for differences.
-WORKING_VECTORS = {"double_backward": 8, "forward_over_reverse": 9, "finite_difference": 10, "forward_difference": 10, "ggn": 8}
+WORKING_VECTORS = {
+    "double_backward": 8, "forward_over_reverse": 9, "finite_difference": 10, "forward_difference": 10, "ggn": 8
+}
 
 # One product's activations as a multiple of the training step's (peak minus
 # resident memory). Double backward in TF32 measured 3.8x (GPT-2 124M, fp32
 # training) and 4.8x (355M, bf16-autocast training) on an H200 (benchmarks/
 # results/leave_on_h200.md); a finite difference is one float32 forward and
 # backward: up to twice a bf16 step's activations.
-ACTIVATION_FACTOR = {"double_backward": 5.0, "forward_over_reverse": 5.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0}
+ACTIVATION_FACTOR = {
+    "double_backward": 5.0, "forward_over_reverse": 5.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0
+}
 
 # Share of the host's available memory a measurement may take.
 HOST_SHARE = 0.5

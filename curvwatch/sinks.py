@@ -73,6 +73,7 @@ class TensorBoardSink:
         self._layout_written = False
 
     def __call__(self, result: CurvatureResult) -> None:
+        """Log the scalars of ``result`` (and its spectrum, if any) at its step, then flush."""
         if not self._layout_written:
             write_layout(self.writer, adaptive=result.preconditioned_lambda_max == result.preconditioned_lambda_max)
             self._layout_written = True
@@ -123,6 +124,7 @@ class JsonlSink:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
     def __call__(self, result: CurvatureResult) -> None:
+        """Append ``result`` (its fields and its scalars) as one line."""
         record = result.to_dict()
         record["scalars"] = result.scalars()
         with open(self.path, "a", encoding="utf-8") as f:
@@ -136,4 +138,5 @@ class MemorySink:
         self.results: list[CurvatureResult] = []
 
     def __call__(self, result: CurvatureResult) -> None:
+        """Keep ``result``."""
         self.results.append(result)

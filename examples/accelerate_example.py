@@ -57,7 +57,7 @@ def main() -> None:
     accelerator = Accelerator(
         log_with="tensorboard", project_dir=args.out, gradient_accumulation_steps=args.grad_accum
     )
-    accelerator.init_trackers("gd_lr%g" % args.lr)
+    accelerator.init_trackers(f"gd_lr{args.lr:g}")
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 64), torch.nn.Tanh(),

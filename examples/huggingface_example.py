@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="measure every N optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (linear decay)")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (a model this small runs best on one)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (a model this small runs best on one)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,1 @@
+"""Framework adapters (Lightning, Hugging Face transformers, Accelerate), installed as ``curvwatch.integrations``."""

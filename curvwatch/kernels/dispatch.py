@@ -20,7 +20,7 @@ BACKEND_ENV = "CURVWATCH_CE_BACKEND"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when the ``triton`` package can be imported (no CUDA check)."""
     return importlib.util.find_spec("triton") is not None

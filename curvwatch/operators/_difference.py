@@ -59,6 +59,8 @@ def difference_product(
 
 
 @torch.no_grad()
-def _shift(tensors: Sequence[torch.Tensor], saved: Sequence[torch.Tensor], direction: torch.Tensor, scale: float) -> None:
+def _shift(
+    tensors: Sequence[torch.Tensor], saved: Sequence[torch.Tensor], direction: torch.Tensor, scale: float
+) -> None:
     for t, t0, d in zip(tensors, saved, unflatten(direction, saved)):
         t.copy_(t0 + scale * d)

@@ -1,4 +1,4 @@
-"""Operators across processes: data-parallel products averaged over ranks.
+r"""Operators across processes: data-parallel products averaged over ranks.
 
 Under data parallelism (DDP, Accelerate's multi-process launch) every rank holds
 the full parameters and a shard of the probe batch. With a mean-reduced loss and
@@ -7,7 +7,7 @@ ranks' Hessians, so
 
 .. math::
 
-    H v = \\frac{1}{R} \\sum_{r=1}^{R} H_r v ,
+    H v = \frac{1}{R} \sum_{r=1}^{R} H_r v ,
 
 one all-reduce of an ``n``-vector per product. Every rank then holds the same
 ``H v`` and runs the same Lanczos iteration from the same seed, so all ranks
@@ -54,10 +54,12 @@ class ReducedOperator(CurvatureOperator):
         return self.reduce(self.operator.matvec(v))
 
     def any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any rank (its indicator averaged by ``reduce``)."""
         flag_tensor = torch.tensor([1.0 if flag else 0.0], dtype=self.dtype, device=self.device)
         return self.reduce(flag_tensor).item() > 0
 
     def mean_over_ranks(self, value: float) -> float:
+        """The mean of a per-process scalar, by ``reduce``."""
         return self.reduce(torch.tensor([value], dtype=self.dtype, device=self.device)).item()
 
     def __getattr__(self, name: str):

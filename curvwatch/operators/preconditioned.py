@@ -40,7 +40,9 @@ class PreconditionedOperator(CurvatureOperator):
         return self.inv_sqrt * self.operator.matvec(self.inv_sqrt * v)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The wrapped operator's inner product (all-reduced when it is sharded)."""
         return self.operator.dot(a, b)
 
     def any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any process, as the wrapped operator decides."""
         return self.operator.any_rank(flag)

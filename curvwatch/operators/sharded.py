@@ -221,6 +221,7 @@ class ShardedHessianOperator(CurvatureOperator):
         return tensor
 
     def mean_over_ranks(self, value: float) -> float:
+        """The mean of a per-process scalar over all ranks (a float64 all-reduce)."""
         if self._world == 1:
             return value
         import torch.distributed as dist
@@ -230,6 +231,7 @@ class ShardedHessianOperator(CurvatureOperator):
         return total.item() / self._world
 
     def any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any rank (an all-reduced sum)."""
         flag_tensor = torch.tensor([1.0 if flag else 0.0], dtype=torch.float32, device=self.device)
         return self._all_reduce_sum(flag_tensor).item() > 0
 
