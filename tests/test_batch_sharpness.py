@@ -31,7 +31,7 @@ def test_noisy_curvature_uses_the_whole_budget_and_reports_stderr():
     vals = []
     for _ in range(12):
         i = torch.randperm(256, generator=generator)[:8]
-        op = cw.HessianOperator(lambda: loss_fn(model, (x[:256][i], y[:256][i])), params)
+        op = cw.HessianOperator(lambda i=i: loss_fn(model, (x[:256][i], y[:256][i])), params)
         g = op.gradient_at_theta()
         vals.append((g @ op.matvec(g) / (g @ g)).item())
     assert value == pytest.approx(sum(vals) / 12, rel=1e-6)

@@ -20,7 +20,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tensorboard")
 
-from curvwatch.integrations.huggingface import CurvatureTrainerCallback  # noqa: E402
 from transformers import (  # noqa: E402
     AttentionInterface,
     GPT2Config,
@@ -33,6 +32,7 @@ from transformers import (  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
 from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning  # noqa: E402
+from curvwatch.integrations.huggingface import CurvatureTrainerCallback  # noqa: E402
 from tests._helpers import curves, event_files, read_mlflow, read_wandb, sharpness_chart, wandb_curves  # noqa: E402
 
 STEPS, EVERY, LR = 20, 5, 1e-3

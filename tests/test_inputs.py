@@ -55,7 +55,8 @@ def test_a_probe_batch_made_under_inference_mode_is_usable():
     model = _model()
     with torch.inference_mode():
         batch = _batch()
-    assert _monitor(model, batch, strict=True).measure(1).lambda_max == _monitor(model, _batch(), strict=True).measure(1).lambda_max
+    inference = _monitor(model, batch, strict=True).measure(1).lambda_max
+    assert inference == _monitor(model, _batch(), strict=True).measure(1).lambda_max
 
 
 def test_a_model_made_under_inference_mode_names_inference_mode():

@@ -22,13 +22,13 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("tensorboard")
 
-from curvwatch.integrations.lightning import CurvatureCallback  # noqa: E402
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import Logger, TensorBoardLogger  # noqa: E402
 from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning  # noqa: E402
+from curvwatch.integrations.lightning import CurvatureCallback  # noqa: E402
 from tests._helpers import curves, direct, histogram_steps, sharpness_chart, steps  # noqa: E402
 
 LR, MOMENTUM = 0.1, 0.9

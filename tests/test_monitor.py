@@ -71,7 +71,7 @@ def _train(monitor_kwargs, steps=12, seed=0):
         monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), every=3, **monitor_kwargs)
         monitor.attach(opt)
     losses = []
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, 64, (16,))
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
@@ -118,7 +118,9 @@ def _regression_monitor(**kwargs):
 def test_result_matches_dense_hessian_and_reports_honestly():
     from tests.cases import dense_hessian
 
-    model, x, y, monitor = _regression_monitor(top_k=3, strict=True, budget=cw.Budget(max_hvps=60, trace_hvps=20, tol=1e-6))
+    model, x, y, monitor = _regression_monitor(
+        top_k=3, strict=True, budget=cw.Budget(max_hvps=60, trace_hvps=20, tol=1e-6)
+    )
     r = monitor.measure(7)
     H = dense_hessian(model, lambda ps: torch.nn.functional.mse_loss(torch.func.functional_call(model, ps, (x,)), y))
     exact = torch.linalg.eigvalsh(H).flip(0)
@@ -166,8 +168,10 @@ def test_threshold_events_fire_once_per_crossing(caplog):
 
 # -- sinks ---------------------------------------------------------------------
 def test_tensorboard_tags_steps_values_and_layout(tmp_path):
-    model, x, y, monitor = _regression_monitor(top_k=2, every=5, spectrum_every=2,
-                                               sinks=[cw.TensorBoardSink(str(tmp_path)), cw.JsonlSink(tmp_path / "c.jsonl")])
+    model, x, y, monitor = _regression_monitor(
+        top_k=2, every=5, spectrum_every=2,
+        sinks=[cw.TensorBoardSink(str(tmp_path)), cw.JsonlSink(tmp_path / "c.jsonl")],
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     monitor.attach(opt)
     for _ in range(20):

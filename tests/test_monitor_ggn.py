@@ -8,8 +8,6 @@ from curvwatch.operators.lm_head import causal_lm_ggn_operator
 from tests.cases import dense_ggn_ce, linear_regression, tanh_mlp_ce
 
 
-
-
 def test_mlp_cross_entropy_ggn_matches_direct_operator_and_dense():
     model, x, y = tanh_mlp_ce()
     G = dense_ggn_ce(model, x)

@@ -181,7 +181,10 @@ def _update_is_lr_times_moment_over_p(opt, params, moment, scale):
 )
 def test_preconditioner_is_the_one_in_the_update(make, moment):
     """P is exactly the denominator torch divides by (amsgrad's max, Adamax's exp_inf, centered RMSprop)."""
-    params = [torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64)), torch.nn.Parameter(torch.randn(4, dtype=torch.float64))]
+    params = [
+        torch.nn.Parameter(torch.randn(3, 2, dtype=torch.float64)),
+        torch.nn.Parameter(torch.randn(4, dtype=torch.float64)),
+    ]
     opt = make(params)
     for scale in (1.0, 100.0, 0.01, 1.0):  # shrinking gradients: amsgrad's max(v) is not v
         _update_is_lr_times_moment_over_p(opt, params, moment, scale)

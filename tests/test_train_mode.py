@@ -192,7 +192,9 @@ def _train(monitor_kwargs, steps=12, seed=0):
     return model, opt, losses, torch.rand(3), monitor
 
 
-@pytest.mark.parametrize("kwargs", [{"train_mode": None}, {"train_mode": True}, {"train_mode": None, "method": "finite_difference"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"train_mode": None}, {"train_mode": True}, {"train_mode": None, "method": "finite_difference"}]
+)
 def test_training_with_monitor_is_bit_identical(kwargs):
     ref_model, ref_opt, ref_losses, ref_rng, _ = _train(None)
     model, opt, losses, rng, monitor = _train(kwargs)

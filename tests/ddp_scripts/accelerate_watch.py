@@ -37,8 +37,8 @@ def main() -> None:
     """Train, watch, write the results."""
     from accelerate import Accelerator
 
-    from curvwatch.batch_sharpness import batch_length
     from curvwatch import Budget
+    from curvwatch.probe import batch_length
     from curvwatch.integrations.accelerate import watch
 
     parser = argparse.ArgumentParser()

@@ -25,10 +25,9 @@ from dist_common import (
     summary,
 )
 from torch import nn
-
-from curvwatch import Budget
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from curvwatch import Budget
 from curvwatch.operators.distributed import all_reduce_mean
 
 
@@ -56,7 +55,9 @@ def main() -> None:
     # (rank 0 runs out at once; without a shared decision rank 1 would wait forever).
     budget = Budget(max_hvps=60, trace_hvps=0, tol=1e-12, max_seconds=1e-9 if rank == 0 else 1e3,
                     overhead=None)
-    timed = summary(monitor(module, share(probe, rank, world), reduce=all_reduce_mean, budget=budget, trace=False).measure(5))
+    timed = summary(
+        monitor(module, share(probe, rank, world), reduce=all_reduce_mean, budget=budget, trace=False).measure(5)
+    )
     dump(
         args.out,
         rank,
