@@ -14,7 +14,7 @@ and one Hessian-vector product per mini-batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,49 +23,11 @@ from curvwatch._errors import CurvatureError
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import build_operator
 from curvwatch.operators.sharded import is_sharded
-from curvwatch.probe import LossFn, map_tensors
+from curvwatch.probe import LossFn, batch_length, take
 
 # Stop averaging once the standard error is below this fraction of the mean.
 RELATIVE_STDERR = 0.01
 MIN_BATCHES = 4
-
-
-def batch_length(batch: Any) -> int:
-    """Number of examples in a batch (leading dimension of its tensors)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        return batch_length(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch_length(batch[0])
-    raise CurvatureError(f"cannot find the batch dimension of a {type(batch).__name__}")
-
-
-def take(batch: Any, index: torch.Tensor) -> Any:
-    """The examples ``index`` of a batch (tensors indexed on dim 0)."""
-    return map_tensors(batch, lambda t: t[index.to(t.device)])
-
-
-def process_share(batch: Any, rank: int, world_size: int) -> Any:
-    """Rows ``[rank * n / R, (rank + 1) * n / R)`` of a batch of ``n`` examples.
-
-    Under data parallelism each of ``R`` processes measures its share; with a
-    mean loss the average of the shares' Hessians is the whole batch's.
-
-    Raises:
-        CurvatureError: ``n`` is not a multiple of ``R``.
-    """
-    if world_size == 1:
-        return batch
-    n = batch_length(batch)
-    if n % world_size:
-        raise CurvatureError(
-            f"the probe batch has {n} examples, which does not split evenly across "
-            f"{world_size} processes: pass a multiple of {world_size} examples, or give "
-            "each process its own equal share"
-        )
-    size = n // world_size
-    return take(batch, torch.arange(rank * size, (rank + 1) * size))
 
 
 def batch_sharpness(

@@ -30,7 +30,6 @@ from typing import Any, Literal
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
-from curvwatch.batch_sharpness import batch_length
 from curvwatch.cost import OverheadAccount
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
@@ -54,7 +53,7 @@ from curvwatch.precision import (
     PRECISIONS,
     Precision,
 )
-from curvwatch.probe import LossFn, loss_closure_factory, move_to
+from curvwatch.probe import LossFn, batch_length, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
 from curvwatch.solvers.lanczos import default_max_basis
 from curvwatch.stability import (

@@ -1,4 +1,4 @@
-"""The held-out probe batch turned into a scalar-loss closure.
+"""The held-out probe batch: its structure (examples, shares, subsets, devices) and its loss closure.
 
 Three ways to say what the loss is, checked at construction:
 
@@ -27,7 +27,12 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``batch`` with ``fn`` applied to every tensor (dicts, lists, tuples, namedtuples)."""
+    """``batch`` with ``fn`` applied to every tensor (dicts, lists, tuples, namedtuples).
+
+    Not ``torch.utils._pytree.tree_map``: pytree treats a ``Mapping`` subclass
+    it has no registration for (Hugging Face's ``BatchEncoding``) as a leaf, and
+    would leave the tensors inside it where they are.
+    """
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
@@ -49,6 +54,44 @@ def tensors_of(batch: Any) -> Iterator[torch.Tensor]:
     elif isinstance(batch, (list, tuple)):
         for value in batch:
             yield from tensors_of(value)
+
+
+def batch_length(batch: Any) -> int:
+    """Number of examples in a batch (leading dimension of its tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        return batch_length(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_length(batch[0])
+    raise CurvatureError(f"cannot find the batch dimension of a {type(batch).__name__}")
+
+
+def take(batch: Any, index: torch.Tensor) -> Any:
+    """The examples ``index`` of a batch (tensors indexed on dim 0)."""
+    return map_tensors(batch, lambda t: t[index.to(t.device)])
+
+
+def process_share(batch: Any, rank: int, world_size: int) -> Any:
+    """Rows ``[rank * n / R, (rank + 1) * n / R)`` of a batch of ``n`` examples.
+
+    Under data parallelism each of ``R`` processes measures its share; with a
+    mean loss the average of the shares' Hessians is the whole batch's.
+
+    Raises:
+        CurvatureError: ``n`` is not a multiple of ``R``.
+    """
+    if world_size == 1:
+        return batch
+    n = batch_length(batch)
+    if n % world_size:
+        raise CurvatureError(
+            f"the probe batch has {n} examples, which does not split evenly across "
+            f"{world_size} processes: pass a multiple of {world_size} examples, or give "
+            "each process its own equal share"
+        )
+    size = n // world_size
+    return take(batch, torch.arange(rank * size, (rank + 1) * size))
 
 
 def move_to(batch: Any, device: torch.device) -> Any:

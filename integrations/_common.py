@@ -62,9 +62,9 @@ from curvwatch import (
     CurvatureResult,
     CurvatureWarning,
 )
-from curvwatch.batch_sharpness import process_share  # noqa: F401 - re-exported to the adapters
 from curvwatch.loaders import TrainingBatches, loader_batch_size
 from curvwatch.operators import is_sharded  # noqa: F401 - re-exported to the adapters (FSDP detection)
+from curvwatch.probe import process_share  # noqa: F401 - re-exported to the adapters
 from curvwatch.sinks import margin_scalars, write_layout, write_spectrum
 from curvwatch.stability import unwrap_optimizer
 

@@ -311,7 +311,7 @@ def test_two_processes_equal_one_process_on_the_whole_probe_batch(tmp_path):
 
 
 def test_probe_batch_split_by_process_index():
-    from curvwatch.batch_sharpness import process_share
+    from curvwatch.probe import process_share
 
     x, y = script.make_data(12, seed=2)
     share = process_share((x, y), rank=1, world_size=3)

@@ -38,7 +38,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     from curvwatch import Budget
-    from curvwatch.batch_sharpness import batch_length
+    from curvwatch.probe import batch_length
     from curvwatch.integrations.accelerate import watch
 
     parser = argparse.ArgumentParser()
