@@ -38,8 +38,8 @@ def main() -> None:
     from accelerate import Accelerator
 
     from curvwatch import Budget
-    from curvwatch.probe import batch_length
     from curvwatch.integrations.accelerate import watch
+    from curvwatch.probe import batch_length
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
