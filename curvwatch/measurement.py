@@ -45,6 +45,15 @@ from curvwatch.solvers.lanczos import LanczosResult, lanczos
 from curvwatch.solvers.trace import hutchinson
 from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
 
+# Double backward is trusted when u^T H v and v^T H u agree to this (relative to
+# |u| |Hv|): a Hessian is symmetric, while a second derivative with missing terms
+# (a custom autograd.Function with a @once_differentiable backward) is not.
+SYMMETRY_RTOL = 1e-2
+
+# Central differences are trusted when their Rayleigh quotient at the top Ritz
+# vector agrees with the exact one to this (kinks of ReLU-type activations break it).
+DIFFERENCE_RTOL = 1e-2
+
 # A ratio sharpness/threshold is logged only when the sharpness is known to this
 # relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
 RATIO_MAX_ERROR = 1e-2
@@ -81,6 +90,10 @@ class MeasurementState:
         warm_preconditioned: the last preconditioned top Ritz vector, or ``None``.
         resolved_method: what ``method="auto"`` resolved to (``None``: not yet).
         ggn_checked: the LM head's logits were compared with the model's once.
+        checked: ``method="auto"``'s double backward, or explicit central
+            differences, were cross-checked once (:func:`measure`).
+        differences_disagree: that check found central differences off the exact
+            product (kinks of ReLU-type activations): every later result says so.
     """
 
     measurements: int = 0
@@ -88,6 +101,8 @@ class MeasurementState:
     warm_preconditioned: torch.Tensor | None = None
     resolved_method: str | None = None
     ggn_checked: bool = False
+    checked: bool = False
+    differences_disagree: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,9 @@ class _Measurement:
         self.seed = config.seed + step
         self.resolved = state.resolved_method if config.method == "auto" else config.method
         self.ggn_checked = state.ggn_checked
+        self.checked = state.checked
+        self.differences_disagree = state.differences_disagree
+        self.check_products = 0
 
     # -- the procedure ------------------------------------------------------------
     def run(self) -> tuple[CurvatureResult, MeasurementState, list[Note]]:
@@ -152,7 +170,15 @@ class _Measurement:
         precision = resolve_precision(config.precision, self._method(), operator.device)
         with matmul_precision(precision):
             try:
-                first = self._first_solve(operator, diagonal, products)
+                check = self._should_check("double_backward") and products >= config.top_k + 4
+                if check and not self._symmetric(operator):
+                    raise NoSecondDerivativeError(
+                        "double backward gives a non-symmetric Hessian here (u^T H v != v^T H u: "
+                        "a custom autograd.Function with a @once_differentiable backward drops "
+                        "second-order terms)"
+                    )
+                reserve = 1 if self._should_check("finite_difference") else 0  # for the check below
+                first = self._first_solve(operator, diagonal, products - operator.matvecs - reserve)
             except CurvatureError as error:
                 if config.ggn_kind is not None or config.method != "auto" or not isinstance(
                     error, NoSecondDerivativeError
@@ -160,13 +186,14 @@ class _Measurement:
                     raise
                 self.resolved = "finite_difference"
                 self.notes.append(("auto-fd", f"curvwatch: {error}. Using finite differences from now on."))
+                self.check_products += operator.matvecs  # spent on the operator given up
                 operator = self._operator()
                 precision = "fp32"
-                first = self._first_solve(operator, diagonal, products)
+                first = self._first_solve(operator, diagonal, products - self.check_products)
             certificate = self._certificate()
 
             def spent() -> int:
-                return operator.matvecs + (certificate.matvecs if certificate else 0)
+                return operator.matvecs + (certificate.matvecs if certificate else 0) + self.check_products
 
             warm, warm_pre = state.warm, state.warm_preconditioned
             pre = eig = None
@@ -184,11 +211,14 @@ class _Measurement:
                 overlap = _overlap(warm, eig.eigenvectors, operator.dot)
                 warm = eig.eigenvectors.detach()
             threshold_solve = pre if pre is not None else eig
-            converged = threshold_solve.converged and (eig is None or eig.converged)
+            if eig is not None and self._should_check("finite_difference") and products - spent() >= 1:
+                self._check_differences(operator, eig)
+            converged = threshold_solve.converged and (eig is None or eig.converged) and not self.differences_disagree
 
             trace_value = trace_stderr = math.nan
             left = products - spent()
-            if config.trace and config.budget.trace_hvps > 0 and left >= min(2, config.budget.trace_hvps) and not self._past():
+            probes = config.budget.trace_hvps
+            if config.trace and probes > 0 and left >= min(2, probes) and not self._past():
                 tr = hutchinson(operator, min(config.budget.trace_hvps, left), seed=self.seed + 2, deflation=eig)
                 trace_value, trace_stderr = tr.estimate, tr.stderr
 
@@ -256,6 +286,8 @@ class _Measurement:
             warm_preconditioned=warm_pre,
             resolved_method=self.resolved,
             ggn_checked=self.ggn_checked,
+            checked=self.checked,
+            differences_disagree=self.differences_disagree,
         )
         return result, new_state, self.notes
 
@@ -269,7 +301,9 @@ class _Measurement:
 
     def _threshold(self) -> Threshold | None:
         if self.optimizer is None:
-            self.notes.append(("no-optimizer", "curvwatch: no optimizer given: sharpness is logged without a threshold"))
+            self.notes.append(
+                ("no-optimizer", "curvwatch: no optimizer given: sharpness is logged without a threshold")
+            )
             return None
         limit = threshold(self.optimizer, self.config.param_group)
         if limit.note:  # no rule for this optimizer, or no lr: NaN threshold, said once
@@ -305,6 +339,56 @@ class _Measurement:
             return self.probe.loss_fn(self.model, self.probe.batch)
 
         return build_operator(self.model, closure, self.params, self._method(), scheme, config.reduce)
+
+    def _should_check(self, method: str) -> bool:
+        """Cross-check ``method`` once per run (not under FSDP, not for the GGN)."""
+        return (
+            not self.checked
+            and self.config.ggn_kind is None
+            and self._method() == method
+            and (method != "double_backward" or self.config.method == "auto")
+            and not is_sharded(self.model)
+        )
+
+    def _symmetric(self, operator) -> bool:
+        """``u^T H v == v^T H u`` to :data:`SYMMETRY_RTOL` (two products, once per run)."""
+        self.checked = True
+        generator = torch.Generator().manual_seed(self.seed + 5)
+        u, v = operator.random_vector(generator), operator.random_vector(generator)
+        hu, hv = operator.matvec(u), operator.matvec(v)
+        scale = (operator.norm(u) * operator.norm(hv)).item() + (operator.norm(v) * operator.norm(hu)).item()
+        gap = abs(operator.dot(u, hv).item() - operator.dot(v, hu).item())
+        return gap <= SYMMETRY_RTOL * max(scale / 2, 1e-300)
+
+    def _check_differences(self, operator, eig: LanczosResult) -> None:
+        """Compare the central-difference top eigenvalue with the exact Rayleigh quotient once.
+
+        Central differences on a ReLU network see the kinks (+69% on one) that
+        double backward does not; where they disagree, every result of this run
+        is reported as not converged, with one note.
+        """
+        self.checked = True
+
+        def closure() -> torch.Tensor:
+            return self.probe.loss_fn(self.model, self.probe.batch)
+
+        try:
+            exact = build_operator(self.model, closure, self.params, "double_backward", None, self.config.reduce)
+            y = eig.eigenvectors[:, 0].contiguous()
+            theta = (exact.dot(y, exact.matvec(y)) / exact.dot(y, y)).item()
+        except NoSecondDerivativeError:
+            return  # differences are the only way here
+        finally:
+            self.check_products += 1
+        if abs(theta - eig.lambda_max) > DIFFERENCE_RTOL * max(abs(theta), 1e-30):
+            self.differences_disagree = True
+            self.notes.append((
+                "differences-disagree",
+                f"curvwatch: step {self.step}: central differences give lambda_max "
+                f"{eig.lambda_max:.6g} where double backward gives {theta:.6g} on the same vector "
+                "(kinks of ReLU-type activations, or a step outside its accurate range): results "
+                "of this run are reported as not converged; method='auto' measures exactly",
+            ))
 
     def _certificate(self):
         """A central-difference operator to certify the top eigenvalue, or ``None``."""

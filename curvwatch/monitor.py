@@ -562,6 +562,8 @@ class CurvatureMonitor:
             "warm_preconditioned": None if state.warm_preconditioned is None else state.warm_preconditioned.cpu(),
             "method": state.resolved_method,
             "ggn_checked": state.ggn_checked,
+            "checked": state.checked,
+            "differences_disagree": state.differences_disagree,
             "above": self._above,
             "crossed_before": self._crossed_before,
             "cost": self._cost.state_dict(),
@@ -580,6 +582,8 @@ class CurvatureMonitor:
             warm_preconditioned=None if warm_pre is None else warm_pre.to(device),
             resolved_method=resolved,
             ggn_checked=bool(state.get("ggn_checked", False)),
+            checked=bool(state.get("checked", False)),
+            differences_disagree=bool(state.get("differences_disagree", False)),
         )
         self._attached_steps = int(state.get("attached_steps", 0))
         self._above = state.get("above")

@@ -1,0 +1,104 @@
+"""auto verifies its double backward once; explicit central differences are checked once."""
+
+import warnings
+
+import torch
+
+import curvwatch as cw
+from tests.cases import dense_hessian
+
+
+class _TanhOnce(torch.autograd.Function):
+    """tanh whose backward is @once_differentiable: double backward drops its second-order terms."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _OnceNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(4, 8, dtype=torch.float64)
+        self.second = torch.nn.Linear(8, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.second(_TanhOnce.apply(self.first(x)))
+
+
+def _measure(model, x, y, **options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), top_k=1, trace=False,
+                                     budget=cw.Budget(tol=1e-8), **options).measure(1)
+    return result, [str(w.message) for w in caught]
+
+
+def test_auto_falls_back_when_double_backward_is_silently_wrong():
+    torch.manual_seed(0)
+    model = _OnceNet()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+
+    def loss(params):
+        out = torch.func.functional_call(model, params, (x,))
+        return torch.nn.functional.mse_loss(out, y)
+
+    reference = _TanhNet(model)  # the same function with torch's tanh: the true Hessian
+    exact = torch.linalg.eigvalsh(dense_hessian(reference, lambda p: loss_of(reference, p, x, y)))[-1].item()
+    result, messages = _measure(model, x, y)
+    assert result.method == "finite_difference"
+    assert abs(result.lambda_max - exact) <= 1e-4 * exact
+    assert any("non-symmetric" in m for m in messages)
+    wrong, _ = _measure(model, x, y, method="double_backward")  # asked for: not second-guessed
+    assert abs(wrong.lambda_max - exact) > 1e-3 * exact
+
+
+def test_auto_keeps_double_backward_on_a_relu_network():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16, dtype=torch.float64), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 1, dtype=torch.float64))
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    result, messages = _measure(model, x, y)
+    assert result.method == "double_backward" and result.converged
+    assert not any("non-symmetric" in m for m in messages)
+
+
+def test_central_differences_across_relu_kinks_are_flagged():
+    """Half the probe rows sit exactly on every kink: differences see curvature that is not there."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    torch.nn.init.zeros_(model[0].bias)
+    x, y = torch.randn(256, 8), torch.randn(256, 1)
+    x[::2] = 0  # pre-activations exactly 0
+    exact, _ = _measure(model, x, y, method="double_backward")
+    differences, messages = _measure(model, x, y, method="finite_difference")
+    assert differences.lambda_max > 2 * exact.lambda_max  # the kinks, seen by differences only
+    assert not differences.converged
+    assert any("central differences give lambda_max" in m for m in messages)
+    torch.nn.init.normal_(model[0].bias)  # away from the kinks: no flag
+    x[::2] = torch.randn(128, 8)
+    smooth, messages = _measure(model, x, y, method="finite_difference")
+    assert smooth.converged and not any("central differences give" in m for m in messages)
+
+
+class _TanhNet(torch.nn.Module):
+    """The model of _OnceNet with torch's own tanh (a full second derivative)."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.first, self.second = other.first, other.second
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def loss_of(model, params, x, y):
+    return torch.nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
