@@ -53,9 +53,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from curvwatch import Budget, CurvatureMonitor
-from curvwatch._flat import local
 
 MiB = 2**20
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (an FSDP2 shard), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 class TinyLM(nn.Module):

@@ -42,11 +42,16 @@ from dist_common import (
 from torch import nn
 
 from curvwatch import Budget
-from curvwatch._flat import local
 from curvwatch.operators.sharded import ShardedHessianOperator
 
 LR = 1e-2
 _MESHES: dict = {}
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (an FSDP2 shard), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def wrap(model: nn.Module, kind: str) -> nn.Module:
