@@ -15,9 +15,10 @@ deferred) until enough training has passed. The share it reports,
 monitoring added to training, as a fraction.
 
 The cost of one product is learned from the measurements themselves (seconds
-per product of the last one). The first measurement runs unlimited by the share
-(within the hard caps) to learn it; its time is charged like any other, so the
-measurements after it wait until the share has caught up.
+per product of the last one). The first measurement, before that is known, gets
+the share saved up so far and at least one product: it may end unconverged (a
+lower bound and a warm start for the next), but it never runs the share over by
+more than one product.
 """
 
 from __future__ import annotations

@@ -399,14 +399,19 @@ class CurvatureMonitor:
         training time. A measurement is deferred when the share does not cover
         the products it needs at least (3 with a warm start, 10 without); one
         expected to take under :attr:`Budget.negligible_seconds` is never limited.
+        The first measurement, before a product's cost is known, gets what is
+        saved up and stops after its first product if that is already spent.
         """
         cap = self.budget.max_seconds
         if self.budget.overhead is None:
             return cap
         allowance = self._cost.allowance(self.budget.overhead)
         per_product = self._cost.product_seconds()
-        if math.isnan(per_product):  # the first measurement learns what a product costs
-            return cap
+        if math.isnan(per_product):
+            # The first measurement learns what a product costs, within the share
+            # saved up so far (at least one product): it may end unconverged, as a
+            # lower bound and a warm start for the next.
+            return max(allowance, 1e-9) if cap is None else min(cap, max(allowance, 1e-9))
         needed = (3 if self._state.warm is not None else 10) * per_product
         if needed <= self.budget.negligible_seconds:
             return cap

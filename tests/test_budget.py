@@ -1,5 +1,6 @@
 """Leave it on: a share of training time, memory that does not grow, and a clean skip."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -67,14 +68,16 @@ def test_overhead_share_is_kept_by_deferring(clock):
     assert len(measured) < 100  # most due steps were deferred
     deferred = [w for w in caught if "deferred" in str(w.message)]
     assert len(deferred) == 1 and "Budget(overhead=0.05)" in str(deferred[0].message)
-    # After the first measurement (which learns what a product costs and runs
-    # unlimited), measuring never runs ahead of 5% of the 400 s of training by
-    # more than the last product that crossed its deadline (two forwards here).
-    assert first.seconds > 0.05 * 1.0
+    # The first measurement (step 1, 0.05 s saved up) stops after one product: a
+    # lower bound, no ratio, but it learns what a product costs. From then on,
+    # measuring never runs ahead of 5% of the training time by more than the
+    # product that crossed its deadline (two forwards and a loss here).
+    assert first.hvps <= 2 and not first.converged and math.isnan(first.sharpness_ratio)  # + the difference check
     assert monitor._cost.measuring_seconds <= 0.05 * 400 + 0.3
-    assert all(r.overhead <= 0.05 + 0.3 / r.step for r in later)
+    assert all(r.overhead <= 0.05 + 0.5 / r.step for r in measured)  # one product of up to 0.5 s over
     assert "curvature/overhead" in later[-1].scalars()
-    assert all(r.converged for r in later)
+    assert all(r.converged for r in measured[-10:])  # warm starts: within the share, and exact
+    assert all(math.isnan(r.sharpness_ratio) for r in measured if r.error_bound > 1e-2)
 
 
 def test_overhead_none_measures_every_due_step(clock):
@@ -180,7 +183,7 @@ def test_measurement_memory_does_not_grow_with_products():
     # a basis of 10, the graph's gradient, the product and Lanczos' working vectors,
     # and the allocator's slack: measured ~25 vectors; a growing basis would add 60
     assert peaks[60] <= 32 * vector, peaks
-    assert peaks[60] - peaks[15] <= 3 * vector, peaks
+    assert peaks[60] - peaks[15] <= 6 * vector, peaks  # allocator noise; 45 more basis vectors would be 280 MB
 
 
 def test_memory_plan_prefers_the_device_then_a_smaller_basis_then_the_host():
