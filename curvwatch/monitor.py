@@ -296,8 +296,8 @@ class CurvatureMonitor:
         return step > 0 and step % self.every == 0
 
     def maybe_measure(self, step: int) -> CurvatureResult | None:
-        """:meth:`measure` if :meth:`due`, else ``None``."""
-        return self.measure(step) if self.due(step) else None
+        """A scheduled :meth:`measure`, within the time share, if :meth:`due`; else ``None``."""
+        return self.measure(step, scheduled=True) if self.due(step) else None
 
     def attach(self, optimizer: Any) -> torch.utils.hooks.RemovableHandle:
         """Measure right after every ``every``-th ``optimizer.step()``.
@@ -328,19 +328,24 @@ class CurvatureMonitor:
         return handle
 
     # -- measuring --------------------------------------------------------------
-    def measure(self, step: int | None = None) -> CurvatureResult | None:
+    def measure(self, step: int | None = None, *, scheduled: bool = False) -> CurvatureResult | None:
         """Measure now, within the budget; return the result.
 
         Returns ``None`` when the measurement failed (not strict), was deferred
-        because the share of training time is spent (:attr:`Budget.overhead`),
-        or would not fit in memory (one warning with the numbers and the fix).
+        because the share of training time is spent (:attr:`Budget.overhead`,
+        scheduled measurements only), or would not fit in memory (one warning
+        with the numbers and the fix).
 
         Args:
             step: the optimizer step to log at; default: number of measurements.
+            scheduled: part of the schedule (:meth:`maybe_measure`, :meth:`attach`
+                and the framework callbacks): held to the share of training
+                time. Default False: a measurement asked for directly runs within
+                the hard caps only, and its time still counts in the share.
         """
         step = self.measurements if step is None else int(step)
         self._cost.training_until_now(step)
-        seconds = self._seconds_allowed(step)
+        seconds = self._seconds_allowed(step) if scheduled else self.budget.max_seconds
         if seconds is not None and seconds <= 0:
             return None
         started = time.perf_counter()

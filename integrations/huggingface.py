@@ -251,7 +251,7 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
         lr = self._update_lr.applied() if self._update_lr is not None else contextlib.nullcontext()
         try:
             with lr, _double_backward_attention(self.monitor.model, self.monitor.method):
-                result = self.monitor.measure(state.global_step)
+                result = self.monitor.maybe_measure(state.global_step)
         finally:
             self._hook = ()
         if result is not None:  # every process, like the Trainer's own entries

@@ -229,7 +229,7 @@ class CurvatureCallback(Callback):
         if not self.monitor.due(step):
             return
         with self._update_lr.applied() if self._update_lr is not None else contextlib.nullcontext():
-            result = self.monitor.measure(step)
+            result = self.monitor.maybe_measure(step)
         if result is not None:  # every process: EarlyStopping and ModelCheckpoint read them
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in result.scalars().items()})
 

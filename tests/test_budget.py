@@ -60,7 +60,7 @@ def test_overhead_share_is_kept_by_deferring(clock):
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
-            result = monitor.measure(step)
+            result = monitor.maybe_measure(step)
             if result is not None:
                 measured.append(result)
     first, later = measured[0], measured[1:]
@@ -208,3 +208,15 @@ def test_memory_plan_prefers_the_device_then_a_smaller_basis_then_the_host():
     assert smallest.fits and smallest.basis_device == "cpu" and smallest.max_basis == 3
     none = plan(85, host=30 * GIB)  # half of 30 GiB: not even 3 vectors
     assert not none.fits and "needs about" in none.message and "fix:" in none.message
+
+
+def test_a_measurement_asked_for_directly_is_not_held_to_the_share(clock):
+    """No training has happened, so no share is saved up: measure() still measures fully."""
+    model = _model_with_forward_cost(clock, 0.1)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), every=1, top_k=1, trace=False,
+                                  budget=cw.Budget(overhead=0.05, negligible_seconds=0.0))
+    direct = monitor.measure(1)
+    assert direct.converged and monitor._cost.measuring_seconds > 0  # and its cost is on the account
+    clock.now += 1.0
+    assert monitor.maybe_measure(2) is None  # the schedule waits for the share to catch up
