@@ -23,6 +23,28 @@ PINNED_MAX_BYTES = 1 << 30
 BREAKDOWN_RTOL = 1e-10
 
 
+def stored_copy(q: torch.Tensor, basis_device: torch.device) -> torch.Tensor:
+    """A copy of ``q`` on ``basis_device`` to keep in a basis.
+
+    From a GPU to the host: page-locked memory up to :data:`PINNED_MAX_BYTES`
+    (asynchronous copies, about twice as fast back to the GPU), pageable memory
+    of the exact size above it.
+    """
+    if q.is_cuda and basis_device.type == "cpu" and q.numel() * q.element_size() <= PINNED_MAX_BYTES:
+        host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
+        return host.copy_(q, non_blocking=True)
+    return q.to(basis_device, non_blocking=True)  # no copy on the same device: q is not reused
+
+
+def combine(operator: CurvatureOperator, basis: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
+    """``basis @ coefficients`` on the operator's device: ``(n, j)`` vectors."""
+    out = torch.zeros(operator.size, coefficients.shape[1], dtype=operator.dtype, device=operator.device)
+    coefficients = coefficients.to(device=operator.device, dtype=operator.dtype)
+    for i, q in enumerate(basis):
+        out += q.to(operator.device, non_blocking=True)[:, None] * coefficients[i][None, :]
+    return out
+
+
 class LanczosProcess:
     """Build an orthonormal Krylov basis ``Q`` and tridiagonal ``T = Q^T A Q``.
 
@@ -59,13 +81,7 @@ class LanczosProcess:
         return v / self.operator.norm(v)
 
     def _store(self, q: torch.Tensor) -> None:
-        if q.is_cuda and self.basis_device.type == "cpu":
-            # page-locked host memory: the copies back to the GPU run asynchronously
-            # and about twice as fast as from pageable memory
-            host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
-            self.basis.append(host.copy_(q, non_blocking=True))
-        else:
-            self.basis.append(q.to(self.basis_device, non_blocking=True))
+        self.basis.append(stored_copy(q, self.basis_device))
 
     def _orthogonalize(self, w: torch.Tensor) -> torch.Tensor:
         for _ in range(2):  # "twice is enough" (Parlett)
@@ -118,12 +134,7 @@ class LanczosProcess:
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``Q @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
-        op = self.operator
-        out = torch.zeros(op.size, coefficients.shape[1], dtype=op.dtype, device=op.device)
-        coefficients = coefficients.to(device=op.device, dtype=op.dtype)
-        for i, q in enumerate(self.basis):
-            out += q.to(op.device, non_blocking=True)[:, None] * coefficients[i][None, :]
-        return out
+        return combine(self.operator, self.basis, coefficients)
 
 
 class RestartedLanczosProcess:
@@ -175,11 +186,7 @@ class RestartedLanczosProcess:
         self._next = start / operator.norm(start)
 
     def _store(self, q: torch.Tensor) -> None:
-        if q.is_cuda and self.basis_device.type == "cpu" and q.numel() * q.element_size() <= PINNED_MAX_BYTES:
-            host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
-            self.basis.append(host.copy_(q, non_blocking=True))
-        else:  # large vectors: pageable memory of the exact size
-            self.basis.append(q.to(self.basis_device, copy=True))
+        self.basis.append(stored_copy(q, self.basis_device))
 
     def _project_out(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``w - V V^T w`` in place; returns it and the coefficients ``V^T w``.
@@ -260,9 +267,4 @@ class RestartedLanczosProcess:
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``V @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
-        op = self.operator
-        out = torch.zeros(op.size, coefficients.shape[1], dtype=op.dtype, device=op.device)
-        coefficients = coefficients.to(device=op.device, dtype=op.dtype)
-        for i, q in enumerate(self.basis):
-            out += q.to(op.device, non_blocking=True)[:, None] * coefficients[i][None, :]
-        return out
+        return combine(self.operator, self.basis, coefficients)
