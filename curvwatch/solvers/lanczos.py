@@ -161,7 +161,7 @@ def lanczos(
         raise CurvatureError(f"max_basis ({max_basis}) must exceed k ({k})")
     k = min(k, operator.size)
     generator = torch.Generator().manual_seed(seed)
-    start = _start_vector(operator, v0, generator)
+    start = start_vector(operator, v0, generator)
     process = RestartedLanczosProcess(operator, start, generator, max_basis, basis_device)
     deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     budget = min(max_matvecs, operator.size)
@@ -190,9 +190,10 @@ def lanczos(
     )
 
 
-def _start_vector(
+def start_vector(
     operator: CurvatureOperator, v0: torch.Tensor | None, generator: torch.Generator
 ) -> torch.Tensor:
+    """The first Lanczos vector: ``v0`` (columns summed) plus 1% noise, or noise alone."""
     noise = operator.random_vector(generator)
     if v0 is None:
         return noise
