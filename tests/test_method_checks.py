@@ -102,3 +102,15 @@ class _TanhNet(torch.nn.Module):
 
 def loss_of(model, params, x, y):
     return torch.nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
+
+
+def test_a_compiled_model_falls_back_to_differences_under_auto():
+    """torch.compile's AOT autograd has no double backward: auto measures by differences."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    compiled, messages = _measure(torch.compile(model, backend="aot_eager"), x, y)
+    exact, _ = _measure(model, x, y)
+    assert compiled.method == "finite_difference" and compiled.converged
+    assert abs(compiled.lambda_max - exact.lambda_max) <= 1e-3 * exact.lambda_max
+    assert any("Using finite differences from now on" in m for m in messages)
