@@ -12,7 +12,7 @@ optionally bf16 autocast), this script records:
   precision, products, and the errors against the reference;
 * training overhead: the same number of steps timed without and then with the
   monitor attached at ``every=100`` (defaults), the monitor's own
-  ``curvature/overhead`` and the measurements it made or deferred.
+  ``curvature_diagnostics/overhead`` and the measurements it made or deferred.
 
 Usage (one H200)::
 

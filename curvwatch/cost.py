@@ -11,7 +11,7 @@ between measurements) and of measuring, and allows the next measurement
 seconds: a cumulative budget, so a measurement that came in under its share
 leaves the rest to the next one, and one that could not fit waits (is
 deferred) until enough training has passed. The share it reports,
-``T_measure / T_train``, is what ``curvature/overhead`` logs: the time
+``T_measure / T_train``, is what ``curvature_diagnostics/overhead`` logs: the time
 monitoring added to training, as a fraction.
 
 The cost of one product is learned from the measurements themselves (seconds

@@ -9,6 +9,11 @@ from curvwatch._errors import CurvatureError
 
 TAG_PREFIX = "curvature/"
 
+# Cost and diagnostic tags get their own TensorBoard group (the text before the
+# first "/"), so the curvature group opens on the curves themselves.
+DIAGNOSTICS_PREFIX = "curvature_diagnostics/"
+DIAGNOSTICS = ("hvps", "seconds", "converged", "error_bound", "overhead", "trace_lower", "trace_upper")
+
 
 # The default share of training time a monitor may spend (Budget.overhead).
 DEFAULT_OVERHEAD = 0.05
@@ -141,7 +146,11 @@ class CurvatureResult:
     precision: str = "fp32"
 
     def scalars(self) -> dict[str, float]:
-        """``{"curvature/<name>": value}`` of every finite scalar, as logged."""
+        """``{tag: value}`` of every finite scalar, as logged.
+
+        Tags come from :func:`tag`: cost and diagnostics under
+        ``curvature_diagnostics/``, the rest under ``curvature/``.
+        """
         values = {
             "lambda_max": self.lambda_max,
             "trace": self.trace,
@@ -160,8 +169,13 @@ class CurvatureResult:
         }
         for i, value in enumerate(self.eigenvalues, start=1):
             values[f"lambda_{i}"] = value
-        return {TAG_PREFIX + k: float(v) for k, v in values.items() if math.isfinite(v)}
+        return {tag(k): float(v) for k, v in values.items() if math.isfinite(v)}
 
     def to_dict(self) -> dict:
         """All fields as JSON-ready plain Python values."""
         return asdict(self)
+
+
+def tag(name: str) -> str:
+    """The logged tag of a result field: ``curvature/<name>``, or ``curvature_diagnostics/<name>``."""
+    return (DIAGNOSTICS_PREFIX if name in DIAGNOSTICS else TAG_PREFIX) + name

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from curvwatch.results import TAG_PREFIX, CurvatureResult
+from curvwatch.results import TAG_PREFIX, CurvatureResult, tag
 
 CHART_CATEGORY = "curvwatch"
 
@@ -29,7 +29,7 @@ def custom_scalars_layout(adaptive: bool = False) -> dict:
                 [TAG_PREFIX + sharp, TAG_PREFIX + "threshold", TAG_PREFIX + "batch_sharpness"],
             ],
             "top eigenvalues": ["Multiline", [TAG_PREFIX + r"lambda_\d+"]],
-            "trace": ["Margin", [TAG_PREFIX + "trace", TAG_PREFIX + "trace_lower", TAG_PREFIX + "trace_upper"]],
+            "trace": ["Margin", [tag("trace"), tag("trace_lower"), tag("trace_upper")]],
         }
     }
 
@@ -43,8 +43,8 @@ def margin_scalars(result: CurvatureResult) -> dict[str, float]:
     """``trace_lower``/``trace_upper`` (+-2 stderr) for the chart's margin band."""
     if result.trace == result.trace and result.trace_stderr == result.trace_stderr:
         return {
-            TAG_PREFIX + "trace_lower": result.trace - 2 * result.trace_stderr,
-            TAG_PREFIX + "trace_upper": result.trace + 2 * result.trace_stderr,
+            tag("trace_lower"): result.trace - 2 * result.trace_stderr,
+            tag("trace_upper"): result.trace + 2 * result.trace_stderr,
         }
     return {}
 
@@ -77,8 +77,8 @@ class TensorBoardSink:
         if not self._layout_written:
             write_layout(self.writer, adaptive=result.preconditioned_lambda_max == result.preconditioned_lambda_max)
             self._layout_written = True
-        for tag, value in {**result.scalars(), **margin_scalars(result)}.items():
-            self.writer.add_scalar(tag, value, result.step)
+        for name, value in {**result.scalars(), **margin_scalars(result)}.items():
+            self.writer.add_scalar(name, value, result.step)
         if result.spectrum is not None:
             write_spectrum(self.writer, result, self.spectrum_bins)
         self.writer.flush()

@@ -24,6 +24,7 @@ from accelerate.tracking import GeneralTracker  # noqa: E402
 
 from curvwatch import CurvatureMonitor, CurvatureWarning  # noqa: E402
 from curvwatch.integrations.accelerate import watch  # noqa: E402
+from curvwatch.results import tag as tag_of
 from tests._helpers import (  # noqa: E402
     curves,
     direct,
@@ -467,7 +468,7 @@ def test_the_same_run_under_lightning_transformers_and_accelerate_logs_the_same_
         assert value == pytest.approx(heavy_ball / (1 - (step - 1) / same.STEPS), rel=1e-12)
     for framework in ("lightning", "transformers", "accelerate"):
         for name in COMPARED:
-            tag = "curvature/" + name
+            tag = tag_of(name)
             assert measured[framework][name] == pytest.approx(reference[name], rel=1e-9), (framework, name)
             assert logged[framework][tag] == pytest.approx(reference[name], rel=1e-6), (framework, name)  # float32
             assert tracked[framework][tag] == pytest.approx(reference[name], rel=1e-9), (framework, name)

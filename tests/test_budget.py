@@ -75,7 +75,7 @@ def test_overhead_share_is_kept_by_deferring(clock):
     assert first.hvps <= 2 and not first.converged and math.isnan(first.sharpness_ratio)  # + the difference check
     assert monitor._cost.measuring_seconds <= 0.05 * 400 + 0.3
     assert all(r.overhead <= 0.05 + 0.5 / r.step for r in measured)  # one product of up to 0.5 s over
-    assert "curvature/overhead" in later[-1].scalars()
+    assert "curvature_diagnostics/overhead" in later[-1].scalars()
     assert all(r.converged for r in measured[-10:])  # warm starts: within the share, and exact
     assert all(math.isnan(r.sharpness_ratio) for r in measured if r.error_bound > 1e-2)
 

@@ -97,9 +97,9 @@ def test_curves_land_in_the_trainers_run_with_adamw_and_a_linear_schedule(tmp_pa
 
     # beside the Trainer's own loss, in the same event file, at the optimizer steps
     assert sorted(run["train/loss"]) == MEASURED
-    for tag in ("lambda_max", "lambda_1", "lambda_2", "trace", "preconditioned_lambda_max",
-                "sharpness_ratio", "hvps"):
-        values = run["curvature/" + tag]
+    for tag in ("curvature/lambda_max", "curvature/lambda_1", "curvature/lambda_2", "curvature/trace",
+                "curvature/preconditioned_lambda_max", "curvature/sharpness_ratio", "curvature_diagnostics/hvps"):
+        values = run[tag]
         assert sorted(values) == MEASURED, tag
         assert all(math.isfinite(v) for v in values.values()), tag
     lam = run["curvature/lambda_max"]

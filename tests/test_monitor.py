@@ -182,8 +182,11 @@ def test_tensorboard_tags_steps_values_and_layout(tmp_path):
     acc = _event_accumulator(tmp_path)
     scalars = acc.Tags()["scalars"]
     for tag in ["lambda_max", "lambda_1", "lambda_2", "trace", "trace_stderr", "threshold",
-                "sharpness_ratio", "hvps", "seconds", "converged", "top_overlap"]:
+                "sharpness_ratio", "top_overlap"]:
         assert "curvature/" + tag in scalars, tag
+    for tag in ["hvps", "seconds", "converged", "error_bound", "trace_lower", "trace_upper"]:
+        # cost and diagnostics in a group of their own: the curvature group opens on the curves
+        assert "curvature_diagnostics/" + tag in scalars and "curvature/" + tag not in scalars, tag
     events = acc.Scalars("curvature/lambda_max")
     assert [e.step for e in events] == [5, 10, 15, 20]
     assert [e.value for e in events] == pytest.approx([r.lambda_max for r in monitor.history], rel=1e-6)
