@@ -76,6 +76,7 @@ import torch
 
 from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning
 from curvwatch.probe import LossFn, loss_closure_factory
+from curvwatch.results import DIAGNOSTICS_PREFIX
 
 from ._common import (
     LoggingSink,
@@ -289,6 +290,7 @@ class _WandbAxis:
         if not self._defined:
             run.define_metric(WANDB_STEP)
             run.define_metric("curvature/*", step_metric=WANDB_STEP)
+            run.define_metric(DIAGNOSTICS_PREFIX + "*", step_metric=WANDB_STEP)
             self._defined = True
         if self._open_row is not None and run.step == self._open_row:
             run.log({}, commit=True)
