@@ -12,7 +12,7 @@ TAG_PREFIX = "curvature/"
 # Cost and diagnostic tags get their own TensorBoard group (the text before the
 # first "/"), so the curvature group opens on the curves themselves.
 DIAGNOSTICS_PREFIX = "curvature_diagnostics/"
-DIAGNOSTICS = ("hvps", "seconds", "converged", "error_bound", "overhead", "trace_lower", "trace_upper")
+DIAGNOSTICS = ("hvps", "seconds", "converged", "error_bound", "overhead", "trace_lower", "trace_upper", "edge")
 
 
 # The default share of training time a monitor may spend (Budget.overhead).

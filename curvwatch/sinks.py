@@ -16,14 +16,18 @@ CHART_CATEGORY = "curvwatch"
 
 
 def custom_scalars_layout(adaptive: bool = False) -> dict:
-    """The TensorBoard custom-scalars layout: sharpness overlaid with its threshold.
+    """The TensorBoard custom-scalars layout: the ratio to the edge first, then the curves.
 
-    ``adaptive``: overlay the preconditioned sharpness (Adam-type optimizers)
-    instead of the raw one. Raw sharpness and trace get their own charts.
+    The first chart is sharpness / threshold beside a constant series at 1 (the
+    edge of stability): it reads at a glance even when the threshold changes
+    with an lr schedule. ``adaptive``: the second chart overlays the
+    preconditioned sharpness (Adam-type optimizers) instead of the raw one with
+    the threshold. Top eigenvalues and the trace get their own charts.
     """
     sharp = "preconditioned_lambda_max" if adaptive else "lambda_max"
     return {
         CHART_CATEGORY: {
+            "sharpness / threshold (edge of stability at 1)": ["Multiline", [tag("sharpness_ratio"), tag("edge")]],
             "sharpness vs edge-of-stability threshold": [
                 "Multiline",
                 [TAG_PREFIX + sharp, TAG_PREFIX + "threshold", TAG_PREFIX + "batch_sharpness"],
@@ -40,13 +44,14 @@ def write_layout(writer: Any, adaptive: bool = False) -> None:
 
 
 def margin_scalars(result: CurvatureResult) -> dict[str, float]:
-    """``trace_lower``/``trace_upper`` (+-2 stderr) for the chart's margin band."""
+    """The charts' helper series: ``trace_lower``/``trace_upper`` (+-2 stderr) and the edge at 1."""
+    helpers = {}
     if result.trace == result.trace and result.trace_stderr == result.trace_stderr:
-        return {
-            tag("trace_lower"): result.trace - 2 * result.trace_stderr,
-            tag("trace_upper"): result.trace + 2 * result.trace_stderr,
-        }
-    return {}
+        helpers[tag("trace_lower")] = result.trace - 2 * result.trace_stderr
+        helpers[tag("trace_upper")] = result.trace + 2 * result.trace_stderr
+    if result.sharpness_ratio == result.sharpness_ratio:
+        helpers[tag("edge")] = 1.0
+    return helpers
 
 
 class TensorBoardSink:

@@ -197,8 +197,12 @@ def test_tensorboard_tags_steps_values_and_layout(tmp_path):
 
     layout = layout_pb2.Layout()
     layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    chart = layout.category[0].chart[0]
-    assert list(chart.multiline.tag)[:2] == ["curvature/lambda_max", "curvature/threshold"]
+    ratio, sharpness = layout.category[0].chart[0], layout.category[0].chart[1]
+    # first the ratio beside the edge at 1, then sharpness overlaid with its threshold
+    assert list(ratio.multiline.tag) == ["curvature/sharpness_ratio", "curvature_diagnostics/edge"]
+    assert list(sharpness.multiline.tag)[:2] == ["curvature/lambda_max", "curvature/threshold"]
+    edge = acc.Scalars("curvature_diagnostics/edge")
+    assert [e.step for e in edge] == [5, 10, 15, 20] and {e.value for e in edge} == {1.0}
     jsonl = read_run(str(tmp_path / "c.jsonl"))
     assert [s for s, _ in jsonl["curvature/lambda_max"]] == [5, 10, 15, 20]
 
