@@ -36,14 +36,12 @@ class OverheadAccount:
         training_seconds: wall-clock seconds outside measurements since the start.
         measuring_seconds: wall-clock seconds inside measurements.
         seconds_per_product: the last measurement's seconds per product (NaN: none yet).
-        steps: the largest optimizer step seen.
         last: ``time.perf_counter()`` at the end of the last event.
     """
 
     training_seconds: float = 0.0
     measuring_seconds: float = 0.0
     seconds_per_product: float = math.nan
-    steps: int = 0
     last: float = math.nan
 
     def start(self) -> None:
@@ -51,21 +49,16 @@ class OverheadAccount:
         if math.isnan(self.last):
             self.last = time.perf_counter()
 
-    def training_until_now(self, step: int) -> None:
-        """Count the time since the last event as training, up to optimizer ``step``."""
+    def training_until_now(self) -> None:
+        """Count the time since the last event as training."""
         now = time.perf_counter()
         if not math.isnan(self.last):
             self.training_seconds += now - self.last
         self.last = now
-        self.steps = max(self.steps, step)
 
     def allowance(self, overhead: float) -> float:
         """Seconds the next measurement may take: ``overhead * T_train - T_measure``."""
         return overhead * self.training_seconds - self.measuring_seconds
-
-    def product_seconds(self) -> float:
-        """Expected seconds of one product, learned from the last measurement (NaN: none yet)."""
-        return self.seconds_per_product
 
     def measured(self, seconds: float, products: int) -> None:
         """Charge a measurement of ``seconds`` and ``products`` products."""
@@ -85,7 +78,6 @@ class OverheadAccount:
             "training_seconds": self.training_seconds,
             "measuring_seconds": self.measuring_seconds,
             "seconds_per_product": self.seconds_per_product,
-            "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
@@ -93,5 +85,4 @@ class OverheadAccount:
         self.training_seconds = float(state.get("training_seconds", 0.0))
         self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
         self.seconds_per_product = float(state.get("seconds_per_product", math.nan))
-        self.steps = int(state.get("steps", 0))
         self.last = time.perf_counter()

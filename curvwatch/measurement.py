@@ -219,7 +219,7 @@ class _Measurement:
             left = products - spent()
             probes = config.budget.trace_hvps
             if config.trace and probes > 0 and left >= min(2, probes) and not self._past():
-                tr = hutchinson(operator, min(config.budget.trace_hvps, left), seed=self.seed + 2, deflation=eig)
+                tr = hutchinson(operator, min(probes, left), seed=self.seed + 2, deflation=eig)
                 trace_value, trace_stderr = tr.estimate, tr.stderr
 
             spectrum = None

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
+from curvwatch._flat import local
 from curvwatch.cost import OverheadAccount
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
@@ -48,17 +49,12 @@ from curvwatch.operators.factory import (
     MONITOR_METHODS,
     ggn_kind,
 )
-from curvwatch.operators.sharded import check_supported, is_sharded
-from curvwatch.precision import (
-    PRECISIONS,
-    Precision,
-)
+from curvwatch.operators.sharded import check_supported
+from curvwatch.precision import PRECISIONS, Precision
 from curvwatch.probe import LossFn, batch_length, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
 from curvwatch.solvers.lanczos import default_max_basis
-from curvwatch.stability import (
-    unwrap_optimizer,
-)
+from curvwatch.stability import unwrap_optimizer
 
 logger = logging.getLogger("curvwatch")
 
@@ -287,7 +283,6 @@ class CurvatureMonitor:
         self._peak_after_measuring: float | None = None
         self.last_plan: MemoryPlan | None = None  # where the last measurement put its basis, and why
         self._attached: tuple[Any, Any] | None = None
-        self._method_override: str | None = None  # set by the memory plan for one measurement
         self._observe_training_peak(device)
 
     # -- scheduling ------------------------------------------------------------
@@ -344,19 +339,19 @@ class CurvatureMonitor:
                 the hard caps only, and its time still counts in the share.
         """
         step = self.measurements if step is None else int(step)
-        self._cost.training_until_now(step)
+        self._cost.training_until_now()
         seconds = self._seconds_allowed(step) if scheduled else self.budget.max_seconds
         if seconds is not None and seconds <= 0:
             return None
         started = time.perf_counter()
         try:
-            plan = self._plan_memory()
+            plan, forced_method = self._plan_memory()
             self.last_plan = plan
             if not plan.fits:
                 raise _DoesNotFit(plan.message)
             allowance = Allowance(
-                products=affordable_products(self.budget, self.top_k, seconds, self._cost.product_seconds()),
-                seconds=seconds, plan=plan, method=self._method_override,
+                products=affordable_products(self.budget, self.top_k, seconds, self._cost.seconds_per_product),
+                seconds=seconds, plan=plan, method=forced_method,
             )
             with measurement_guard(self.model, self.train_mode):
                 result, self._state, notes = measure_once(
@@ -378,7 +373,6 @@ class CurvatureMonitor:
             )
             return None
         finally:
-            self._method_override = None
             self._note_peak()
         self._cost.measured(time.perf_counter() - started, result.hvps)
         result = replace(result, overhead=self._cost.share, seconds=time.perf_counter() - started)
@@ -411,7 +405,7 @@ class CurvatureMonitor:
         if self.budget.overhead is None:
             return cap
         allowance = self._cost.allowance(self.budget.overhead)
-        per_product = self._cost.product_seconds()
+        per_product = self._cost.seconds_per_product
         if math.isnan(per_product):
             # The first measurement learns what a product costs, within the share
             # saved up so far (at least one product): it may end unconverged, as a
@@ -436,12 +430,16 @@ class CurvatureMonitor:
             return 0.0
         return allowance if cap is None else min(cap, allowance)
 
-    def _plan_memory(self) -> MemoryPlan:
-        """Where the basis goes, checked against the memory allowed (see :mod:`curvwatch.memory`)."""
+    def _plan_memory(self) -> tuple[MemoryPlan, str | None]:
+        """Where the basis goes, checked against the memory allowed (see :mod:`curvwatch.memory`).
+
+        Returns the plan and, where double backward would not fit but one-sided
+        differences would, ``"forward_difference"``: the method of this
+        measurement only (else ``None``).
+        """
         params = [p for p in self.model.parameters() if p.requires_grad]
         device = params[0].device
         self._observe_training_peak(device)
-        self._method_override = None
         method = self._ggn_kind or self._state.resolved_method or "double_backward"
         if self.budget.max_memory is not None:  # the user's number replaces the ratio
             allowed = float(self.budget.max_memory)
@@ -449,9 +447,7 @@ class CurvatureMonitor:
                 allowed = min(allowed, device_allowance(device, self.budget.memory_ratio, None))
         else:
             allowed = device_allowance(device, self.budget.memory_ratio, self._training_peak)
-        size = sum(p.numel() for p in params)
-        if is_sharded(self.model):
-            size = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        size = sum(local(p).numel() for p in params)  # the local shard under FSDP2
         max_basis = self.budget.max_basis or default_max_basis(self.top_k)
 
         def plan_for(m: str) -> MemoryPlan:
@@ -464,14 +460,13 @@ class CurvatureMonitor:
         if not plan.fits and self.method == "auto" and self._ggn_kind is None and method == "double_backward":
             cheaper = plan_for("forward_difference")
             if cheaper.fits:
-                self._method_override = "forward_difference"
                 self._warn_once(
                     "memory-fd",
                     f"curvwatch: double backward would not fit ({plan.message}); measuring with "
                     "one-sided differences certified by a central one (method='forward_difference')",
                 )
-                return cheaper
-        return plan
+                return cheaper, "forward_difference"
+        return plan, None
 
     def _observe_training_peak(self, device: torch.device) -> None:
         """The training step's peak CUDA memory: the largest allocator peak seen that is not ours.
