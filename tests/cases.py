@@ -67,3 +67,32 @@ def dense_ggn_ce(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     p = torch.softmax(model(x).detach(), -1)
     H_out = torch.block_diag(*[torch.diag(pi) - torch.outer(pi, pi) for pi in p]) / x.shape[0]
     return J.T @ H_out @ J
+
+
+class BatchNormDropoutNet(torch.nn.Module):
+    """Linear -> BatchNorm1d -> Tanh -> Dropout(0.3) -> Linear, 6 -> 3: every mode-dependent layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
+            torch.nn.Linear(16, 3),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class OnceDifferentiableCube(torch.autograd.Function):
+    """``x -> x^3`` whose backward is ``@once_differentiable``: it has no second derivative."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.pow(3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 3 * x.pow(2) * grad

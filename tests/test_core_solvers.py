@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import curvwatch as cw
-from tests.cases import tanh_mlp_ce
+from tests.cases import OnceDifferentiableCube, tanh_mlp_ce
 
 
 def _spread_operator(n=200, seed=0):
@@ -184,22 +184,9 @@ def test_errors_name_the_problem():
         cw.lanczos(op, k=3, max_matvecs=2)
 
 
-class _OnceDifferentiableCube(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.pow(3)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 3 * x.pow(2) * grad
-
-
 def test_model_without_second_derivative_gets_a_clear_error_and_fd_works():
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
-    closure = lambda: _OnceDifferentiableCube.apply(w).sum()  # noqa: E731
+    closure = lambda: OnceDifferentiableCube.apply(w).sum()  # noqa: E731
     with pytest.raises(cw.CurvatureError, match="finite_difference"):
         cw.HessianOperator(closure, [w]).matvec(torch.ones(2, dtype=torch.float64))
     fd = cw.HessianOperator(closure, [w], method="finite_difference")

@@ -11,6 +11,7 @@ import torch
 import curvwatch as cw
 from curvwatch.demo import run_demo
 from curvwatch.report import read_run
+from tests.cases import BatchNormDropoutNet
 
 
 def _event_accumulator(logdir):
@@ -46,22 +47,10 @@ def test_adam_demo_preconditioned_sharpness_at_38_over_lr(tmp_path):
 
 
 # -- measuring never changes training -----------------------------------------
-class _Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
-            torch.nn.Linear(16, 3),
-        )
-
-    def forward(self, x):
-        return self.body(x)
-
-
 def _train(monitor_kwargs, steps=12, seed=0):
     torch.manual_seed(seed)
     random.seed(seed)
-    model = _Net()
+    model = BatchNormDropoutNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
@@ -98,7 +87,7 @@ def test_training_with_monitor_is_bit_identical(kwargs):
 
 
 def test_monitor_leaves_eval_mode_and_no_grad_context_alone():
-    model = _Net().eval()
+    model = BatchNormDropoutNet().eval()
     monitor = cw.CurvatureMonitor(model, (torch.randn(8, 6), torch.randint(0, 3, (8,))),
                                   criterion=torch.nn.CrossEntropyLoss(), strict=True)
     with torch.no_grad():
@@ -246,7 +235,7 @@ def test_probe_batch_of_the_wrong_shape_is_skipped_with_a_warning():
 
 
 def test_model_without_double_backward_falls_back_to_finite_differences():
-    from tests.test_core_solvers import _OnceDifferentiableCube
+    from tests.cases import OnceDifferentiableCube
 
     class Cube(torch.nn.Module):
         def __init__(self):
@@ -254,7 +243,7 @@ def test_model_without_double_backward_falls_back_to_finite_differences():
             self.w = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
 
         def forward(self, x):
-            return (_OnceDifferentiableCube.apply(self.w) * x).sum()
+            return (OnceDifferentiableCube.apply(self.w) * x).sum()
 
     model = Cube()
     monitor = cw.CurvatureMonitor(model, torch.ones(2, dtype=torch.float64), loss_fn=lambda m, b: m(b), trace=False)

@@ -1,6 +1,5 @@
 """Edge-of-stability thresholds and the Adam preconditioner, from real optimizers."""
 
-import dataclasses
 import math
 import warnings
 
@@ -209,20 +208,13 @@ def test_preconditioner_of_adam_over_part_of_the_parameters():
 
     monitor = cw.CurvatureMonitor(
         model, (x, y), criterion=torch.nn.MSELoss(), optimizer=opt, trace=False, top_k=1, strict=True,
-        budget=_budget(max_hvps=60, tol=1e-8),
+        budget=cw.Budget(max_hvps=60, tol=1e-8),
     )
     r = monitor.measure(5)
     H = dense_hessian(model, lambda ps: torch.nn.functional.mse_loss(torch.func.functional_call(model, ps, (x,)), y))
     block = H[n_body:, n_body:] / torch.outer(diag[n_body:], diag[n_body:]).sqrt()
     assert r.preconditioned_lambda_max == pytest.approx(torch.linalg.eigvalsh(block)[-1].item(), rel=1e-5)
     assert r.sharpness_ratio == pytest.approx(r.preconditioned_lambda_max / (38 / 1e-2))
-
-
-def _budget(**kwargs):
-    """A Budget that measures at every call (no share of training time, where Budget has one)."""
-    if "overhead" in {f.name for f in dataclasses.fields(cw.Budget)}:
-        kwargs.setdefault("overhead", None)
-    return cw.Budget(**kwargs)
 
 
 @pytest.mark.parametrize("make", [lambda p: torch.optim.Adagrad(p, lr=0.1), _NoLr], ids=["Adagrad", "no-lr"])
@@ -232,7 +224,7 @@ def test_monitor_measures_without_a_threshold(make):
     opt = make(model.parameters())
     batch = (torch.randn(16, 3), torch.randint(0, 2, (16,)))
     monitor = cw.CurvatureMonitor(model, batch, criterion=torch.nn.CrossEntropyLoss(), optimizer=opt,
-                                  strict=True, budget=_budget())
+                                  strict=True, budget=cw.Budget())
     r = monitor.measure(1)
     assert math.isfinite(r.lambda_max)
     assert math.isnan(r.threshold) and math.isnan(r.sharpness_ratio) and math.isnan(r.preconditioned_lambda_max)
@@ -243,7 +235,7 @@ def test_monitor_warns_once_with_the_note_naming_the_optimizer():
     opt = torch.optim.Rprop(model.parameters(), lr=0.1)
     batch = (torch.randn(16, 3), torch.randint(0, 2, (16,)))
     monitor = cw.CurvatureMonitor(model, batch, criterion=torch.nn.CrossEntropyLoss(), optimizer=opt,
-                                  strict=True, budget=_budget())
+                                  strict=True, budget=cw.Budget())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         monitor.measure(1)

@@ -5,7 +5,6 @@ layers keep training's mode (batch statistics), dropout is off; ``train_mode=Tru
 keeps dropout on with one mask per measurement; ``False`` is plain eval mode.
 """
 
-import dataclasses
 import logging
 import math
 import random
@@ -15,13 +14,7 @@ import torch
 
 import curvwatch as cw
 from curvwatch.guard import measurement_guard
-
-
-def _budget(**kwargs):
-    """Measure at every call (no share of training time, where Budget has one)."""
-    if "overhead" in {f.name for f in dataclasses.fields(cw.Budget)}:
-        kwargs.setdefault("overhead", None)
-    return cw.Budget(**kwargs)
+from tests.cases import BatchNormDropoutNet
 
 
 # -- BatchNorm after a bias, trained with AdamW -------------------------------------------
@@ -46,7 +39,7 @@ def _bn_adamw(steps=50):
 def _measure_bn_adamw(caplog, **kwargs):
     model, opt, probe = _bn_adamw()
     monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), optimizer=opt,
-                                  strict=True, budget=_budget(), **kwargs)
+                                  strict=True, budget=cw.Budget(), **kwargs)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="curvwatch"):
         result = monitor.measure(50)
@@ -85,7 +78,7 @@ def test_frozen_batchnorm_stays_in_eval_mode_under_auto():
     results = {}
     for mode in (None, False):
         monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), optimizer=opt,
-                                      strict=True, budget=_budget(), train_mode=mode)
+                                      strict=True, budget=cw.Budget(), train_mode=mode)
         results[mode] = monitor.measure(5)
     assert results[None].eigenvalues == results[False].eigenvalues
     assert model.training and not model[1].training  # flags restored
@@ -105,7 +98,7 @@ def _dropout_probe():
 
 
 def _measure_dropout(model, **kwargs):
-    kwargs.setdefault("budget", _budget(max_hvps=80, tol=1e-8))
+    kwargs.setdefault("budget", cw.Budget(max_hvps=80, tol=1e-8))
     monitor = cw.CurvatureMonitor(model, _dropout_probe(), criterion=torch.nn.CrossEntropyLoss(),
                                   top_k=1, trace=False, strict=True, **kwargs)
     return monitor.measure(1)
@@ -133,23 +126,11 @@ def test_train_mode_keeps_dropout_on_with_one_mask_per_measurement():
 
 
 # -- the guard itself ---------------------------------------------------------------------------
-class _Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(), torch.nn.Dropout(0.3),
-            torch.nn.Linear(16, 3),
-        )
-
-    def forward(self, x):
-        return self.body(x)
-
-
 @pytest.mark.parametrize(
     ("train_mode", "bn", "dropout"), [(None, True, False), (False, False, False), (True, True, True)]
 )
 def test_guard_modes_and_restoration(train_mode, bn, dropout):
-    model = _Net()
+    model = BatchNormDropoutNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     with measurement_guard(model, train_mode):
@@ -164,14 +145,14 @@ def test_guard_modes_and_restoration(train_mode, bn, dropout):
 
 def test_guard_rejects_an_unknown_train_mode():
     with pytest.raises(cw.CurvatureError, match="train_mode"):
-        with measurement_guard(_Net(), "auto"):
+        with measurement_guard(BatchNormDropoutNet(), "auto"):
             pass
 
 
 def _train(monitor_kwargs, steps=12, seed=0):
     torch.manual_seed(seed)
     random.seed(seed)
-    model = _Net()
+    model = BatchNormDropoutNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
@@ -179,7 +160,7 @@ def _train(monitor_kwargs, steps=12, seed=0):
     monitor = None
     if monitor_kwargs is not None:
         monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), every=3,
-                                      budget=_budget(), **monitor_kwargs)
+                                      budget=cw.Budget(), **monitor_kwargs)
         monitor.attach(opt)
     losses = []
     for _ in range(steps):
