@@ -23,124 +23,10 @@ PINNED_MAX_BYTES = 1 << 30
 BREAKDOWN_RTOL = 1e-10
 
 
-def stored_copy(q: torch.Tensor, basis_device: torch.device) -> torch.Tensor:
-    """A copy of ``q`` on ``basis_device`` to keep in a basis.
-
-    From a GPU to the host: page-locked memory up to :data:`PINNED_MAX_BYTES`
-    (asynchronous copies, about twice as fast back to the GPU), pageable memory
-    of the exact size above it.
-    """
-    if q.is_cuda and basis_device.type == "cpu" and q.numel() * q.element_size() <= PINNED_MAX_BYTES:
-        host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
-        return host.copy_(q, non_blocking=True)
-    return q.to(basis_device, non_blocking=True)  # no copy on the same device: q is not reused
-
-
-def combine(operator: CurvatureOperator, basis: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
-    """``basis @ coefficients`` on the operator's device: ``(n, j)`` vectors."""
-    out = torch.zeros(operator.size, coefficients.shape[1], dtype=operator.dtype, device=operator.device)
-    coefficients = coefficients.to(device=operator.device, dtype=operator.dtype)
-    for i, q in enumerate(basis):
-        out += q.to(operator.device, non_blocking=True)[:, None] * coefficients[i][None, :]
-    return out
-
-
 class LanczosProcess:
-    """Build an orthonormal Krylov basis ``Q`` and tridiagonal ``T = Q^T A Q``.
+    r"""Lanczos with full reorthogonalization and, optionally, a bounded basis (Krylov-Schur).
 
-    Args:
-        operator: the symmetric operator ``A``.
-        start: the starting vector (any nonzero norm).
-        generator: fresh random directions after a breakdown come from here.
-        basis_device: where the basis vectors are stored (``"cpu"`` keeps one
-            vector per step off the accelerator); default: the operator's device.
-    """
-
-    def __init__(
-        self,
-        operator: CurvatureOperator,
-        start: torch.Tensor,
-        generator: torch.Generator,
-        basis_device: torch.device | str | None = None,
-    ) -> None:
-        self.operator = operator
-        self.generator = generator
-        self.basis_device = torch.device(basis_device) if basis_device is not None else operator.device
-        self.basis: list[torch.Tensor] = []
-        self.alphas: list[float] = []
-        self.betas: list[float] = []  # betas[j] couples basis[j] and basis[j + 1]
-        self._scale = 0.0
-        self._next = self._normalize(start)
-
-    @property
-    def steps(self) -> int:
-        """Number of basis vectors (= products applied)."""
-        return len(self.basis)
-
-    def _normalize(self, v: torch.Tensor) -> torch.Tensor:
-        return v / self.operator.norm(v)
-
-    def _store(self, q: torch.Tensor) -> None:
-        self.basis.append(stored_copy(q, self.basis_device))
-
-    def _orthogonalize(self, w: torch.Tensor) -> torch.Tensor:
-        for _ in range(2):  # "twice is enough" (Parlett)
-            for q in self.basis:
-                q = q.to(w.device, non_blocking=True)
-                w = w - self.operator.dot(q, w) * q
-        return w
-
-    def step(self) -> None:
-        """Apply ``A`` once and extend the basis and ``T`` by one."""
-        q = self._next
-        self._store(q)
-        w = self.operator.matvec(q)
-        alpha = self.operator.dot(q, w).item()
-        self.alphas.append(alpha)
-        w = self._orthogonalize(w)
-        beta = self.operator.norm(w).item()
-        self._scale = max(self._scale, abs(alpha), beta)
-        if self.steps >= self.operator.size:
-            self.betas.append(0.0)
-            return
-        if beta <= BREAKDOWN_RTOL * max(self._scale, 1e-300):
-            # Invariant subspace: its Ritz pairs are exact. Continue in a fresh
-            # direction orthogonal to it (T gets a zero coupling).
-            self.betas.append(0.0)
-            fresh = self.operator.random_vector(self.generator)
-            self._next = self._normalize(self._orthogonalize(fresh))
-            return
-        self.betas.append(beta)
-        self._next = w / beta
-
-    def tridiagonal(self) -> torch.Tensor:
-        """``T``, ``(m, m)`` float64 on the CPU."""
-        m = self.steps
-        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
-        if m > 1:
-            off = torch.tensor(self.betas[: m - 1], dtype=torch.float64)
-            t += torch.diag(off, 1) + torch.diag(off, -1)
-        return t
-
-    def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ritz values (ascending), eigenvectors of ``T``, and residual norms.
-
-        The residual of Ritz pair ``j`` is ``||A y_j - theta_j y_j|| =
-        |beta_m| |s_{m,j}|``, exact up to rounding with full reorthogonalization.
-        """
-        theta, s = torch.linalg.eigh(self.tridiagonal())
-        residuals = abs(self.betas[-1]) * s[-1, :].abs()
-        return theta, s, residuals
-
-    def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
-        """``Q @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
-        return combine(self.operator, self.basis, coefficients)
-
-
-class RestartedLanczosProcess:
-    r"""Lanczos with a bounded basis: thick restarts (Krylov-Schur, Stewart 2001).
-
-    Keeps at most ``max_basis`` orthonormal vectors ``V`` and the projected
+    Keeps the orthonormal vectors ``V`` (at most ``max_basis`` of them) and the projected
     matrix ``H = V^T A V`` (float64, small), with the Krylov-Schur relation
 
     .. math::
@@ -152,17 +38,19 @@ class RestartedLanczosProcess:
     is compressed in place to the ``keep`` wanted Ritz vectors (``H`` becomes
     ``diag(theta)``) and the iteration continues from ``f / ||f||``: the extra
     memory of a solve is ``max_basis + 2`` vectors whatever the number of
-    products. Full reorthogonalization (twice, Parlett's "twice is enough")
-    against the stored basis keeps ``V`` orthonormal, and it computes the
-    couplings of ``H`` explicitly, so the arrow-shaped ``H`` after a restart needs
-    no special case.
+    products (Stewart 2001). Without restarts ``H`` is the Lanczos tridiagonal
+    matrix ``T`` (what :func:`curvwatch.slq` needs). Full reorthogonalization
+    against the stored basis (:meth:`_project_out`) keeps ``V`` orthonormal, and it
+    computes the couplings of ``H`` explicitly, so the arrow-shaped ``H`` after a
+    restart needs no special case.
 
     Args:
         operator: the symmetric operator ``A``.
         start: starting vector (any nonzero norm).
         generator: fresh random directions after a breakdown come from here.
-        max_basis: most basis vectors kept (>= 2).
-        basis_device: where the basis lives (``"cpu"``: page-locked host memory).
+        max_basis: most basis vectors kept (>= 2); ``None``: never restart.
+        basis_device: where the basis lives (``"cpu"``: host memory, page-locked
+            up to :data:`PINNED_MAX_BYTES` per vector).
     """
 
     def __init__(
@@ -170,12 +58,12 @@ class RestartedLanczosProcess:
         operator: CurvatureOperator,
         start: torch.Tensor,
         generator: torch.Generator,
-        max_basis: int,
+        max_basis: int | None = None,
         basis_device: torch.device | str | None = None,
     ) -> None:
         self.operator = operator
         self.generator = generator
-        self.max_basis = max(2, int(max_basis))
+        self.max_basis = None if max_basis is None else max(2, int(max_basis))
         self.basis_device = torch.device(basis_device) if basis_device is not None else operator.device
         self.basis: list[torch.Tensor] = []
         self.projected = torch.zeros(0, 0, dtype=torch.float64)
@@ -186,7 +74,17 @@ class RestartedLanczosProcess:
         self._next = start / operator.norm(start)
 
     def _store(self, q: torch.Tensor) -> None:
-        self.basis.append(stored_copy(q, self.basis_device))
+        """Keep ``q`` in the basis.
+
+        From a GPU to the host: page-locked memory up to :data:`PINNED_MAX_BYTES`
+        (asynchronous, about twice as fast back), else pageable memory of the
+        exact size. On the same device: ``q`` itself, which is not reused.
+        """
+        if q.is_cuda and self.basis_device.type == "cpu" and q.numel() * q.element_size() <= PINNED_MAX_BYTES:
+            host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
+            self.basis.append(host.copy_(q, non_blocking=True))
+        else:
+            self.basis.append(q.to(self.basis_device, non_blocking=True))
 
     def _project_out(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``w - V V^T w`` in place; returns it and the coefficients ``V^T w``.
@@ -240,7 +138,7 @@ class RestartedLanczosProcess:
     @property
     def full(self) -> bool:
         """True when the next step needs a restart first."""
-        return len(self.basis) >= self.max_basis
+        return self.max_basis is not None and len(self.basis) >= self.max_basis
 
     def restart(self, keep: int) -> None:
         """Compress ``V`` in place to the ``keep`` largest Ritz vectors."""
@@ -267,4 +165,9 @@ class RestartedLanczosProcess:
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``V @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
-        return combine(self.operator, self.basis, coefficients)
+        op = self.operator
+        out = torch.zeros(op.size, coefficients.shape[1], dtype=op.dtype, device=op.device)
+        coefficients = coefficients.to(device=op.device, dtype=op.dtype)
+        for i, q in enumerate(self.basis):
+            out += q.to(op.device, non_blocking=True)[:, None] * coefficients[i][None, :]
+        return out

@@ -84,7 +84,7 @@ def slq(
         process = LanczosProcess(operator, operator.random_vector(generator, "rademacher"), generator)
         for _ in range(steps):
             process.step()
-        theta, s = torch.linalg.eigh(process.tridiagonal())
+        theta, s = torch.linalg.eigh(process.projected)
         nodes.append(theta)
         weights.append(s[0, :] ** 2)
         matvecs += process.steps

@@ -10,7 +10,7 @@ import torch
 
 from curvwatch._errors import CurvatureError
 from curvwatch.operators._base import CurvatureOperator
-from curvwatch.solvers._krylov import RestartedLanczosProcess
+from curvwatch.solvers._krylov import LanczosProcess
 
 # Relative size of the random perturbation added to a warm start, so that a
 # start that is (numerically) an exact eigenvector still spans new directions.
@@ -162,7 +162,7 @@ def lanczos(
     k = min(k, operator.size)
     generator = torch.Generator().manual_seed(seed)
     start = start_vector(operator, v0, generator)
-    process = RestartedLanczosProcess(operator, start, generator, max_basis, basis_device)
+    process = LanczosProcess(operator, start, generator, max_basis, basis_device)
     deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     budget = min(max_matvecs, operator.size)
     keep = max(k + 1, max_basis // 2)
