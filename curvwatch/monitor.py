@@ -411,7 +411,8 @@ class CurvatureMonitor:
             # saved up so far (at least one product): it may end unconverged, as a
             # lower bound and a warm start for the next.
             return max(allowance, 1e-9) if cap is None else min(cap, max(allowance, 1e-9))
-        needed = (3 if self._state.warm is not None else 10) * per_product
+        warm = self._state.warm is not None or self._state.warm_preconditioned is not None
+        needed = (3 if warm else 10) * per_product
         if needed <= self.budget.negligible_seconds:
             return cap
         if allowance < needed:
