@@ -396,8 +396,9 @@ class CurvatureMonitor:
 
         The smaller of :attr:`Budget.max_seconds` and the saved-up share of
         training time. A measurement is deferred when the share does not cover
-        the products it needs at least (3 with a warm start, 10 without); one
-        expected to take under :attr:`Budget.negligible_seconds` is never limited.
+        the products it needs at least (3 with a warm start, 10 without), unless
+        those fit in :attr:`Budget.negligible_seconds`: then it runs, with at
+        most that long or the share saved up, whichever is more.
         The first measurement, before a product's cost is known, gets what is
         saved up and stops after its first product if that is already spent.
         """
@@ -414,7 +415,8 @@ class CurvatureMonitor:
         warm = self._state.warm is not None or self._state.warm_preconditioned is not None
         needed = (3 if warm else 10) * per_product
         if needed <= self.budget.negligible_seconds:
-            return cap
+            seconds = max(allowance, self.budget.negligible_seconds)
+            return seconds if cap is None else min(cap, seconds)
         if allowance < needed:
             logger.info(
                 "curvwatch: step %d: measurement deferred: %.3g s of the %.0f%% share saved up, "

@@ -46,10 +46,11 @@ class Budget:
         max_memory: bytes a measurement may add above what is allocated when it
             starts (overrides ``memory_ratio``; on the CPU the default is half
             the available memory). ``None``: the default.
-        negligible_seconds: a measurement expected to take less than this
-            (its minimal products at the learned cost of one) runs at every due
-            step whatever the share: small models on a CPU, where a measurement
-            costs milliseconds. Default 0.25 s; 0 applies the share to all.
+        negligible_seconds: a measurement whose minimal products (at the learned
+            cost of one) fit in this many seconds runs at every due step, with
+            at most this long or the share saved up, whichever is more: small
+            models on a CPU, where a measurement costs milliseconds. Default
+            0.25 s; 0 applies the share to all.
         max_basis: Lanczos basis vectors kept (memory: this many parameter-sized
             vectors); ``None``: ``max(10, 2 top_k + 2)``, fewer where memory is short.
     """
