@@ -5,8 +5,10 @@ from curvwatch.monitor import CurvatureMonitor
 from curvwatch.operators import (
     CurvatureOperator,
     DenseOperator,
+    EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
+    MonteCarloFisherOperator,
     PreconditionedOperator,
 )
 from curvwatch.results import Budget, CurvatureResult
@@ -39,8 +41,10 @@ __all__ = [
     # linear operators
     "CurvatureOperator",
     "DenseOperator",
+    "EmpiricalFisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "MonteCarloFisherOperator",
     "PreconditionedOperator",
     # solvers
     "LanczosResult",

@@ -37,16 +37,27 @@ MONITOR_METHODS = (*METHODS, "forward_difference")
 
 CURVATURES = ("hessian", "ggn")
 
+# ``"fisher"``: the Monte-Carlo (true) Fisher; ``"empirical_fisher"``: the data-label one
+# (:func:`build_fisher_operator`). Not in CURVATURES until CurvatureMonitor builds them: the
+# monitor accepts every CURVATURES name and would measure the Hessian under an unwired one.
+FISHER_CURVATURES = ("fisher", "empirical_fisher")
+
 # What ``curvature="ggn"`` runs (and what ``CurvatureResult.method`` reads).
 GGN_CRITERION = "ggn"  # GGNOperator on model(inputs) with a criterion's output Hessian
 GGN_LM_HEAD = "ggn_lm_head"  # chunked, fused LM head of a Hugging Face causal LM
 
-_GGN_FIX = (
-    "curvature='ggn' supports criterion=torch.nn.CrossEntropyLoss() or torch.nn.MSELoss() "
-    "(reduction='mean') with (inputs, targets) batches, and Hugging Face causal LMs with "
-    "dict batches holding 'input_ids' and 'labels' (no loss_fn); pass curvature='hessian' "
-    "for anything else"
-)
+# The output-space curvatures: a known loss of the model outputs, no loss_fn (ggn_kind).
+OUTPUT_CURVATURES = ("ggn", *FISHER_CURVATURES)
+
+
+def _fix(curvature: str) -> str:
+    return (
+        f"curvature={curvature!r} supports criterion=torch.nn.CrossEntropyLoss() or torch.nn.MSELoss() "
+        "(reduction='mean') with (inputs, targets) batches, and Hugging Face causal LMs with "
+        "dict batches holding 'input_ids' and 'labels' (no loss_fn); pass curvature='hessian' "
+        "for anything else"
+    )
+
 
 def auto_method(model: torch.nn.Module) -> str:
     """``method="auto"``: central finite differences under FSDP, else double backward."""
@@ -86,65 +97,71 @@ def build_operator(
     return operator if reduce is None else ReducedOperator(operator, reduce)
 
 
-def ggn_kind(model: torch.nn.Module, batch: Any, loss_fn: Any, criterion: Any) -> str:
-    """Which Gauss-Newton path fits this loss: :data:`GGN_CRITERION` or :data:`GGN_LM_HEAD`.
+def ggn_kind(model: torch.nn.Module, batch: Any, loss_fn: Any, criterion: Any, curvature: str = "ggn") -> str:
+    """Which output-space path fits this loss: :data:`GGN_CRITERION` or :data:`GGN_LM_HEAD`.
 
-    The GGN needs the loss's Hessian with respect to the model outputs, so the
-    loss has to be one curvwatch knows: a mean ``CrossEntropyLoss`` (no class
-    weights; label smoothing and soft targets have the same logit Hessian) or a
-    mean ``MSELoss`` given as ``criterion``, or a Hugging Face causal LM's own
-    loss (``model(**batch).loss`` with ``labels``).
+    The GGN needs the loss's Hessian with respect to the model outputs and the
+    Fisher needs the loss as a likelihood of them, so the loss has to be one
+    curvwatch knows: a mean ``CrossEntropyLoss`` (no class weights; label
+    smoothing and soft targets have the same logit Hessian) or a mean
+    ``MSELoss`` given as ``criterion``, or a Hugging Face causal LM's own loss
+    (``model(**batch).loss`` with ``labels``). ``curvature`` (one of
+    :data:`OUTPUT_CURVATURES`) names the request in the messages; the same
+    kinds serve :func:`build_ggn_operator` and :func:`build_fisher_operator`.
 
     Raises:
         CurvatureError: FSDP, or a loss whose output Hessian is unknown (the
             message names the fix).
     """
+    name = f"curvature={curvature!r}"
+    fix = _fix(curvature)
     if is_sharded(model):
         raise CurvatureError(
-            "curvature='ggn' is not supported under FSDP (sharded parameters); pass "
+            f"{name} is not supported under FSDP (sharded parameters); pass "
             "curvature='hessian' (method='auto' measures sharded models by finite differences)"
         )
     if loss_fn is not None:
-        raise CurvatureError(
-            "curvature='ggn' cannot take loss_fn=...: the Gauss-Newton matrix needs the "
-            f"loss's Hessian with respect to the model outputs. {_GGN_FIX}"
+        need = (
+            "the Gauss-Newton matrix needs the loss's Hessian with respect to the model outputs"
+            if curvature == "ggn"
+            else "the Fisher needs the loss as a likelihood of the model outputs"
         )
+        raise CurvatureError(f"{name} cannot take loss_fn=...: {need}. {fix}")
     if criterion is not None:
         if isinstance(criterion, torch.nn.CrossEntropyLoss):
             if criterion.reduction != "mean" or criterion.weight is not None:
                 raise CurvatureError(
-                    "curvature='ggn' needs CrossEntropyLoss(reduction='mean') without class "
+                    f"{name} needs CrossEntropyLoss(reduction='mean') without class "
                     f"weights, got reduction={criterion.reduction!r}"
-                    f"{'' if criterion.weight is None else ' with weight=...'}. {_GGN_FIX}"
+                    f"{'' if criterion.weight is None else ' with weight=...'}. {fix}"
                 )
             return GGN_CRITERION
         if isinstance(criterion, torch.nn.MSELoss):
             if criterion.reduction != "mean":
                 raise CurvatureError(
-                    f"curvature='ggn' needs MSELoss(reduction='mean'), got "
-                    f"reduction={criterion.reduction!r}. {_GGN_FIX}"
+                    f"{name} needs MSELoss(reduction='mean'), got "
+                    f"reduction={criterion.reduction!r}. {fix}"
                 )
             return GGN_CRITERION
         raise CurvatureError(
-            f"curvature='ggn' does not know the output Hessian of criterion "
-            f"{type(criterion).__name__}. {_GGN_FIX}"
+            f"{name} does not know the output Hessian of criterion {type(criterion).__name__}. {fix}"
         )
     if not (isinstance(batch, Mapping) and "input_ids" in batch and "labels" in batch):
         raise CurvatureError(
-            f"curvature='ggn' without a criterion needs a Hugging Face causal LM and a dict "
-            f"batch with 'input_ids' and 'labels'. {_GGN_FIX}"
+            f"{name} without a criterion needs a Hugging Face causal LM and a dict "
+            f"batch with 'input_ids' and 'labels'. {fix}"
         )
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or not _is_causal_lm(model):
+    if not isinstance(head, torch.nn.Linear) or not is_causal_lm(model):
         raise CurvatureError(
-            f"curvature='ggn' with a dict batch needs a Hugging Face causal LM with a linear "
+            f"{name} with a dict batch needs a Hugging Face causal LM with a linear "
             f"output head; {type(model).__name__} is not one "
-            f"(get_output_embeddings() -> {type(head).__name__}). {_GGN_FIX}"
+            f"(get_output_embeddings() -> {type(head).__name__}). {fix}"
         )
     return GGN_LM_HEAD
 
 
-def _is_causal_lm(model: torch.nn.Module) -> bool:
+def is_causal_lm(model: torch.nn.Module) -> bool:
     """True for Hugging Face causal LMs (whose loss shifts the labels by one).
 
     Read from the model alone, without importing ``transformers`` (the core
@@ -213,4 +230,107 @@ def build_ggn_operator(
     else:  # MSELoss, mean: H_out = 2/numel I whatever the targets
         inputs = batch[0]
         operator = GGNOperator(lambda: model(inputs), params, loss="mse")
+    return operator if reduce is None else ReducedOperator(operator, reduce)
+
+
+def build_fisher_operator(
+    model: torch.nn.Module,
+    batch: Any,
+    criterion: Any,
+    params: Sequence[torch.Tensor],
+    kind: str,
+    reduce: Reduce | None = None,
+    *,
+    empirical: bool,
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> CurvatureOperator:
+    """The Fisher operator of the probe loss for ``kind`` (from :func:`ggn_kind`).
+
+    ``empirical=False`` (``curvature="fisher"``): a
+    :class:`~curvwatch.MonteCarloFisherOperator` with ``mc_samples`` labels per
+    example drawn with ``seed``; ``empirical=True``
+    (``curvature="empirical_fisher"``): an :class:`~curvwatch.EmpiricalFisherOperator`
+    on the batch's targets.
+
+    :data:`GGN_CRITERION`: the operator on ``model(inputs)``; for
+    cross-entropy the class dimension (1 for ``(N, C, d1, ...)`` outputs) is
+    moved last, each remaining position is an example and ``ignore_index``
+    targets are masked; ``label_smoothing`` enters the empirical Fisher. For
+    the mean squared error each ``outputs[i]`` is an example.
+    :data:`GGN_LM_HEAD`: ``model(**batch without 'labels').logits`` (math
+    attention backend, which has the double backward the products need) with
+    the Hugging Face causal-LM shift (``logits[:, :-1]`` predict
+    ``labels[:, 1:]``, ``-100`` ignored), each counted token an example; unlike
+    the GGN's chunked head, the full ``(batch, seq, vocab)`` logits and their
+    graph are held.
+    ``reduce`` (data parallelism) wraps the operator.
+
+    Raises:
+        CurvatureError: FSDP, a ``kind`` or criterion the Fisher does not know
+            (the message names the fix), or bad ``mc_samples``.
+    """
+    from curvwatch.operators.fisher import EmpiricalFisherOperator, MonteCarloFisherOperator
+
+    curvature = "empirical_fisher" if empirical else "fisher"
+    check_supported(model)
+    if is_sharded(model):
+        raise CurvatureError(
+            f"curvature={curvature!r} is not supported under FSDP (sharded parameters); pass curvature='hessian'"
+        )
+    label_smoothing = 0.0
+    if kind == GGN_LM_HEAD:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        ignore_index = -100
+        # logits[:, t] predicts labels[:, t + 1]; the last position predicts nothing
+        targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=ignore_index)[..., 1:]
+
+        def outputs_fn() -> torch.Tensor:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
+                logits = getattr(model(**inputs), "logits", None)
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+                raise CurvatureError(
+                    f"curvature={curvature!r} needs model(**batch).logits of shape (batch, seq, vocab), "
+                    f"got {type(logits).__name__}; pass curvature='hessian' for this model"
+                )
+            return logits
+
+        loss = "cross_entropy"
+    elif kind == GGN_CRITERION and isinstance(criterion, torch.nn.CrossEntropyLoss):
+        inputs, targets = batch[0], batch[1]
+
+        def outputs_fn() -> torch.Tensor:
+            out = model(inputs)
+            return out.movedim(1, -1) if isinstance(out, torch.Tensor) and out.ndim > 2 else out
+
+        if isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.ndim > 2:
+            targets = targets.movedim(1, -1)  # soft targets (N, C, d1, ...) follow the logits
+        loss, ignore_index, label_smoothing = "cross_entropy", criterion.ignore_index, criterion.label_smoothing
+    elif kind == GGN_CRITERION and isinstance(criterion, torch.nn.MSELoss):
+        inputs, targets = batch[0], batch[1]
+
+        def outputs_fn() -> torch.Tensor:
+            return model(inputs)
+
+        loss, ignore_index = "mse", -100
+    else:
+        raise CurvatureError(
+            f"build_fisher_operator got kind={kind!r} with criterion {type(criterion).__name__}: "
+            f"the kind comes from ggn_kind(model, batch, loss_fn, criterion, curvature={curvature!r}). "
+            f"{_fix(curvature)}"
+        )
+    operator: CurvatureOperator
+    if empirical:
+        operator = EmpiricalFisherOperator(
+            outputs_fn, params, loss=loss, targets=targets, ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )
+    else:
+        hard = isinstance(targets, torch.Tensor) and not targets.is_floating_point()
+        operator = MonteCarloFisherOperator(
+            outputs_fn, params, loss=loss, targets=targets if hard else None, ignore_index=ignore_index,
+            mc_samples=mc_samples, seed=seed,
+        )
     return operator if reduce is None else ReducedOperator(operator, reduce)
