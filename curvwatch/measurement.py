@@ -31,6 +31,7 @@ import torch
 
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch.batch_sharpness import batch_sharpness
+from curvwatch.chunked import split_probe
 from curvwatch.memory import MemoryPlan
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import auto_method, build_ggn_operator, build_operator
@@ -122,6 +123,7 @@ class Allowance:
     seconds: float | None
     plan: MemoryPlan
     method: str | None = None  # a method forced by the memory plan for this measurement only
+    pieces: int = 1  # differences: the probe batch split so one gradient's activations fit
 
 
 def measure(
@@ -159,6 +161,7 @@ class _Measurement:
         self.checked = state.checked
         self.differences_disagree = state.differences_disagree
         self.check_products = 0
+        self._pieces = None  # the split probe batch (built once, when the plan asks for it)
 
     # -- the procedure ------------------------------------------------------------
     def run(self) -> tuple[CurvatureResult, MeasurementState, list[Note]]:
@@ -200,7 +203,7 @@ class _Measurement:
             if diagonal is not None:
                 pre_certificate = PreconditionedOperator(certificate, diagonal) if certificate else None
                 pre = self._certified(first, pre_certificate)
-                warm_pre = pre.eigenvectors.detach()
+                warm_pre = _kept(pre.eigenvectors)
                 if products - spent() >= config.top_k and not self._past():
                     eig = self._lanczos(operator, config.top_k, products - spent(), warm, self.seed)
                     eig = self._certified(eig, certificate)
@@ -209,7 +212,7 @@ class _Measurement:
             overlap = math.nan
             if eig is not None:
                 overlap = _overlap(warm, eig.eigenvectors, operator.dot)
-                warm = eig.eigenvectors.detach()
+                warm = _kept(eig.eigenvectors)
             threshold_solve = pre if pre is not None else eig
             if eig is not None and self._should_check("finite_difference") and products - spent() >= 1:
                 self._check_differences(operator, eig)
@@ -338,7 +341,13 @@ class _Measurement:
         def closure() -> torch.Tensor:
             return self.probe.loss_fn(self.model, self.probe.batch)
 
-        return build_operator(self.model, closure, self.params, self._method(), scheme, config.reduce)
+        method = self._method()
+        pieces = None
+        if self.allowance.pieces > 1 and method in ("finite_difference", "forward_difference"):
+            if self._pieces is None:
+                self._pieces = split_probe(self.model, self.probe.batch, self.probe.loss_fn, self.allowance.pieces)
+            pieces = self._pieces
+        return build_operator(self.model, closure, self.params, method, scheme, config.reduce, pieces)
 
     def _should_check(self, method: str) -> bool:
         """Cross-check ``method`` once per run (not under FSDP, not for the GGN)."""
@@ -455,9 +464,23 @@ def _adaptive(limit: Threshold | None) -> bool:
     return limit is not None and limit.adaptive
 
 
+def _kept(vectors: torch.Tensor) -> torch.Tensor:
+    """Ritz vectors kept as the next warm start: on the host in bfloat16 when they live on a GPU.
+
+    A warm start only has to point near the top eigenvector (it gets 1% noise
+    anyway), so bfloat16's 0.4% rounding costs nothing, and between
+    measurements the training keeps its device memory: ``k + 1`` vectors of
+    ``2 n`` bytes on the host instead of ``4 n`` on the device.
+    """
+    vectors = vectors.detach()
+    if vectors.device.type == "cpu":
+        return vectors
+    return vectors.to("cpu", torch.bfloat16)
+
+
 def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot) -> float:
     """``|<u_t, u_t-1>|`` of the top Ritz vectors; ``dot`` is the operator's (all-reduced under FSDP)."""
     if previous is None or previous.shape[0] != current.shape[0]:
         return math.nan
-    a, b = previous[:, 0], current[:, 0].to(previous.device)
+    a, b = previous[:, 0].to(current.device, current.dtype), current[:, 0]
     return abs(dot(a, b).item()) / max((dot(a, a) * dot(b, b)).sqrt().item(), 1e-300)

@@ -49,7 +49,7 @@ from curvwatch.operators.factory import (
     MONITOR_METHODS,
     ggn_kind,
 )
-from curvwatch.operators.sharded import check_supported
+from curvwatch.operators.sharded import check_supported, is_sharded
 from curvwatch.precision import PRECISIONS, Precision
 from curvwatch.probe import LossFn, batch_length, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult
@@ -345,13 +345,13 @@ class CurvatureMonitor:
             return None
         started = time.perf_counter()
         try:
-            plan, forced_method = self._plan_memory()
+            plan, forced_method, pieces = self._plan_memory()
             self.last_plan = plan
             if not plan.fits:
                 raise _DoesNotFit(plan.message)
             allowance = Allowance(
                 products=affordable_products(self.budget, self.top_k, seconds, self._cost.seconds_per_product),
-                seconds=seconds, plan=plan, method=forced_method,
+                seconds=seconds, plan=plan, method=forced_method, pieces=pieces,
             )
             with measurement_guard(self.model, self.train_mode):
                 result, self._state, notes = measure_once(
@@ -433,12 +433,14 @@ class CurvatureMonitor:
             return 0.0
         return allowance if cap is None else min(cap, allowance)
 
-    def _plan_memory(self) -> tuple[MemoryPlan, str | None]:
+    def _plan_memory(self) -> tuple[MemoryPlan, str | None, int]:
         """Where the basis goes, checked against the memory allowed (see :mod:`curvwatch.memory`).
 
-        Returns the plan and, where double backward would not fit but one-sided
-        differences would, ``"forward_difference"``: the method of this
-        measurement only (else ``None``).
+        Returns the plan, the method of this measurement where the plan forces
+        one (``"forward_difference"`` where double backward would not fit but
+        one-sided differences would, else ``None``) and the pieces the probe
+        batch is split into so that one gradient's activations fit
+        (differences only, :mod:`curvwatch.chunked`; 1: not split).
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
         device = params[0].device
@@ -452,24 +454,36 @@ class CurvatureMonitor:
             allowed = device_allowance(device, self.budget.memory_ratio, self._training_peak)
         size = sum(local(p).numel() for p in params)  # the local shard under FSDP2
         max_basis = self.budget.max_basis or default_max_basis(self.top_k)
+        examples = _known_length(self.batch)
 
-        def plan_for(m: str) -> MemoryPlan:
-            return plan_memory(
-                size, params[0].dtype, device, self.top_k, max_basis, m, allowed,
-                activation_bytes(device, m, self._training_peak), self.basis_device,
+        def plan_for(m: str) -> tuple[MemoryPlan, int]:
+            activations = activation_bytes(device, m, self._training_peak)
+            splittable = (
+                m in ("finite_difference", "forward_difference") and not is_sharded(self.model)
+                and math.isfinite(examples)
             )
+            pieces = 1
+            while True:
+                plan = plan_memory(
+                    size, params[0].dtype, device, self.top_k, max_basis, m, allowed,
+                    activations / pieces, self.basis_device,
+                )
+                if plan.fits or not splittable or pieces >= examples:
+                    return plan, pieces
+                pieces = int(min(2 * pieces, examples))
 
-        plan = plan_for(method)
+        plan, pieces = plan_for(method)
         if not plan.fits and self.method == "auto" and self._ggn_kind is None and method == "double_backward":
-            cheaper = plan_for("forward_difference")
+            cheaper, pieces = plan_for("forward_difference")
             if cheaper.fits:
                 self._warn_once(
                     "memory-fd",
                     f"curvwatch: double backward would not fit ({plan.message}); measuring with "
-                    "one-sided differences certified by a central one (method='forward_difference')",
+                    "one-sided differences certified by a central one (method='forward_difference')"
+                    + (f", the probe batch in {pieces} pieces" if pieces > 1 else ""),
                 )
-                return cheaper, "forward_difference"
-        return plan, None
+                return cheaper, "forward_difference", pieces
+        return plan, None, pieces
 
     def _observe_training_peak(self, device: torch.device) -> None:
         """The training step's peak CUDA memory: the largest allocator peak seen that is not ours.

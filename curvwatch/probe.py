@@ -123,7 +123,8 @@ _META_BATCH = (
 )
 
 
-def _hf_loss(model: torch.nn.Module, batch: Mapping) -> torch.Tensor:
+def hf_loss(model: torch.nn.Module, batch: Mapping) -> torch.Tensor:
+    """``model(**batch).loss``: the loss of a Hugging Face model given ``labels`` (the default)."""
     outputs = model(**batch)
     loss = getattr(outputs, "loss", None)
     if loss is None and isinstance(outputs, Mapping):
@@ -192,7 +193,7 @@ def _loss_fn(batch: Any, loss_fn: LossFn | None, criterion: Callable | None) -> 
             )
         return lambda model, b: criterion(model(b[0]), b[1])
     if isinstance(batch, Mapping):
-        return _hf_loss
+        return hf_loss
     raise CurvatureError(
         f"the probe batch is a {type(batch).__name__} and no loss was given: for "
         "(inputs, targets) batches pass criterion=torch.nn.CrossEntropyLoss() (or "

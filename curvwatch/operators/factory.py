@@ -71,12 +71,14 @@ def build_operator(
     method: str,
     scheme: str | None = None,
     reduce: Reduce | None = None,
+    pieces: Sequence[tuple[Callable[[], torch.Tensor], float]] | None = None,
 ) -> CurvatureOperator:
     """The Hessian operator of ``closure`` for ``method`` (a :data:`MONITOR_METHODS` name).
 
     ``scheme`` overrides the finite-difference scheme (``"central"`` for the
     certificate). Under FSDP the sharded operator reduces itself; otherwise
-    ``reduce`` (data parallelism) wraps the operator.
+    ``reduce`` (data parallelism) wraps the operator. ``pieces`` (differences
+    only, not under FSDP): the probe batch split by :func:`curvwatch.chunked.split_probe`.
 
     Raises:
         CurvatureError: an exact method under FSDP, or an unsupported setup.
@@ -93,7 +95,7 @@ def build_operator(
             )
         return ShardedHessianOperator(closure, params, module=model, scheme=scheme)
     base = "finite_difference" if forward else method
-    operator = HessianOperator(closure, params, base, module=model, scheme=scheme)
+    operator = HessianOperator(closure, params, base, module=model, scheme=scheme, pieces=pieces)
     return operator if reduce is None else ReducedOperator(operator, reduce)
 
 

@@ -22,7 +22,7 @@ Three ways to apply it (Pearlmutter 1994 for the first two):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -91,6 +91,10 @@ class HessianOperator(CurvatureOperator):
             gradient at ``theta``, O(h)).
         step: finite differences only: the parameter-space step ``|eps v|``;
             default :func:`finite_difference_step`.
+        pieces: finite differences only: ``[(closure_i, w_i)]`` with
+            ``closure() == sum_i w_i closure_i()`` (:func:`curvwatch.chunked.split_probe`);
+            each gradient is summed over the pieces, so its activations are one
+            piece's. ``closure`` is then not called.
 
     ``.grad`` is never read or written. The loss at ``theta`` and its gradient
     are available as :attr:`loss` and :attr:`gradient` after the first product.
@@ -117,6 +121,7 @@ class HessianOperator(CurvatureOperator):
         module: torch.nn.Module | None = None,
         scheme: Literal["central", "forward"] = "central",
         step: float | None = None,
+        pieces: Sequence[tuple[Closure, float]] | None = None,
     ) -> None:
         if method not in METHODS:
             raise CurvatureError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -125,6 +130,11 @@ class HessianOperator(CurvatureOperator):
         if not callable(closure):
             raise CurvatureError("closure must be callable: closure() -> scalar loss")
         self.params = check_params(params)
+        if pieces is not None and method != "finite_difference":
+            raise CurvatureError(
+                f"a probe batch split into pieces needs method='finite_difference', got {method!r}: "
+                "the exact methods differentiate one graph of the whole batch"
+            )
         if method == "forward_over_reverse" and module is None:
             raise CurvatureError(
                 "method='forward_over_reverse' needs module=<the nn.Module owning the "
@@ -136,6 +146,7 @@ class HessianOperator(CurvatureOperator):
         self.module = module
         self.scheme = scheme
         self.step = step
+        self.pieces = list(pieces) if pieces is not None else None
         self.loss: float | None = None
         self.gradient: torch.Tensor | None = None
         self._graph_grads: list[torch.Tensor] | None = None
@@ -198,10 +209,23 @@ class HessianOperator(CurvatureOperator):
         return flatten(hv).detach()
 
     # -- finite differences --------------------------------------------------
-    def _gradient_at_current(self) -> torch.Tensor:
-        loss = checked_loss(self.closure)
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return flatten(zeros_for_none(grads, self.params)), loss
+    def _gradient_at_current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat gradient and the loss at the current parameters (summed over the pieces)."""
+        if self.pieces is None:
+            loss = checked_loss(self.closure)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            return flatten(zeros_for_none(grads, self.params)), loss.detach()
+        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        loss = torch.zeros((), dtype=torch.float64)
+        for closure, weight in self.pieces:
+            piece = checked_loss(closure)
+            grads = torch.autograd.grad(piece, self.params, allow_unused=True)
+            for slot, g in zip(unflatten(total, self.params), grads):
+                if g is not None:
+                    slot.add_(g, alpha=weight)
+            del grads
+            loss += weight * piece.detach().double().cpu()
+        return total, loss
 
     def _ensure_base_gradient(self) -> None:
         if self.gradient is None:
