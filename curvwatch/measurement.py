@@ -34,7 +34,14 @@ from curvwatch.batch_sharpness import batch_sharpness
 from curvwatch.chunked import split_probe
 from curvwatch.memory import MemoryPlan
 from curvwatch.operators.distributed import Reduce
-from curvwatch.operators.factory import auto_method, build_ggn_operator, build_operator
+from curvwatch.operators.factory import (
+    FISHER_CURVATURES,
+    GGN_LM_HEAD,
+    auto_method,
+    build_fisher_operator,
+    build_ggn_operator,
+    build_operator,
+)
 from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.operators.sharded import is_sharded
 from curvwatch.precision import matmul_precision, resolve_precision
@@ -79,6 +86,9 @@ class MeasurementConfig:
     spectrum_every: int
     ggn_kind: str | None
     criterion: Any
+    curvature: str = "hessian"
+    update_sharpness: bool = False
+    critical_sharpness: bool = False
 
 
 @dataclass(frozen=True)
@@ -275,7 +285,7 @@ class _Measurement:
             converged=converged,
             lr=limit.lr if limit else math.nan,
             loss=math.nan if loss is None else float(loss),
-            method=config.ggn_kind or self._method() or "",
+            method=self._method_name(),
             top_overlap=overlap,
             batch_sharpness=bs,
             batch_sharpness_stderr=bs_err,
@@ -298,6 +308,15 @@ class _Measurement:
     def _method(self) -> str | None:
         """The method of this measurement: one forced by the memory plan, else the resolved one."""
         return self.allowance.method or self.resolved
+
+    def _method_name(self) -> str:
+        """``CurvatureResult.method``: the product method, or the output-space curvature (with its kind)."""
+        config = self.config
+        if config.ggn_kind is None:
+            return self._method() or ""
+        if config.curvature in FISHER_CURVATURES:
+            return config.curvature + ("_lm_head" if config.ggn_kind == GGN_LM_HEAD else "")
+        return config.ggn_kind
 
     def _past(self) -> bool:
         return self.deadline is not None and time.perf_counter() >= self.deadline
@@ -328,6 +347,12 @@ class _Measurement:
     def _operator(self, scheme: str | None = None):
         """The Hessian operator, resolving ``method="auto"`` on first use (or the GGN's)."""
         config = self.config
+        if config.ggn_kind is not None and config.curvature in FISHER_CURVATURES:
+            # one fixed matrix per measurement: the Monte-Carlo labels drawn with seed + step
+            return build_fisher_operator(
+                self.model, self.probe.batch, config.criterion, self.params, config.ggn_kind, config.reduce,
+                empirical=config.curvature == "empirical_fisher", seed=self.seed,
+            )
         if config.ggn_kind is not None:
             operator = build_ggn_operator(
                 self.model, self.probe.batch, config.criterion, self.params, config.ggn_kind, config.reduce,

@@ -62,7 +62,7 @@ Sink = Callable[[CurvatureResult], Any]
 MethodChoice = Literal[
     "auto", "double_backward", "forward_over_reverse", "finite_difference", "forward_difference"
 ]
-CurvatureChoice = Literal["hessian", "ggn"]
+CurvatureChoice = Literal["hessian", "ggn", "fisher", "empirical_fisher"]
 
 
 class CurvatureMonitor:
@@ -133,6 +133,15 @@ class CurvatureMonitor:
             ``result.method == "ggn_lm_head"``). ``method`` is ignored (the GGN
             products are exact; no finite-difference certificate); not
             supported under FSDP or with batch sharpness (``batch_size``).
+            ``"fisher"``: the Monte-Carlo ("true") Fisher, one label per
+            example drawn from the model's predictive distribution with the
+            seed ``seed + step`` (:class:`~curvwatch.MonteCarloFisherOperator`;
+            its expectation is the GGN); ``"empirical_fisher"``: ``(1/N) sum_i
+            g_i g_i^T`` of the per-example gradients with the batch's labels
+            (:class:`~curvwatch.EmpiricalFisherOperator`; not a Hessian
+            approximation in general). Same losses and limits as ``"ggn"``;
+            ``result.method`` is the curvature's name (``+ "_lm_head"`` for a
+            causal LM, whose full logits are held).
 
     Raises:
         CurvatureError: bad arguments (named in the message), including a
@@ -185,10 +194,10 @@ class CurvatureMonitor:
             raise CurvatureError(f"unknown method {method!r}; choose 'auto' or one of {MONITOR_METHODS}")
         if curvature not in CURVATURES:
             raise CurvatureError(f"unknown curvature {curvature!r}; choose one of {CURVATURES}")
-        if curvature == "ggn" and batch_size is not None:
+        if curvature != "hessian" and batch_size is not None:
             raise CurvatureError(
                 "batch sharpness (batch_size=...) measures the Hessian and is not available "
-                "with curvature='ggn': drop batch_size, or pass curvature='hessian'"
+                f"with curvature={curvature!r}: drop batch_size, or pass curvature='hessian'"
             )
         budget = budget if budget is not None else Budget()
         if not isinstance(budget, Budget):
@@ -236,7 +245,10 @@ class CurvatureMonitor:
         self.curvature = curvature
         self.criterion = criterion
         # "ggn" or "ggn_lm_head": which Gauss-Newton path (None: the Hessian)
-        self._ggn_kind = ggn_kind(model, batch, loss_fn, criterion) if curvature == "ggn" else None
+        # (the Fisher curvatures use the same kinds of loss)
+        self._ggn_kind = (
+            ggn_kind(model, batch, loss_fn, criterion, curvature=curvature) if curvature != "hessian" else None
+        )
         device = next(p for p in model.parameters() if p.requires_grad).device
         self.batch = move_to(batch, device) if device.type != "meta" else batch
         if batch_size is not None and minibatches is None and _known_length(self.batch) < batch_size:
@@ -514,6 +526,7 @@ class CurvatureMonitor:
             precision=self.precision, param_group=self.param_group, seed=self.seed, reduce=self.reduce,
             batch_size=self.batch_size, batch_sharpness_batches=self.batch_sharpness_batches,
             spectrum_every=self.spectrum_every, ggn_kind=self._ggn_kind, criterion=self.criterion,
+            curvature=self.curvature,
         )
 
     def _probe(self) -> Probe:

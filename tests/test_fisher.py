@@ -297,3 +297,47 @@ def test_causal_lm_fisher_shifts_the_labels():
     u = torch.randn(op.size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert torch.dot(u, mc.matvec(v)).item() == pytest.approx(torch.dot(v, mc.matvec(u)).item(), rel=1e-10)
     assert torch.dot(v, mc.matvec(v)).item() > 0
+
+
+# -- the monitor ------------------------------------------------------------------------------------
+def _monitor(model, x, y, curvature, **kwargs):
+    return cw.CurvatureMonitor(
+        model, (x, y), criterion=torch.nn.CrossEntropyLoss(), curvature=curvature, top_k=1, trace=False,
+        strict=True, budget=cw.Budget(max_hvps=40, trace_hvps=0, tol=1e-8, overhead=None), **kwargs,
+    )
+
+
+def test_monitor_fisher_top_eigenvalue_is_the_ggns_within_monte_carlo_error():
+    """Softmax regression is linear in its parameters: E[Fisher] = GGN = Hessian; one label per example."""
+    n = 4000
+    model, x, y = linear_softmax(n=n)
+    ggn = _monitor(model, x, y, "ggn").measure(3)
+    fisher = _monitor(model, x, y, "fisher").measure(3)
+    assert fisher.method == "fisher" and ggn.method == "ggn" and fisher.converged
+    assert fisher.lambda_max == pytest.approx(ggn.lambda_max, rel=MC_SLACK / math.sqrt(n))  # 12.6%
+    assert fisher.lambda_max != ggn.lambda_max  # an estimate
+    # the labels are drawn with seed + step: the same step gives the same matrix, another step another one
+    again = _monitor(model, x, y, "fisher").measure(3)
+    other = _monitor(model, x, y, "fisher").measure(4)
+    assert again.lambda_max == pytest.approx(fisher.lambda_max, rel=1e-8)
+    assert other.lambda_max != pytest.approx(fisher.lambda_max, rel=1e-8)
+    H = dense_hessian(model, lambda p: F.cross_entropy(functional_call(model, p, (x,)), y))
+    assert ggn.lambda_max == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-6)
+
+
+def test_monitor_empirical_fisher_top_eigenvalue_is_the_dense_one():
+    model, x, y = linear_softmax(n=40)
+    params = list(model.parameters())
+    grads = torch.stack([flat_grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params) for i in range(40)])
+    dense_emp = grads.T @ grads / 40
+    result = _monitor(model, x, y, "empirical_fisher").measure(0)
+    assert result.method == "empirical_fisher" and result.converged
+    assert result.lambda_max == pytest.approx(torch.linalg.eigvalsh(dense_emp)[-1].item(), rel=1e-6)
+
+
+def test_monitor_fisher_refuses_batch_sharpness_and_unknown_losses():
+    model, x, y = linear_softmax()
+    with pytest.raises(cw.CurvatureError, match="curvature='fisher'.*drop batch_size"):
+        cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.CrossEntropyLoss(), curvature="fisher", batch_size=4)
+    with pytest.raises(cw.CurvatureError, match=r"curvature='empirical_fisher' does not know .*L1Loss"):
+        cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.L1Loss(), curvature="empirical_fisher")

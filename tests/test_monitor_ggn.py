@@ -114,7 +114,7 @@ def test_data_parallel_reduce_wraps_the_ggn():
         (dict(criterion=torch.nn.MSELoss(reduction="sum")), "MSELoss"),
         (dict(loss_fn=lambda m, b: m(b[0]).sum()), "loss_fn"),
         (dict(criterion=torch.nn.CrossEntropyLoss(), batch_size=4), "batch sharpness"),
-        (dict(criterion=torch.nn.CrossEntropyLoss(), curvature="fisher"), "unknown curvature"),
+        (dict(criterion=torch.nn.CrossEntropyLoss(), curvature="kfac"), "unknown curvature"),
     ],
 )
 def test_bad_combinations_raise_at_construction(kwargs, match):

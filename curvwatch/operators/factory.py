@@ -35,12 +35,11 @@ from curvwatch.operators.sharded import (
 
 MONITOR_METHODS = (*METHODS, "forward_difference")
 
-CURVATURES = ("hessian", "ggn")
-
 # ``"fisher"``: the Monte-Carlo (true) Fisher; ``"empirical_fisher"``: the data-label one
-# (:func:`build_fisher_operator`). Not in CURVATURES until CurvatureMonitor builds them: the
-# monitor accepts every CURVATURES name and would measure the Hessian under an unwired one.
+# (:func:`build_fisher_operator`).
 FISHER_CURVATURES = ("fisher", "empirical_fisher")
+
+CURVATURES = ("hessian", "ggn", *FISHER_CURVATURES)
 
 # What ``curvature="ggn"`` runs (and what ``CurvatureResult.method`` reads).
 GGN_CRITERION = "ggn"  # GGNOperator on model(inputs) with a criterion's output Hessian
