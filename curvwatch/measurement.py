@@ -10,7 +10,9 @@
    Adam-type optimizers, else the top-``k`` eigenvalues (warm-started Lanczos,
    certified by a central difference under one-sided differences);
 4. then, as the allowance permits: the raw top-``k`` (adaptive optimizers), the
-   deflated Hutchinson trace, the SLQ spectrum, the batch sharpness;
+   deflated Hutchinson trace, the SLQ spectrum, the batch sharpness; then, with
+   ``blocks=``, each block's lambda_max (and preconditioned sharpness) with
+   the products left (:meth:`_Measurement._blocks`);
 5. return the frozen :class:`~curvwatch.CurvatureResult`, the new
    :class:`MeasurementState` (warm starts, resolved method) and the notes to
    warn about once. Nothing else is kept between measurements.
@@ -31,6 +33,7 @@ import torch
 
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch.batch_sharpness import batch_sharpness
+from curvwatch.blocks import block_parameters
 from curvwatch.chunked import split_probe
 from curvwatch.memory import MemoryPlan
 from curvwatch.operators.distributed import Reduce
@@ -46,7 +49,7 @@ from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.operators.sharded import is_sharded
 from curvwatch.precision import matmul_precision, resolve_precision
 from curvwatch.probe import LossFn
-from curvwatch.results import Budget, CurvatureResult
+from curvwatch.results import BlockResult, Budget, CurvatureResult
 from curvwatch.solvers.certificate import certify_top, disagree
 from curvwatch.solvers.density import slq
 from curvwatch.solvers.lanczos import LanczosResult, lanczos
@@ -89,6 +92,8 @@ class MeasurementConfig:
     curvature: str = "hessian"
     update_sharpness: bool = False
     critical_sharpness: bool = False
+    blocks: Any = None  # the blocks= spec (curvwatch.blocks); None: no per-block curvature
+    blocks_every: int = 1  # blocks are measured at every blocks_every-th measurement
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ class MeasurementState:
             differences, were cross-checked once (:func:`measure`).
         differences_disagree: that check found central differences off the exact
             product (kinks of ReLU-type activations): every later result says so.
+        block_warm: per block name (``blocks=``), its last top Ritz vectors
+            ``(raw, preconditioned)`` (each ``None`` until measured), or ``None``.
     """
 
     measurements: int = 0
@@ -114,6 +121,7 @@ class MeasurementState:
     ggn_checked: bool = False
     checked: bool = False
     differences_disagree: bool = False
+    block_warm: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,8 @@ class _Measurement:
             hvps = spent() + bs_products
             loss = self._probe_loss(operator)
             operator.release()
+            blocks, block_warm, block_products = self._blocks(limit, max(products - hvps, 0))
+            hvps += block_products
 
         pre_lambda = pre.lambda_max if pre is not None else math.nan
         lambda_max = eig.lambda_max if eig is not None else math.nan
@@ -292,6 +302,7 @@ class _Measurement:
             spectrum=spectrum,
             error_bound=threshold_solve.relative_error_bound,
             precision=precision,
+            blocks=blocks,
         )
         new_state = MeasurementState(
             measurements=state.measurements + 1,
@@ -301,6 +312,7 @@ class _Measurement:
             ggn_checked=self.ggn_checked,
             checked=self.checked,
             differences_disagree=self.differences_disagree,
+            block_warm=block_warm,
         )
         return result, new_state, self.notes
 
@@ -476,6 +488,94 @@ class _Measurement:
                     loss = float(self.probe.loss_fn(self.model, self.probe.batch))
         return operator.mean_over_ranks(loss)
 
+    # -- per-block curvature (blocks=...) -----------------------------------------------
+    def _blocks(self, limit: Threshold | None, left: int):
+        """Each block's curvature, after the global quantities, within ``left`` products.
+
+        Returns ``({name: BlockResult}, the per-block warm starts, products spent)``.
+        A block the products (or seconds) do not reach is NaN.
+        """
+        config, state = self.config, self.state
+        warm_blocks = dict(state.block_warm or {})
+        if config.blocks is None or state.measurements % max(config.blocks_every, 1) != 0:
+            return {}, (warm_blocks or None), 0
+        results: dict[str, BlockResult] = {}
+        spent, unmeasured = 0, []
+        for index, (name, params) in enumerate(block_parameters(self.model, config.blocks).items()):
+            if left - spent < 1 or self._past():
+                results[name] = BlockResult()
+                unmeasured.append(name)
+                continue
+            try:
+                results[name], warm_blocks[name], used = self._block(
+                    params, self.seed + 10 + 2 * index, limit, warm_blocks.get(name, (None, None)), left - spent
+                )
+            except CurvatureError as error:
+                self.notes.append((f"block-failed {name}", f"curvwatch: block {name!r} not measured: {error}"))
+                results[name] = BlockResult()
+                continue
+            spent += used
+        if unmeasured:
+            self.notes.append((
+                "blocks-unmeasured",
+                f"curvwatch: step {self.step}: the products ran out before blocks {unmeasured} (logged as "
+                "NaN, i.e. not at all): each block takes about as many products as the global lambda_max; "
+                "raise Budget.max_hvps, or measure blocks less often (blocks_every=...)",
+            ))
+        return results, warm_blocks, spent
+
+    def _block(self, params, seed: int, limit: Threshold | None, warm, left: int):
+        """One block: ``lambda_max(H_bb)`` (and ``P_b^-1/2 H_bb P_b^-1/2``'s for adaptive optimizers).
+
+        The operators are the global ones' (same method, same probe batch) built
+        for the block's parameters alone: double backward differentiates the
+        block's gradient with respect to the block, differences perturb only the
+        block (the sharded operator too). Returns the result, the new warm
+        starts ``(raw, preconditioned)`` and the products spent.
+        """
+        warm_eig, warm_pre = warm
+        whole = self.params
+        self.params = params  # the builders below read self.params
+        try:
+            operator = self._operator()
+            certificate = self._certificate()
+        finally:
+            self.params = whole
+
+        def spent() -> int:
+            return operator.matvecs + (certificate.matvecs if certificate else 0)
+
+        adaptive = _adaptive(limit)
+        pre = eig = None
+        try:
+            diagonal = preconditioner_diagonal(self.optimizer, params) if adaptive else None
+            if diagonal is not None:
+                pre = self._lanczos(
+                    PreconditionedOperator(operator, diagonal), 1, left, _fitting(warm_pre, operator), seed + 1
+                )
+                pre = self._certified(pre, PreconditionedOperator(certificate, diagonal) if certificate else None)
+                warm_pre = _kept(pre.eigenvectors)
+            if left - spent() >= 1 and not self._past():
+                eig = self._lanczos(operator, 1, left - spent(), _fitting(warm_eig, operator), seed)
+                eig = self._certified(eig, certificate)
+                warm_eig = _kept(eig.eigenvectors)
+        finally:
+            used = spent()
+            operator.release()
+        sharp = pre if adaptive else eig
+        ratio = math.nan
+        if limit is not None and sharp is not None and sharp.relative_error_bound <= RATIO_MAX_ERROR:
+            ratio = sharp.lambda_max / limit.value
+        solves = [s for s in (pre, eig) if s is not None]
+        result = BlockResult(
+            lambda_max=eig.lambda_max if eig is not None else math.nan,
+            preconditioned_lambda_max=pre.lambda_max if pre is not None else math.nan,
+            sharpness_ratio=ratio,
+            hvps=used,
+            converged=bool(solves) and all(s.converged for s in solves) and not self.differences_disagree,
+        )
+        return result, (warm_eig, warm_pre), used
+
 
 def affordable_products(budget: Budget, top_k: int, seconds: float | None, seconds_per_product: float) -> int:
     """Products a measurement may apply: ``max_hvps``, fewer when its seconds are short."""
@@ -501,6 +601,11 @@ def _kept(vectors: torch.Tensor) -> torch.Tensor:
     if vectors.device.type == "cpu":
         return vectors
     return vectors.to("cpu", torch.bfloat16)
+
+
+def _fitting(warm: torch.Tensor | None, operator) -> torch.Tensor | None:
+    """A block's warm start, where it still fits the block's operator (else a cold start)."""
+    return warm if warm is not None and warm.shape[0] == operator.size else None
 
 
 def _overlap(previous: torch.Tensor | None, current: torch.Tensor, dot=torch.dot) -> float:

@@ -31,6 +31,7 @@ import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch._flat import local
+from curvwatch.blocks import BlockSpec, resolve_blocks
 from curvwatch.cost import OverheadAccount
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
@@ -143,6 +144,29 @@ class CurvatureMonitor:
             ``result.method`` is the curvature's name (``+ "_lm_head"`` for a
             causal LM, whose full logits are held).
 
+        blocks: per-block curvature (default ``None``: off): ``"layers"`` (one
+            block per layer of the model's stack of repeated layers, e.g.
+            GPT-2's ``h.0 .. h.N``), ``"modules"`` (one per top-level child
+            module), or a dict ``{name: fnmatch pattern or [patterns]}`` over
+            ``model.named_parameters()`` names, e.g. ``{"attn": "*.attn.*",
+            "mlp": "*.mlp.*"}`` (trainable parameters only; a parameter may be
+            in several blocks; a pattern matching none is an error here; see
+            :mod:`curvwatch.blocks`). Each block gets the top eigenvalue of the
+            Hessian restricted to its parameters (``H_bb``), for Adam-type
+            optimizers also its preconditioned sharpness, and the ratio of its
+            sharpness to the global threshold (``result.blocks``; tags
+            ``curvature/block/<name>/lambda_max``, ``.../preconditioned_lambda_max``,
+            ``.../sharpness_ratio``). Measured after the global quantities with
+            the products left in the budget (a block they do not reach is
+            NaN), warm-started per block. The global values stay: a block's
+            value is no share of them (``lambda_max(H) >= lambda_max(H_bb)``,
+            and the coupling between blocks can make the whole far sharper).
+            Cost: each block takes about as many products as the global
+            lambda_max, and each product is a full backward through the
+            model whatever the block's size.
+        blocks_every: measure the blocks at every ``blocks_every``-th
+            measurement only (others log the global values alone). Default 1.
+
     Raises:
         CurvatureError: bad arguments (named in the message), including a
             ``curvature="ggn"`` setup with no known output Hessian.
@@ -180,6 +204,8 @@ class CurvatureMonitor:
         on_threshold: Callable[[CurvatureResult], Any] | None = None,
         curvature: CurvatureChoice = "hessian",
         precision: Precision = "auto",
+        blocks: BlockSpec | None = None,
+        blocks_every: int = 1,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise CurvatureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -225,6 +251,11 @@ class CurvatureMonitor:
             )
         if train_mode is not None and not isinstance(train_mode, bool):
             raise CurvatureError(f"train_mode must be None (auto), True or False, got {train_mode!r}")
+        resolve_blocks(model, blocks)  # a malformed spec or a pattern matching nothing raises here
+        if isinstance(blocks_every, bool) or not isinstance(blocks_every, int) or blocks_every < 1:
+            raise CurvatureError(
+                f"blocks_every must be a positive integer (every k-th measurement), got {blocks_every!r}"
+            )
         if precision not in PRECISIONS:
             raise CurvatureError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if basis_device is not None:
@@ -289,6 +320,8 @@ class CurvatureMonitor:
         self._warned: set[str] = set()
         self._attached_steps = 0
         self.precision = precision
+        self.blocks = blocks
+        self.blocks_every = blocks_every
         self._cost = OverheadAccount()
         self._cost.start()
         self._training_peak: float | None = None
@@ -527,6 +560,7 @@ class CurvatureMonitor:
             batch_size=self.batch_size, batch_sharpness_batches=self.batch_sharpness_batches,
             spectrum_every=self.spectrum_every, ggn_kind=self._ggn_kind, criterion=self.criterion,
             curvature=self.curvature,
+            blocks=self.blocks, blocks_every=self.blocks_every,
         )
 
     def _probe(self) -> Probe:
@@ -599,6 +633,10 @@ class CurvatureMonitor:
             "ggn_checked": state.ggn_checked,
             "checked": state.checked,
             "differences_disagree": state.differences_disagree,
+            "block_warm": {
+                name: tuple(None if w is None else w.cpu() for w in pair)
+                for name, pair in (state.block_warm or {}).items()
+            },
             "above": self._above,
             "crossed_before": self._crossed_before,
             "cost": self._cost.state_dict(),
@@ -619,6 +657,10 @@ class CurvatureMonitor:
             ggn_checked=bool(state.get("ggn_checked", False)),
             checked=bool(state.get("checked", False)),
             differences_disagree=bool(state.get("differences_disagree", False)),
+            block_warm={
+                name: tuple(None if w is None else w.to(device) for w in pair)
+                for name, pair in state.get("block_warm", {}).items()
+            } or None,
         )
         self._attached_steps = int(state.get("attached_steps", 0))
         self._above = state.get("above")

@@ -90,6 +90,38 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class BlockResult:
+    """The curvature of one block of parameters (``CurvatureMonitor(blocks=...)``, :mod:`curvwatch.blocks`).
+
+    Attributes:
+        lambda_max: top eigenvalue of the Hessian restricted to the block
+            (``H_bb``; NaN: not measured, e.g. the products ran out).
+        preconditioned_lambda_max: top eigenvalue of ``P_b^-1/2 H_bb P_b^-1/2``
+            for Adam-type optimizers (NaN otherwise).
+        sharpness_ratio: the block's sharpness (preconditioned for adaptive
+            optimizers) over the global threshold; NaN when it is not known to
+            1% (a lower bound) or there is no threshold.
+        hvps: products spent on the block.
+        converged: its solves met their tolerance.
+    """
+
+    lambda_max: float = math.nan
+    preconditioned_lambda_max: float = math.nan
+    sharpness_ratio: float = math.nan
+    hvps: int = 0
+    converged: bool = False
+
+    def scalars(self) -> dict[str, float]:
+        """``{field: value}`` of its finite curvature values (the block's tags end in these)."""
+        values = {
+            "lambda_max": self.lambda_max,
+            "preconditioned_lambda_max": self.preconditioned_lambda_max,
+            "sharpness_ratio": self.sharpness_ratio,
+        }
+        return {k: float(v) for k, v in values.items() if math.isfinite(v)}
+
+
+@dataclass(frozen=True)
 class CurvatureResult:
     """One measurement, in plain floats (units: loss per squared parameter unit).
 
@@ -121,6 +153,9 @@ class CurvatureResult:
         overhead: measuring time so far over training time so far (the share
             :attr:`Budget.overhead` bounds).
         precision: float32 matmul precision of the products (``"fp32"``/``"tf32"``).
+        blocks: ``{name: BlockResult}`` of the blocks measured this time
+            (``CurvatureMonitor(blocks=...)``; empty when none were), logged as
+            ``curvature/block/<name>/lambda_max`` etc. (:func:`block_tag`).
     """
 
     step: int
@@ -145,6 +180,7 @@ class CurvatureResult:
     error_bound: float = math.nan
     overhead: float = math.nan
     precision: str = "fp32"
+    blocks: dict[str, BlockResult] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
         """``{tag: value}`` of every finite scalar, as logged.
@@ -170,7 +206,10 @@ class CurvatureResult:
         }
         for i, value in enumerate(self.eigenvalues, start=1):
             values[f"lambda_{i}"] = value
-        return {tag(k): float(v) for k, v in values.items() if math.isfinite(v)}
+        scalars = {tag(k): float(v) for k, v in values.items() if math.isfinite(v)}
+        for name, block in self.blocks.items():
+            scalars.update({block_tag(name, k): v for k, v in block.scalars().items()})
+        return scalars
 
     def to_dict(self) -> dict:
         """All fields as JSON-ready plain Python values."""
@@ -180,3 +219,8 @@ class CurvatureResult:
 def tag(name: str) -> str:
     """The logged tag of a result field: ``curvature/<name>``, or ``curvature_diagnostics/<name>``."""
     return (DIAGNOSTICS_PREFIX if name in DIAGNOSTICS else TAG_PREFIX) + name
+
+
+def block_tag(block: str, name: str) -> str:
+    """The logged tag of a block's value: ``curvature/block/<block>/<name>``."""
+    return f"{TAG_PREFIX}block/{block}/{name}"

@@ -15,17 +15,18 @@ from curvwatch.results import TAG_PREFIX, CurvatureResult, tag
 CHART_CATEGORY = "curvwatch"
 
 
-def custom_scalars_layout(adaptive: bool = False) -> dict:
+def custom_scalars_layout(adaptive: bool = False, blocks: bool = False) -> dict:
     """The TensorBoard custom-scalars layout: the ratio to the edge first, then the curves.
 
     The first chart is sharpness / threshold beside a constant series at 1 (the
     edge of stability): it reads at a glance even when the threshold changes
     with an lr schedule. ``adaptive``: the second chart overlays the
     preconditioned sharpness (Adam-type optimizers) instead of the raw one with
-    the threshold. Top eigenvalues and the trace get their own charts.
+    the threshold. Top eigenvalues and the trace get their own charts;
+    ``blocks``: so do the per-block sharpness and ratio (``curvature/block/<name>/...``).
     """
     sharp = "preconditioned_lambda_max" if adaptive else "lambda_max"
-    return {
+    layout = {
         CHART_CATEGORY: {
             "sharpness / threshold (edge of stability at 1)": ["Multiline", [tag("sharpness_ratio"), tag("edge")]],
             "sharpness vs edge-of-stability threshold": [
@@ -36,11 +37,16 @@ def custom_scalars_layout(adaptive: bool = False) -> dict:
             "trace": ["Margin", [tag("trace"), tag("trace_lower"), tag("trace_upper")]],
         }
     }
+    if blocks:
+        charts = layout[CHART_CATEGORY]
+        charts["blocks: sharpness"] = ["Multiline", [TAG_PREFIX + f"block/[^/]+/{sharp}$"]]
+        charts["blocks: sharpness / threshold"] = ["Multiline", [TAG_PREFIX + "block/[^/]+/sharpness_ratio$"]]
+    return layout
 
 
-def write_layout(writer: Any, adaptive: bool = False) -> None:
+def write_layout(writer: Any, adaptive: bool = False, blocks: bool = False) -> None:
     """Write :func:`custom_scalars_layout` with a ``SummaryWriter``-like ``writer``."""
-    writer.add_custom_scalars(custom_scalars_layout(adaptive))
+    writer.add_custom_scalars(custom_scalars_layout(adaptive, blocks))
 
 
 def margin_scalars(result: CurvatureResult) -> dict[str, float]:
@@ -56,6 +62,10 @@ def margin_scalars(result: CurvatureResult) -> dict[str, float]:
 
 class TensorBoardSink:
     """Log every ``curvature/*`` tag at the optimizer step to a TensorBoard run.
+
+    Per-block values (``CurvatureMonitor(blocks=...)``) are scalars like the
+    others, ``curvature/block/<name>/lambda_max`` etc.; :class:`JsonlSink`
+    writes them both as scalars and as the nested ``blocks`` field.
 
     Args:
         logdir_or_writer: a directory (a ``SummaryWriter`` is created there) or an
@@ -80,7 +90,11 @@ class TensorBoardSink:
     def __call__(self, result: CurvatureResult) -> None:
         """Log the scalars of ``result`` (and its spectrum, if any) at its step, then flush."""
         if not self._layout_written:
-            write_layout(self.writer, adaptive=result.preconditioned_lambda_max == result.preconditioned_lambda_max)
+            write_layout(
+                self.writer,
+                adaptive=result.preconditioned_lambda_max == result.preconditioned_lambda_max,
+                blocks=bool(result.blocks),
+            )
             self._layout_written = True
         for name, value in {**result.scalars(), **margin_scalars(result)}.items():
             self.writer.add_scalar(name, value, result.step)
