@@ -344,7 +344,7 @@ class LoggingSink:
         writer = target.writer
         if writer is not None and not any(w is writer for w in self._charted):
             adaptive = not math.isnan(result.preconditioned_lambda_max)
-            write_layout(writer, adaptive=adaptive)
+            write_layout(writer, adaptive=adaptive, blocks=bool(result.blocks))
             self._charted.append(writer)
         target.log(metrics, result.step)
         if writer is not None:

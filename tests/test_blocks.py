@@ -323,3 +323,9 @@ def test_fsdp2_block_values_match_single_process(tmp_path):
                 assert got[4]  # converged
             assert rank["second"][name][3] < rank["sharded"][name][3]  # warm-started per block
     assert ranks[0]["sharded"] == ranks[1]["sharded"]  # same Lanczos on every rank
+
+
+def test_framework_adapters_pass_blocks_through():
+    from curvwatch.integrations._common import check_adapter_arguments
+
+    check_adapter_arguments(100, None, None, False, "train", {"blocks": "layers", "blocks_every": 2}, ())
