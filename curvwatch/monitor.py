@@ -267,10 +267,19 @@ class CurvatureMonitor:
                 raise CurvatureError(
                     f"basis_device={basis_device!r} but CUDA is not available: pass basis_device='cpu' or None"
                 )
+        if callable(sinks) and not isinstance(sinks, Iterable):
+            raise CurvatureError(
+                f"sinks must be a list of callables: pass sinks=[<the {type(sinks).__name__}>], not the sink itself"
+            )
         sinks = tuple(sinks)
         for sink in sinks:
             if not callable(sink):
                 raise CurvatureError(f"sinks must be callables sink(result), got {type(sink).__name__}")
+        for name, fn in (("criterion", criterion), ("loss_fn", loss_fn)):
+            if isinstance(fn, type):  # nn.CrossEntropyLoss, not nn.CrossEntropyLoss(): fails deep in a measurement
+                cls = fn.__name__
+                fix = f"criterion={cls}()" if issubclass(fn, torch.nn.Module) else f"an instance of {cls}"
+                raise CurvatureError(f"{name}={cls} is a class: pass {fix}")
         self.model = model
         self.loss_fn = loss_closure_factory(batch, loss_fn, criterion)
         self.curvature = curvature

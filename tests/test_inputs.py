@@ -128,3 +128,28 @@ def test_a_meta_model_says_meta_tensors_cannot_be_measured():
     for p in model.parameters():
         torch.nn.init.normal_(p)
     assert _monitor(model, _batch(), strict=True).measure(1).lambda_max > 0
+
+
+# -- a class where an instance is meant ------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"criterion": torch.nn.CrossEntropyLoss}, r"criterion=CrossEntropyLoss is a class: pass criterion=Cross"),
+        ({"loss_fn": torch.nn.MSELoss}, r"loss_fn=MSELoss is a class: pass criterion=MSELoss\(\)"),
+    ],
+    ids=["criterion", "loss_fn"],
+)
+def test_a_loss_class_instead_of_an_instance_says_so(kwargs, expected):
+    # before: "Boolean value of Tensor with more than one value is ambiguous" (criterion) or "cannot assign
+    # 'Sequential' object to buffer 'weight'" (loss_fn), raised inside the first measurement
+    with pytest.raises(cw.CurvatureError, match=expected):
+        cw.CurvatureMonitor(_model(), _batch(), strict=True, **kwargs)
+
+
+def test_one_sink_not_in_a_list_says_so(tmp_path):
+    # before: TypeError: 'MemorySink' object is not iterable
+    with pytest.raises(cw.CurvatureError, match=r"sinks must be a list of callables: pass sinks=\[<the MemorySink>\]"):
+        _monitor(_model(), _batch(), sinks=cw.MemorySink())
+    sink = cw.MemorySink()
+    _monitor(_model(), _batch(), sinks=[sink], strict=True).measure(1)
+    assert [r.step for r in sink.results] == [1]
