@@ -5,7 +5,8 @@
 1. read the threshold (and Adam's preconditioner) from the optimizer;
 2. build the operator (:mod:`curvwatch.operators.factory`), resolving
    ``method="auto"`` on first use and falling back to finite differences on a
-   :class:`~curvwatch.NoSecondDerivativeError`;
+   :class:`~curvwatch.NoSecondDerivativeError`; the update sharpness (one
+   product along the optimizer's last update ``u``) comes first;
 3. measure the threshold's quantity first: the preconditioned sharpness for
    Adam-type optimizers, else the top-``k`` eigenvalues (warm-started Lanczos,
    certified by a central difference under one-sided differences);
@@ -35,6 +36,7 @@ from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch.batch_sharpness import batch_sharpness
 from curvwatch.blocks import block_parameters
 from curvwatch.chunked import split_probe
+from curvwatch.directional import critical_sharpness, directional_sharpness, perturbed_loss, update_direction
 from curvwatch.memory import MemoryPlan
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import (
@@ -68,6 +70,11 @@ DIFFERENCE_RTOL = 1e-2
 # A ratio sharpness/threshold is logged only when the sharpness is known to this
 # relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
 RATIO_MAX_ERROR = 1e-2
+
+# The critical sharpness's line search: forward passes at eta > 0 (one more at
+# eta = 0), and the relative width of the final bracket of eta_c.
+CRITICAL_MAX_EVALS = 10
+CRITICAL_RTOL = 1e-2
 
 Note = tuple[str, str]  # (key, message): the monitor warns once per key
 
@@ -186,6 +193,7 @@ class _Measurement:
         config, state = self.config, self.state
         limit = self._threshold()
         diagonal = self._preconditioner(limit)
+        direction = self._update_direction(limit)
         products = self.allowance.products
         operator = self._operator()
         precision = resolve_precision(config.precision, self._method(), operator.device)
@@ -199,6 +207,8 @@ class _Measurement:
                         "second-order terms)"
                     )
                 reserve = 1 if self._should_check("finite_difference") else 0  # for the check below
+                left = products - operator.matvecs - reserve
+                update = self._update_sharpness(operator, direction, limit, diagonal, left)
                 first = self._first_solve(operator, diagonal, products - operator.matvecs - reserve)
             except CurvatureError as error:
                 if config.ggn_kind is not None or config.method != "auto" or not isinstance(
@@ -210,7 +220,8 @@ class _Measurement:
                 self.check_products += operator.matvecs  # spent on the operator given up
                 operator = self._operator()
                 precision = "fp32"
-                first = self._first_solve(operator, diagonal, products - self.check_products)
+                update = self._update_sharpness(operator, direction, limit, diagonal, products - self.check_products)
+                first = self._first_solve(operator, diagonal, products - self.check_products - operator.matvecs)
             certificate = self._certificate()
 
             def spent() -> int:
@@ -262,6 +273,11 @@ class _Measurement:
             hvps = spent() + bs_products
             loss = self._probe_loss(operator)
             operator.release()
+            # forward passes only, once the products' graph is gone (the line search
+            # moves the parameters in place and restores them bit-exactly)
+            started = time.perf_counter()
+            critical, critical_ratio, critical_evals = self._critical_sharpness(direction, limit, operator)
+            critical_seconds = time.perf_counter() - started
             blocks, block_warm, block_products = self._blocks(limit, max(products - hvps, 0))
             hvps += block_products
 
@@ -302,6 +318,12 @@ class _Measurement:
             spectrum=spectrum,
             error_bound=threshold_solve.relative_error_bound,
             precision=precision,
+            update_sharpness=update,
+            update_sharpness_ratio=update / limit.value if limit else math.nan,
+            critical_sharpness=critical,
+            critical_sharpness_ratio=critical_ratio,
+            critical_sharpness_evals=critical_evals,
+            critical_sharpness_seconds=critical_seconds,
             blocks=blocks,
         )
         new_state = MeasurementState(
@@ -320,6 +342,106 @@ class _Measurement:
     def _method(self) -> str | None:
         """The method of this measurement: one forced by the memory plan, else the resolved one."""
         return self.allowance.method or self.resolved
+
+    # -- the early warnings along the update -------------------------------------------
+    def _update_direction(self, limit: Threshold | None) -> torch.Tensor | None:
+        """The optimizer's last update ``u`` (``theta_t = theta_{t-1} - lr u``), or ``None``.
+
+        ``None`` without an optimizer, for one whose update is not known
+        (:func:`~curvwatch.directional.update_direction`), before its first
+        step, and when neither early warning is asked for.
+        """
+        config = self.config
+        if limit is None or not (config.update_sharpness or config.critical_sharpness):
+            return None
+        return update_direction(self.optimizer, self.params, config.param_group)
+
+    def _update_sharpness(self, operator, u, limit: Threshold | None, diagonal, left: int) -> float:
+        """The curvature along ``u``: ``u^T H u / u^T u`` (``/ u^T P u`` for Adam-type), one product.
+
+        NaN when not asked for, without ``u``, for an adaptive threshold without
+        the preconditioner, when it would leave the threshold's solve fewer
+        products than it needs, and in the first measurement under a time
+        limit (which learns what a product costs with the threshold's quantity:
+        its seconds may cover one product only).
+        """
+        config = self.config
+        if not config.update_sharpness or u is None or (_adaptive(limit) and diagonal is None) or self._past():
+            return math.nan
+        if self.deadline is not None and self.state.measurements == 0:
+            return math.nan
+        if left < 1 + (1 if diagonal is not None else config.top_k):
+            return math.nan
+        return directional_sharpness(operator, u, diagonal)
+
+    def _critical_sharpness(self, u, limit: Threshold | None, operator) -> tuple[float, float, int]:
+        """``(2 / eta_c, its ratio to 2 / lr, forward passes)`` along ``-u``: a line search, no products.
+
+        Run after the products, with the measurement's seconds left (stopped at
+        its deadline): it moves the parameters in place, which a graph built for
+        products would not survive, and the threshold's quantity comes first.
+
+        The loss at ``theta - eta u`` on the probe batch (parameters set in
+        place and restored bit-exactly, :func:`~curvwatch.directional.perturbed_loss`),
+        averaged over ranks so every rank takes the same branch. The threshold is
+        ``2 / lr`` of the step taken, whatever the optimizer (momentum and the
+        preconditioner are inside ``u``). NaN (with a note) when the search
+        does not bracket ``eta_c``.
+        """
+        nan = (math.nan, math.nan, 0)
+        if not self.config.critical_sharpness or u is None or limit is None or self._past():
+            return nan
+        lr = limit.lr
+        if lr is None or not (math.isfinite(lr) and lr > 0):
+            return nan
+        if is_sharded(self.model):  # FSDP1 must not run a forward without backward
+            self.notes.append((
+                "critical-sharded",
+                "curvwatch: critical sharpness is not measured under FSDP (its line search runs forward "
+                "passes without a backward); the update sharpness is",
+            ))
+            return nan
+        loss_at = perturbed_loss(
+            self.model, self.params, u, self.probe.loss_fn, self.probe.batch, reduce=operator.mean_over_ranks
+        )
+        evals = 0
+
+        def timed(eta: float) -> float:  # within the measurement's seconds, like the products
+            nonlocal evals
+            if evals > 0 and self._past():
+                raise _OutOfTime
+            evals += 1
+            return loss_at(eta)
+
+        try:
+            found = critical_sharpness(timed, lr, max_evals=CRITICAL_MAX_EVALS, rtol=CRITICAL_RTOL)
+        except _OutOfTime:
+            self.notes.append((
+                "critical-time",
+                f"curvwatch: step {self.step}: the critical sharpness's line search ran out of the "
+                f"measurement's seconds after {evals} forward passes (it runs after the products, with "
+                "the time left): not logged at such steps",
+            ))
+            return math.nan, math.nan, evals
+        except CurvatureError as error:
+            self.notes.append(
+                ("critical-failed", f"curvwatch: step {self.step}: critical sharpness not measured: {error}")
+            )
+            return nan
+        if not found.bracketed:
+            case = (
+                f"no step up to eta={found.eta_c:.3g} raised the probe loss"
+                if found.eta_c >= lr
+                else f"every step down to eta={found.eta_c:.3g} raised the probe loss"
+            )
+            self.notes.append((
+                "critical-unbracketed",
+                f"curvwatch: step {self.step}: the critical sharpness's line search along the update "
+                f"(lr={lr:.4g}) found no bracket in {found.evals} forward passes ({case}); it is logged "
+                "only when bracketed",
+            ))
+            return math.nan, math.nan, found.evals
+        return found.value, found.value * lr / 2, found.evals
 
     def _method_name(self) -> str:
         """``CurvatureResult.method``: the product method, or the output-space curvature (with its kind)."""
@@ -582,6 +704,10 @@ def affordable_products(budget: Budget, top_k: int, seconds: float | None, secon
     if seconds is None or math.isnan(seconds_per_product) or seconds_per_product <= 0:
         return budget.max_hvps
     return max(top_k, min(budget.max_hvps, int(seconds / seconds_per_product)))
+
+
+class _OutOfTime(Exception):
+    """The critical sharpness's line search reached the measurement's deadline."""
 
 
 def _adaptive(limit: Threshold | None) -> bool:

@@ -6,6 +6,8 @@ One measurement (:meth:`CurvatureMonitor.measure`):
    normalization layers as training runs them, dropout off; RNG, buffers,
    autocast off, math attention);
 2. build the Hessian operator on the probe batch (one first-order graph);
+   first the update sharpness (one product along the optimizer's last
+   update), last the critical sharpness (a forward-only line search along it);
 3. top-``k`` Lanczos, warm-started from the previous eigenvectors;
 4. for Adam-type optimizers, Lanczos on ``P^-1/2 H P^-1/2`` (preconditioned
    sharpness);
@@ -53,7 +55,7 @@ from curvwatch.operators.factory import (
 from curvwatch.operators.sharded import check_supported, is_sharded
 from curvwatch.precision import PRECISIONS, Precision
 from curvwatch.probe import LossFn, batch_length, loss_closure_factory, move_to
-from curvwatch.results import Budget, CurvatureResult
+from curvwatch.results import Budget, CurvatureResult, ThresholdEvent
 from curvwatch.solvers.lanczos import default_max_basis
 from curvwatch.stability import unwrap_optimizer
 
@@ -118,8 +120,37 @@ class CurvatureMonitor:
             the size; the batches are used as they come).
         spectrum_every: every ``M``-th measurement also estimates the spectral
             density by SLQ (``curvature/spectrum``); 0: never.
-        on_threshold: ``on_threshold(result)`` called when ``sharpness_ratio``
-            crosses 1 upwards or falls back below it.
+        on_threshold: ``on_threshold(event)`` called when ``sharpness_ratio``
+            crosses 1 upwards or falls back below it, and when an early-warning
+            ratio (``update_sharpness_ratio``, ``critical_sharpness_ratio``)
+            crosses 1 upwards. ``event`` is a
+            :class:`~curvwatch.results.ThresholdEvent`: the
+            :class:`~curvwatch.CurvatureResult` with ``quantity`` (which ratio
+            crossed), ``ratio`` and ``stable_lr`` (``lr / ratio``). A callback
+            that raises is one warning (``strict=True`` raises).
+        update_sharpness: also measure the curvature along the optimizer's last
+            update ``u`` (:func:`~curvwatch.directional.update_direction`):
+            ``u^T H u / u^T u``, for Adam-type optimizers ``u^T H u / u^T P u``
+            (``curvature/update_sharpness``), and its ratio to the threshold
+            (``curvature/update_sharpness_ratio``; the sharpness's threshold,
+            of which it is a lower bound). One product of the budget, measured
+            first: an early warning that the step is too long along its own
+            direction. Skipped without an optimizer, for one whose update is
+            not known (SGD, Adam, AdamW, Adamax, RMSprop are), and before its
+            first step. Default True.
+        critical_sharpness: also measure the critical sharpness ``2 / eta_c``
+            along the last update, ``eta_c`` the smallest step along ``-u``
+            that raises the probe loss (Kalra et al. 2026; a forward-only line
+            search after the products, within the measurement's seconds, at
+            most 11 forward passes:
+            ``curvature/critical_sharpness``, its evaluations in
+            ``curvature_diagnostics/critical_sharpness_evals``), and its ratio
+            to ``2 / lr`` (``curvature/critical_sharpness_ratio``; above 1 the
+            step of ``lr`` raises the loss, whatever the optimizer). It needs
+            no second derivative (it runs where finite differences measure the
+            rest), moves the parameters in place and restores them bit-exactly;
+            logged only when the search brackets ``eta_c``. Not under FSDP.
+            Default True.
         curvature: ``"hessian"`` (default) or ``"ggn"``: the generalized
             Gauss-Newton matrix ``J^T H_out J`` (positive semi-definite; the
             Hessian without the network's second-order term) in place of the
@@ -204,6 +235,8 @@ class CurvatureMonitor:
         on_threshold: Callable[[CurvatureResult], Any] | None = None,
         curvature: CurvatureChoice = "hessian",
         precision: Precision = "auto",
+        update_sharpness: bool = True,
+        critical_sharpness: bool = True,
         blocks: BlockSpec | None = None,
         blocks_every: int = 1,
     ) -> None:
@@ -256,6 +289,9 @@ class CurvatureMonitor:
             raise CurvatureError(
                 f"blocks_every must be a positive integer (every k-th measurement), got {blocks_every!r}"
             )
+        for name, flag in (("update_sharpness", update_sharpness), ("critical_sharpness", critical_sharpness)):
+            if not isinstance(flag, bool):
+                raise CurvatureError(f"{name} must be True or False, got {flag!r}")
         if precision not in PRECISIONS:
             raise CurvatureError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if basis_device is not None:
@@ -322,6 +358,9 @@ class CurvatureMonitor:
         self._minibatch_iter: Any = None
         self.spectrum_every = spectrum_every
         self.on_threshold = on_threshold
+        self.update_sharpness = update_sharpness
+        self.critical_sharpness = critical_sharpness
+        self._early_above: dict[str, bool] = {}  # early-warning ratio -> at or above 1 last time
         self.history: list[CurvatureResult] = []
         self._state = MeasurementState(resolved_method=None if method == "auto" else method)
         self._above: bool | None = None
@@ -428,10 +467,15 @@ class CurvatureMonitor:
             return None
         finally:
             self._note_peak()
-        self._cost.measured(time.perf_counter() - started, result.hvps)
+        elapsed = time.perf_counter() - started
+        self._cost.measured(elapsed, result.hvps)
+        if result.hvps > 0 and result.critical_sharpness_seconds > 0:
+            # the cost of a product is learned without the line search's forward passes
+            self._cost.seconds_per_product = max(elapsed - result.critical_sharpness_seconds, 1e-9) / result.hvps
         result = replace(result, overhead=self._cost.share, seconds=time.perf_counter() - started)
         self.history.append(result)
         self._threshold_event(result)
+        self._early_warning(result)
         for sink in self.sinks:
             try:
                 sink(result)
@@ -569,6 +613,7 @@ class CurvatureMonitor:
             batch_size=self.batch_size, batch_sharpness_batches=self.batch_sharpness_batches,
             spectrum_every=self.spectrum_every, ggn_kind=self._ggn_kind, criterion=self.criterion,
             curvature=self.curvature,
+            update_sharpness=self.update_sharpness, critical_sharpness=self.critical_sharpness,
             blocks=self.blocks, blocks_every=self.blocks_every,
         )
 
@@ -607,17 +652,58 @@ class CurvatureMonitor:
             "curvwatch: step %d: sharpness %s the edge-of-stability threshold (ratio %.3f, threshold %.4g)",
             result.step, "crossed" if above else "fell back below", ratio, result.threshold,
         )
-        if self.on_threshold is not None:
-            try:
-                self.on_threshold(result)
-            except Exception as error:  # noqa: BLE001 - the same policy as sinks
-                if self.strict:
-                    raise
-                self._warn_once(
-                    "on_threshold",
-                    f"curvwatch: on_threshold failed ({type(error).__name__}: {error}); "
-                    "training continues (strict=True raises instead)",
-                )
+        self._notify(ThresholdEvent.of(result, "sharpness_ratio"))
+
+    def _early_warning(self, result: CurvatureResult) -> None:
+        """Log, warn once and call ``on_threshold`` when an early-warning ratio crosses 1 upwards.
+
+        The update sharpness (the curvature along the last step, against the
+        sharpness's threshold) and the critical sharpness (``2 / eta_c`` along
+        the last step, against ``2 / lr``) can cross before the sharpness does:
+        the step is already too long along its own direction. The warning
+        (once per quantity; every crossing is logged at INFO) names the lr at
+        which the ratio would be 1, ``lr / ratio``.
+        """
+        for quantity, what in _EARLY_WARNINGS:
+            ratio = getattr(result, quantity)
+            if not math.isfinite(ratio):
+                continue
+            above = ratio >= 1.0
+            before = self._early_above.get(quantity)
+            self._early_above[quantity] = above
+            if above == before or (not above and before is None):
+                continue
+            if not above:
+                logger.info("curvwatch: step %d: %s fell back below 1 (%.3f)", result.step, quantity, ratio)
+                continue
+            event = ThresholdEvent.of(result, quantity)
+            logger.info(
+                "curvwatch: step %d: early warning: %s crossed 1 (%.3f) at lr %.4g; stable lr about %.4g",
+                result.step, quantity, ratio, result.lr, event.stable_lr,
+            )
+            self._warn_once(
+                f"early-warning {quantity}",
+                f"curvwatch: step {result.step}: early warning: the {what} crossed its threshold "
+                f"({quantity} {ratio:.3f}) at lr {result.lr:.4g}: the step is too long along its own "
+                f"direction; the lr at which it would be stable is about {event.stable_lr:.4g} "
+                "(lr / ratio). Warned once; later crossings are logged and passed to on_threshold",
+            )
+            self._notify(event)
+
+    def _notify(self, event: ThresholdEvent) -> None:
+        """``on_threshold(event)``, under the sinks' failure policy."""
+        if self.on_threshold is None:
+            return
+        try:
+            self.on_threshold(event)
+        except Exception as error:  # noqa: BLE001 - the same policy as sinks
+            if self.strict:
+                raise
+            self._warn_once(
+                "on_threshold",
+                f"curvwatch: on_threshold failed ({type(error).__name__}: {error}); "
+                "training continues (strict=True raises instead)",
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -648,6 +734,7 @@ class CurvatureMonitor:
             },
             "above": self._above,
             "crossed_before": self._crossed_before,
+            "early_above": dict(self._early_above),
             "cost": self._cost.state_dict(),
         }
 
@@ -674,6 +761,7 @@ class CurvatureMonitor:
         self._attached_steps = int(state.get("attached_steps", 0))
         self._above = state.get("above")
         self._crossed_before = bool(state.get("crossed_before", False))
+        self._early_above = dict(state.get("early_above", {}))
         if "cost" in state:
             self._cost.load_state_dict(state["cost"])
 
@@ -686,6 +774,13 @@ def _check_param_group(optimizer: Any, param_group: int) -> None:
             f"param_group={param_group!r} but the optimizer has {groups} parameter group(s): "
             f"pass an index in 0..{groups - 1}"
         )
+
+
+# The early-warning ratios (CurvatureResult fields) and what they are called in the warning.
+_EARLY_WARNINGS = (
+    ("update_sharpness_ratio", "update sharpness (the curvature along the last update)"),
+    ("critical_sharpness_ratio", "critical sharpness (2 / the shortest step along the update that raises the loss)"),
+)
 
 
 class _DoesNotFit(Exception):

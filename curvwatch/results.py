@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from curvwatch._errors import CurvatureError
 
@@ -12,7 +12,10 @@ TAG_PREFIX = "curvature/"
 # Cost and diagnostic tags get their own TensorBoard group (the text before the
 # first "/"), so the curvature group opens on the curves themselves.
 DIAGNOSTICS_PREFIX = "curvature_diagnostics/"
-DIAGNOSTICS = ("hvps", "seconds", "converged", "error_bound", "overhead", "trace_lower", "trace_upper", "edge")
+DIAGNOSTICS = (
+    "hvps", "seconds", "converged", "error_bound", "overhead", "trace_lower", "trace_upper", "edge",
+    "critical_sharpness_evals",
+)
 
 
 # The default share of training time a monitor may spend (Budget.overhead).
@@ -153,6 +156,21 @@ class CurvatureResult:
         overhead: measuring time so far over training time so far (the share
             :attr:`Budget.overhead` bounds).
         precision: float32 matmul precision of the products (``"fp32"``/``"tf32"``).
+        update_sharpness: the curvature along the optimizer's last update ``u``
+            (:func:`~curvwatch.directional.update_direction`), one product:
+            ``u^T H u / u^T u``, or ``u^T H u / u^T P u`` for Adam-type
+            optimizers (NaN: not measured).
+        update_sharpness_ratio: ``update_sharpness / threshold`` (the same
+            threshold as the sharpness it is a lower bound of).
+        critical_sharpness: ``2 / eta_c``, ``eta_c`` the smallest step along
+            ``-u`` that raises the probe loss (forward passes only,
+            :func:`~curvwatch.directional.critical_sharpness`); NaN when not
+            bracketed or not measured.
+        critical_sharpness_ratio: ``critical_sharpness / (2 / lr)``: above 1,
+            the step of ``lr`` along ``u`` raises the probe loss.
+        critical_sharpness_evals: forward passes its line search took (0: none).
+        critical_sharpness_seconds: seconds of the line search (part of
+            ``seconds``; not logged, kept out of the learned cost of a product).
         blocks: ``{name: BlockResult}`` of the blocks measured this time
             (``CurvatureMonitor(blocks=...)``; empty when none were), logged as
             ``curvature/block/<name>/lambda_max`` etc. (:func:`block_tag`).
@@ -180,6 +198,12 @@ class CurvatureResult:
     error_bound: float = math.nan
     overhead: float = math.nan
     precision: str = "fp32"
+    update_sharpness: float = math.nan
+    update_sharpness_ratio: float = math.nan
+    critical_sharpness: float = math.nan
+    critical_sharpness_ratio: float = math.nan
+    critical_sharpness_evals: int = 0
+    critical_sharpness_seconds: float = 0.0
     blocks: dict[str, BlockResult] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
@@ -203,6 +227,11 @@ class CurvatureResult:
             "batch_sharpness_stderr": self.batch_sharpness_stderr,
             "error_bound": self.error_bound,
             "overhead": self.overhead,
+            "update_sharpness": self.update_sharpness,
+            "update_sharpness_ratio": self.update_sharpness_ratio,
+            "critical_sharpness": self.critical_sharpness,
+            "critical_sharpness_ratio": self.critical_sharpness_ratio,
+            "critical_sharpness_evals": float(self.critical_sharpness_evals or math.nan),
         }
         for i, value in enumerate(self.eigenvalues, start=1):
             values[f"lambda_{i}"] = value
@@ -219,6 +248,39 @@ class CurvatureResult:
 def tag(name: str) -> str:
     """The logged tag of a result field: ``curvature/<name>``, or ``curvature_diagnostics/<name>``."""
     return (DIAGNOSTICS_PREFIX if name in DIAGNOSTICS else TAG_PREFIX) + name
+
+
+# The ratios that cross 1: the sharpness's and the two early warnings along the update.
+CROSSING_QUANTITIES = ("sharpness_ratio", "update_sharpness_ratio", "critical_sharpness_ratio")
+
+
+@dataclass(frozen=True)
+class ThresholdEvent(CurvatureResult):
+    """What ``CurvatureMonitor(on_threshold=...)`` receives: the result, and which ratio crossed 1.
+
+    A :class:`CurvatureResult` (every field of the measurement, so a callback
+    written for results keeps working) with three more fields.
+
+    Attributes:
+        quantity: the ratio that crossed, one of :data:`CROSSING_QUANTITIES`:
+            ``"sharpness_ratio"`` (either way), ``"update_sharpness_ratio"`` or
+            ``"critical_sharpness_ratio"`` (upwards: the early warnings).
+        ratio: its value.
+        stable_lr: ``lr / ratio``, the lr at which the ratio would be 1 (NaN
+            without an lr).
+    """
+
+    quantity: str = "sharpness_ratio"
+    ratio: float = math.nan
+    stable_lr: float = math.nan
+
+    @classmethod
+    def of(cls, result: CurvatureResult, quantity: str) -> ThresholdEvent:
+        """The event of ``result``'s ``quantity`` (a :data:`CROSSING_QUANTITIES` name)."""
+        ratio = float(getattr(result, quantity))
+        stable = result.lr / ratio if ratio > 0 and math.isfinite(result.lr) else math.nan
+        values = {f.name: getattr(result, f.name) for f in fields(CurvatureResult)}
+        return cls(**values, quantity=quantity, ratio=ratio, stable_lr=stable)
 
 
 def block_tag(block: str, name: str) -> str:
