@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--overhead-steps", type=int, default=600)
     parser.add_argument("--ref-hvps", type=int, default=120)
+    parser.add_argument("--ref-basis", type=int, default=20)
     parser.add_argument("--ref-method", default="double_backward",
                         help="double_backward | finite_difference (central) | none")
     parser.add_argument("--configs", default="defaults,forward_difference,fp32,ratio_1.5,threshold_only")
@@ -110,8 +111,8 @@ def reference(cw, model, probe, opt, args) -> dict:
     try:
         mon = cw.CurvatureMonitor(
             model, probe, optimizer=opt, top_k=1, trace=False, precision="fp32", method=args.ref_method,
-            strict=True, basis_device="cpu" if args.ref_method != "double_backward" and device.type == "cuda" else None,
-            budget=cw.Budget(max_hvps=args.ref_hvps, trace_hvps=0, tol=1e-4, overhead=None, max_basis=20),
+            strict=True,
+            budget=cw.Budget(max_hvps=args.ref_hvps, trace_hvps=0, tol=1e-4, overhead=None, max_basis=args.ref_basis),
         )
         r = mon.measure(1)
         out = {"preconditioned": r.preconditioned_lambda_max, "lambda_max": r.lambda_max, "method": r.method,
@@ -172,6 +173,7 @@ def run_size(name: str, device: torch.device, args) -> dict:
         "fp32": {"precision": "fp32", "budget": share_off},
         "ratio_1.5": {"budget": cw.Budget(overhead=None, memory_ratio=1.5)},
         "threshold_only": {"budget": share_off, "top_k": 1, "trace": False},
+        "ratio_1.5_threshold": {"budget": cw.Budget(overhead=None, memory_ratio=1.5), "top_k": 1, "trace": False},
     }
     labels = [label for label in args.configs.split(",") if label]
     if cuda:  # the allocator's peak is the training step's when the monitors read it

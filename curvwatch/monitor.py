@@ -174,7 +174,6 @@ class CurvatureMonitor:
             approximation in general). Same losses and limits as ``"ggn"``;
             ``result.method`` is the curvature's name (``+ "_lm_head"`` for a
             causal LM, whose full logits are held).
-
         blocks: per-block curvature (default ``None``: off): ``"layers"`` (one
             block per layer of the model's stack of repeated layers, e.g.
             GPT-2's ``h.0 .. h.N``), ``"modules"`` (one per top-level child
