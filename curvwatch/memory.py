@@ -33,11 +33,15 @@ GIB = float(1 << 30)
 # saved parameters (finite differences), the Ritz vectors, the warm starts and
 # the preconditioner diagonal.
 # Counted from the code paths (product in and out, cached gradient, saved
-# parameters, the preconditioner and its scaled vector, Ritz vectors, warm starts,
-# the central-difference certificate's two gradients); the 1.56B run on an H200
-# ran out of memory with an estimate of 7 for differences.
+# parameters, the preconditioner and its scaled vector, Ritz vectors, the
+# central-difference certificate's two gradients). Checked on an H200
+# (benchmarks/results/leave_on_h200.md, 2026-12-03): with 10 for differences the
+# 1.56B estimate was 92.2 GiB and the measurement added 74.7 GiB; with 8 for
+# double backward the 355M estimate was 53.5 GiB for 48.8 GiB added. Since then
+# P^{-1/2} is applied in slices (two vectors fewer) and warm starts wait on the
+# host. (An estimate of 7 for differences once ran out of memory at 1.56B.)
 WORKING_VECTORS = {
-    "double_backward": 8, "forward_over_reverse": 9, "finite_difference": 10, "forward_difference": 10, "ggn": 8
+    "double_backward": 7, "forward_over_reverse": 8, "finite_difference": 8, "forward_difference": 8, "ggn": 7
 }
 
 # One product's activations as a multiple of the training step's (peak minus

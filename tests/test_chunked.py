@@ -9,6 +9,7 @@ import curvwatch as cw
 import curvwatch.measurement
 import curvwatch.monitor
 from curvwatch.chunked import pieces_of, split_probe
+from curvwatch.memory import WORKING_VECTORS
 from curvwatch.operators.hessian import HessianOperator
 from curvwatch.probe import hf_loss
 
@@ -124,9 +125,10 @@ def test_the_monitor_splits_the_probe_when_one_gradient_would_not_fit(monkeypatc
     monkeypatch.setattr(curvwatch.monitor, "activation_bytes", lambda device, method, peak: 8 * vector)
     kwargs = dict(criterion=torch.nn.CrossEntropyLoss(), top_k=1, trace=False, method="finite_difference",
                   budget=cw.Budget(max_hvps=40, overhead=None, max_basis=4, tol=1e-6))
-    # 10 working vectors + a basis of 4 + 8/pieces vectors of activations within 16.5: 4 pieces
+    # the working vectors + a basis of 4 + 8/pieces vectors of activations, with room for 2.5: 4 pieces
+    working = WORKING_VECTORS["finite_difference"] + 4
     tight = cw.CurvatureMonitor(model, (x, y), budget=cw.Budget(
-        max_hvps=40, overhead=None, max_basis=4, tol=1e-6, max_memory=(14 + 2.5) * vector),
+        max_hvps=40, overhead=None, max_basis=4, tol=1e-6, max_memory=(working + 2.5) * vector),
         **{k: v for k, v in kwargs.items() if k != "budget"})
     roomy = cw.CurvatureMonitor(model, (x, y), **kwargs)
     calls = []
