@@ -126,31 +126,35 @@ def test_a_compiled_model_falls_back_to_differences_under_auto(backend):
     assert any("Using finite differences from now on" in m for m in messages)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="a backward compiled by a training step donates its buffers: create_graph=True then raises "
-    "'compiled with non-empty donated buffers', which is not read as a missing second derivative, so "
-    "every measurement is skipped (auto and finite_difference alike: the latter's once-per-run exact check)",
-)
+@pytest.mark.parametrize("backend", ["aot_eager", _INDUCTOR])
 @pytest.mark.parametrize("method", ["auto", "finite_difference"])
-def test_a_compiled_model_is_measured_in_a_training_loop(method):
-    """Compiled by the first training step (grad mode on) before the monitor measures."""
+def test_a_compiled_model_is_measured_in_a_training_loop(method, backend):
+    """Compiled by the first training step (grad mode on) before the monitor measures.
+
+    Its backward donates its saved buffers, so ``create_graph=True`` raises ("compiled with
+    non-empty donated buffers"): read as a missing second derivative, auto falls back to
+    differences and explicit differences skip their once-per-run exact check (both were
+    skipped at every step).
+    """
     torch._dynamo.reset()  # not the graphs an earlier test compiled (same code, parameters as inputs)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend=backend)
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = cw.CurvatureMonitor(compiled, (x, y), criterion=torch.nn.MSELoss(), top_k=1, trace=False, every=1,
                                   method=method, budget=cw.Budget(tol=1e-8))
     monitor.attach(opt)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for _ in range(2):
             opt.zero_grad()
             torch.nn.functional.mse_loss(compiled(x), y).backward()
             opt.step()
+    messages = [str(w.message) for w in caught]
+    assert not any("skipped" in m for m in messages), messages
     assert [r.step for r in monitor.history] == [1, 2]
     exact, _ = _measure(model, x, y)  # the eager model at the weights after step 2
-    assert monitor.history[-1].method == "finite_difference"
+    assert [r.method for r in monitor.history] == ["finite_difference"] * 2
+    assert all(r.converged for r in monitor.history)
     assert abs(monitor.history[-1].lambda_max - exact.lambda_max) <= 1e-3 * exact.lambda_max

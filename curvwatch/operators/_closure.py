@@ -94,4 +94,5 @@ def is_missing_derivative(error: BaseException) -> bool:
         ("derivative for" in text and "not implemented" in text)
         or "differentiate twice" in text
         or "double backward" in text
+        or "donated buffer" in text  # torch.compile's backward, compiled for a plain training step
     )

@@ -155,7 +155,12 @@ class HessianOperator(CurvatureOperator):
     def _first_order_graph(self) -> list[torch.Tensor]:
         if self._graph_grads is None:
             loss = checked_loss(self.closure)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            except RuntimeError as error:  # torch.compile's backward with donated buffers
+                if is_missing_derivative(error):
+                    raise NoSecondDerivativeError(NO_SECOND_DERIVATIVE_MSG.format(cause=error)) from error
+                raise
             grads = zeros_for_none(grads, self.params)
             self.loss = loss.item()
             self.gradient = flatten([g.detach() for g in grads])
