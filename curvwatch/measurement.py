@@ -227,7 +227,8 @@ class _Measurement:
             def spent() -> int:
                 return operator.matvecs + (certificate.matvecs if certificate else 0) + self.check_products
 
-            warm, warm_pre = state.warm, state.warm_preconditioned
+            # the last measurement's Ritz vectors, where they still fit the operator
+            warm, warm_pre = _fitting(state.warm, operator), _fitting(state.warm_preconditioned, operator)
             pre = eig = None
             if diagonal is not None:
                 pre_certificate = PreconditionedOperator(certificate, diagonal) if certificate else None
@@ -577,9 +578,10 @@ class _Measurement:
         """The threshold's quantity: preconditioned sharpness (adaptive) or the top-k eigenvalues."""
         if diagonal is not None:
             return self._lanczos(
-                PreconditionedOperator(operator, diagonal), 1, products, self.state.warm_preconditioned, self.seed + 1
+                PreconditionedOperator(operator, diagonal), 1, products,
+                _fitting(self.state.warm_preconditioned, operator), self.seed + 1,
             )
-        return self._lanczos(operator, self.config.top_k, products, self.state.warm, self.seed)
+        return self._lanczos(operator, self.config.top_k, products, _fitting(self.state.warm, operator), self.seed)
 
     def _certified(self, eig: LanczosResult, certificate) -> LanczosResult:
         """With one-sided differences: the top value re-measured by a central Rayleigh quotient."""
@@ -730,7 +732,12 @@ def _kept(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def _fitting(warm: torch.Tensor | None, operator) -> torch.Tensor | None:
-    """A block's warm start, where it still fits the block's operator (else a cold start)."""
+    """A warm start, where it still fits ``operator`` (else ``None``: a cold start).
+
+    It no longer fits when the measured parameters changed size: a block's, or the
+    whole model's after parameters were unfrozen (``requires_grad_(True)``) or a
+    state of another model was loaded (``load_state_dict``).
+    """
     return warm if warm is not None and warm.shape[0] == operator.size else None
 
 

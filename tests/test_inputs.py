@@ -153,3 +153,58 @@ def test_one_sink_not_in_a_list_says_so(tmp_path):
     sink = cw.MemorySink()
     _monitor(_model(), _batch(), sinks=[sink], strict=True).measure(1)
     assert [r.step for r in sink.results] == [1]
+
+
+# -- a warm start of another size --------------------------------------------------------
+def _optimizer(model, kind):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+    return torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _train_step(model, optimizer, batch):
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+
+
+def _assert_cold_started(result, fresh, kind):
+    assert result.converged and result.lambda_max == pytest.approx(fresh.lambda_max, rel=1e-5)
+    if kind == "adam":  # the preconditioned warm start too
+        assert result.preconditioned_lambda_max == pytest.approx(fresh.preconditioned_lambda_max, rel=1e-5)
+    assert result.sharpness_ratio == pytest.approx(fresh.sharpness_ratio, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_unfreezing_parameters_between_measurements_cold_starts(kind):
+    # before: every later measurement failed with "v0 has shape (14,), expected (26,) or (26, j)"
+    model, batch = _model(), _batch()
+    model[0].weight.requires_grad_(False)  # 14 of the 26 parameters measured
+    optimizer = _optimizer(model, kind)
+    monitor = _monitor(model, batch, optimizer=optimizer, strict=True)
+    _train_step(model, optimizer, batch)
+    assert monitor.measure(1).converged
+    model[0].weight.requires_grad_(True)  # gradual unfreezing: now all 26
+    _train_step(model, optimizer, batch)
+    fresh = _monitor(model, batch, optimizer=optimizer, strict=True).measure(2)
+    _assert_cold_started(monitor.measure(2), fresh, kind)
+    _train_step(model, optimizer, batch)
+    assert monitor.measure(3).converged  # warm-started again, at the new size
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_state_loaded_from_a_monitor_of_another_model_cold_starts(kind):
+    # before: loaded without complaint, then "v0 has shape (26,), expected (50,) or (50, j)" at every measurement
+    small, batch = _model(), _batch()
+    small_optimizer = _optimizer(small, kind)
+    _train_step(small, small_optimizer, batch)
+    old = _monitor(small, batch, optimizer=small_optimizer, strict=True)
+    old.measure(1)
+    torch.manual_seed(1)
+    large = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))  # 50 parameters
+    optimizer = _optimizer(large, kind)
+    _train_step(large, optimizer, batch)
+    monitor = _monitor(large, batch, optimizer=optimizer, strict=True)
+    monitor.load_state_dict(old.state_dict())
+    fresh = _monitor(large, batch, optimizer=optimizer, strict=True).measure(2)
+    _assert_cold_started(monitor.measure(2), fresh, kind)
