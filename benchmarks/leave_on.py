@@ -174,6 +174,8 @@ def run_size(name: str, device: torch.device, args) -> dict:
         "ratio_1.5": {"budget": cw.Budget(overhead=None, memory_ratio=1.5)},
         "threshold_only": {"budget": share_off, "top_k": 1, "trace": False},
         "ratio_1.5_threshold": {"budget": cw.Budget(overhead=None, memory_ratio=1.5), "top_k": 1, "trace": False},
+        "ratio_2_threshold": {"budget": cw.Budget(overhead=None, memory_ratio=2.0), "top_k": 1, "trace": False},
+        "ratio_2.5_threshold": {"budget": cw.Budget(overhead=None, memory_ratio=2.5), "top_k": 1, "trace": False},
     }
     labels = [label for label in args.configs.split(",") if label]
     if cuda:  # the allocator's peak is the training step's when the monitors read it
@@ -187,6 +189,10 @@ def run_size(name: str, device: torch.device, args) -> dict:
             for _ in range(5):
                 step()
         sync()
+        if cuda:  # the reference's memory plan reads the step's peak, not the last measurement's
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            sync()
         ref = reference(cw, model, probe, opt, args) if args.ref_method != "none" else {}
         row[f"reference_{which}"] = ref
         print(f"[{name}] reference ({which}) {ref}", flush=True)
