@@ -11,7 +11,7 @@ from curvwatch.operators import (
     MonteCarloFisherOperator,
     PreconditionedOperator,
 )
-from curvwatch.results import Budget, CurvatureResult
+from curvwatch.results import Budget, CurvatureResult, ThresholdEvent
 from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
 from curvwatch.solvers import (
     LanczosResult,
@@ -30,6 +30,7 @@ __all__ = [
     "Budget",
     "CurvatureMonitor",
     "CurvatureResult",
+    "ThresholdEvent",
     # sinks
     "JsonlSink",
     "MemorySink",

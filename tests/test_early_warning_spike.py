@@ -1,0 +1,120 @@
+"""The early warning comes before the loss spike (examples/early_warning.py), and the quantities
+along the update track lambda_max and 2/lr at the edge of stability (the digits demo, GD, lr 2)."""
+
+import importlib.util
+import math
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import curvwatch as cw
+
+pytest.importorskip("sklearn")
+pytestmark = pytest.mark.slow  # two training runs, about 18 s on one thread
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "early_warning.py"
+_spec = importlib.util.spec_from_file_location("early_warning_example", EXAMPLE)
+example = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = example  # dataclasses look their module up there
+_spec.loader.exec_module(example)
+
+
+@pytest.fixture(scope="module")
+def spike_run():
+    return example.run()
+
+
+def test_first_spike_definition():
+    assert example.first_spike([1.0, 0.5, 0.9, 1.01, 3.0]) == 3  # 1.01 > 2 x 0.5
+    assert example.first_spike([1.0, 0.9, 1.7]) is None
+    assert example.first_spike([1.0, math.nan]) == 1
+
+
+def test_the_early_warning_comes_before_the_loss_spike(spike_run):
+    w, spike = spike_run.warning, spike_run.spike
+    assert w is not None and spike is not None
+    assert isinstance(w, cw.ThresholdEvent)
+    assert w.quantity in ("update_sharpness_ratio", "critical_sharpness_ratio")
+    assert w.step < spike  # strictly before
+    # the numbers of the committed run (docs/early_warning.png, README "Early warning"): warning at
+    # step 225 (update sharpness 1.31 x 2/lr at lr 3.0, stable lr 2.28), spike at step 228
+    assert 215 <= w.step <= 230 and 220 <= spike <= 235
+    assert spike - w.step >= 2
+    assert w.ratio >= 1 and w.stable_lr == pytest.approx(w.lr / w.ratio)
+    assert w.stable_lr < w.lr == pytest.approx(example.lr_at(w.step))
+    # before the warning the loss was still falling to within 2% of its lowest value
+    assert spike_run.losses[w.step] <= 1.02 * min(spike_run.losses[: w.step])
+    assert spike_run.losses[spike] > 2 * min(spike_run.losses[:spike])
+    # the sharpness itself reached 2/lr earlier (a Lanczos per measurement against one product)
+    edge = spike_run.sharpness_crossing
+    assert edge is not None and edge.step < w.step
+    # one measurement per step, each with the update sharpness
+    assert len(spike_run.history) == len(spike_run.lrs) == example.STEPS
+    assert all(math.isfinite(r.update_sharpness) for r in spike_run.history[1:])
+
+
+def test_describe_prints_the_lead(spike_run):
+    text = example.describe(spike_run)
+    w = spike_run.warning
+    assert text.startswith(f"warning at step {w.step} (lr={w.lr:.3f}, stable lr={w.stable_lr:.3f}), ")
+    assert f"loss spike at step {spike_run.spike}: {spike_run.spike - w.step} steps ahead" in text
+
+
+def test_plot_writes_a_png(spike_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "early_warning.png"
+    example.plot(spike_run, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def eos_run():
+    """The gd demo's problem and lr (2, fixed), 400 steps, measured every 10: the results at the edge."""
+    from curvwatch.demo import digits_problem
+
+    torch.set_num_threads(1)
+    model, x, targets = digits_problem(0)
+    criterion = torch.nn.MSELoss()
+    lr = 2.0
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    monitor = cw.CurvatureMonitor(model, (x, targets), criterion=criterion, every=10, optimizer=opt, top_k=1,
+                                  trace=False, budget=cw.Budget(overhead=None))
+    monitor.attach(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cw.CurvatureWarning)
+        for _ in range(400):
+            opt.zero_grad()
+            criterion(model(x), targets).backward()
+            opt.step()
+    edge = next(r.step for r in monitor.history if r.sharpness_ratio >= 1)
+    return lr, edge, [r for r in monitor.history if r.step >= edge]
+
+
+def _median(values):
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def test_lambda_max_and_update_sharpness_within_30_percent_of_2_over_lr_at_the_edge(eos_run):
+    lr, edge, eos = eos_run
+    assert 150 <= edge <= 190  # the demo reaches the edge at step 170
+    assert len(eos) >= 20
+    assert _median([r.lambda_max for r in eos]) == pytest.approx(2 / lr, rel=0.3)
+    assert _median([r.update_sharpness for r in eos]) == pytest.approx(2 / lr, rel=0.3)
+
+
+@pytest.mark.xfail(
+    reason="the critical sharpness's line search runs along the last update u_{t-1} from theta_t; at the edge "
+    "of stability that step overshot, -u_{t-1} is an ascent direction at theta_t and the search finds no "
+    "bracket (NaN at most measurements); along the next update (the current gradient) it is 0.99 x 2/lr",
+    strict=False,
+)
+def test_critical_sharpness_within_30_percent_of_2_over_lr_at_the_edge(eos_run):
+    lr, _, eos = eos_run
+    late = eos[len(eos) // 2:]
+    assert sum(math.isfinite(r.critical_sharpness) for r in late) >= len(late) // 2
+    assert _median([r.critical_sharpness for r in late]) == pytest.approx(2 / lr, rel=0.3)
