@@ -286,6 +286,10 @@ class _Measurement:
         lambda_max = eig.lambda_max if eig is not None else math.nan
         uses_batch_sharpness = diagonal is None and config.batch_size is not None and not _adaptive(limit)
         sharp = pre_lambda if diagonal is not None else (bs if uses_batch_sharpness else lambda_max)
+        if _adaptive(limit) and diagonal is None:
+            # an adaptive threshold (38/lr for Adam) is in preconditioned units: the raw
+            # lambda_max over it is no ratio at all (the "no-state" note says why)
+            sharp = math.nan
         if not uses_batch_sharpness and threshold_solve.relative_error_bound > RATIO_MAX_ERROR:
             # a Ritz value that has not converged is only a lower bound of the
             # sharpness: no ratio (and no crossing) from it; error_bound says why
@@ -475,7 +479,8 @@ class _Measurement:
             self.notes.append((
                 "no-state",
                 "curvwatch: the optimizer has no second-moment state for the measured "
-                "parameters yet (before its first step?): preconditioned sharpness skipped",
+                "parameters yet (before its first step?): preconditioned sharpness and the sharpness "
+                "ratio skipped (the raw lambda_max is logged; the threshold is in preconditioned units)",
             ))
         return diagonal
 

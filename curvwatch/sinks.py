@@ -13,6 +13,12 @@ from typing import Any
 from curvwatch.results import TAG_PREFIX, CurvatureResult, tag
 
 CHART_CATEGORY = "curvwatch"
+# The second chart's titles: distinct, because TensorBoard merges the layouts of
+# all runs in a logdir and keeps two charts of one title side by side (an SGD and
+# an Adam run would otherwise show two "sharpness vs ..." charts, each plotting
+# the other run's threshold too).
+SHARPNESS_CHART = "sharpness vs edge-of-stability threshold"
+PRECONDITIONED_SHARPNESS_CHART = "preconditioned sharpness vs edge-of-stability threshold"
 
 
 def custom_scalars_layout(adaptive: bool = False, blocks: bool = False) -> dict:
@@ -22,14 +28,15 @@ def custom_scalars_layout(adaptive: bool = False, blocks: bool = False) -> dict:
     edge of stability): it reads at a glance even when the threshold changes
     with an lr schedule. ``adaptive``: the second chart overlays the
     preconditioned sharpness (Adam-type optimizers) instead of the raw one with
-    the threshold. Top eigenvalues and the trace get their own charts;
+    the threshold, under its own title (:data:`PRECONDITIONED_SHARPNESS_CHART`).
+    Top eigenvalues and the trace get their own charts;
     ``blocks``: so do the per-block sharpness and ratio (``curvature/block/<name>/...``).
     """
     sharp = "preconditioned_lambda_max" if adaptive else "lambda_max"
     layout = {
         CHART_CATEGORY: {
             "sharpness / threshold (edge of stability at 1)": ["Multiline", [tag("sharpness_ratio"), tag("edge")]],
-            "sharpness vs edge-of-stability threshold": [
+            PRECONDITIONED_SHARPNESS_CHART if adaptive else SHARPNESS_CHART: [
                 "Multiline",
                 [TAG_PREFIX + sharp, TAG_PREFIX + "threshold", TAG_PREFIX + "batch_sharpness"],
             ],
@@ -72,9 +79,19 @@ class TensorBoardSink:
             existing ``torch.utils.tensorboard.SummaryWriter``.
         spectrum_bins: bins of the ``curvature/spectrum`` histogram (SLQ).
 
-    The custom-scalars chart (sharpness overlaid with the threshold) is written
-    once, at the first result, choosing the preconditioned sharpness when the
-    threshold is an adaptive one.
+    The custom-scalars layout (sharpness overlaid with the threshold) is written
+    at the first result, and again when a result needs another one: the
+    preconditioned sharpness chart once a result has it (an Adam-type
+    optimizer measured before its first step has no preconditioner yet), the
+    block charts once a result has blocks. TensorBoard shows the last layout a
+    run wrote.
+
+    The legacy Scalars tab lists groups in the order of their first tag, and
+    sorts tags treating ``_`` and ``/`` alike: ``curvature`` comes first when
+    a run logs a tag sorting before ``curvature_diagnostics/converged``
+    (``critical_sharpness``, ``batch_sharpness``, ``block/...``), else the
+    ``curvature_diagnostics`` group is listed above it. The Time Series tab
+    (the default) always lists ``curvature`` first.
     """
 
     def __init__(self, logdir_or_writer: Any, spectrum_bins: int = 60) -> None:
@@ -85,17 +102,19 @@ class TensorBoardSink:
         else:
             self.writer = logdir_or_writer
         self.spectrum_bins = spectrum_bins
-        self._layout_written = False
+        self._layout: tuple[bool, bool] | None = None  # (adaptive, blocks) of the layout written
 
     def __call__(self, result: CurvatureResult) -> None:
         """Log the scalars of ``result`` (and its spectrum, if any) at its step, then flush."""
-        if not self._layout_written:
-            write_layout(
-                self.writer,
-                adaptive=result.preconditioned_lambda_max == result.preconditioned_lambda_max,
-                blocks=bool(result.blocks),
-            )
-            self._layout_written = True
+        # once the preconditioned sharpness or the blocks appear, they stay in the layout
+        written = self._layout or (False, False)
+        layout = (
+            written[0] or result.preconditioned_lambda_max == result.preconditioned_lambda_max,
+            written[1] or bool(result.blocks),
+        )
+        if layout != self._layout:
+            write_layout(self.writer, adaptive=layout[0], blocks=layout[1])
+            self._layout = layout
         for name, value in {**result.scalars(), **margin_scalars(result)}.items():
             self.writer.add_scalar(name, value, result.step)
         if result.spectrum is not None:

@@ -21,6 +21,7 @@ import torch
 
 from curvwatch import CurvatureMonitor, CurvatureResult
 from curvwatch.report import read_run
+from curvwatch.sinks import PRECONDITIONED_SHARPNESS_CHART, SHARPNESS_CHART
 
 Curves = dict[str, dict[int, float]]
 
@@ -75,10 +76,41 @@ def _chart_tags(chart: Any) -> list[str]:
 
 
 def sharpness_chart(run_dir: str | os.PathLike) -> list[str]:
-    """Tags of the one 'sharpness vs threshold' chart (fails unless written exactly once)."""
+    """Tags of the 'sharpness vs threshold' chart (raw or preconditioned) of the layout TensorBoard shows.
+
+    That is the last layout written; fails unless there is one, and when a layout was
+    written again unchanged (once per result, say).
+    """
     written = layouts(run_dir)
-    assert len(written) == 1, f"expected the custom-scalars layout once, found {len(written)}"
-    return written[0]["sharpness vs edge-of-stability threshold"]
+    assert written, "no custom-scalars layout written"
+    assert all(a != b for a, b in zip(written, written[1:])), f"a layout written again unchanged: {written}"
+    charts = [written[-1][t] for t in (SHARPNESS_CHART, PRECONDITIONED_SHARPNESS_CHART) if t in written[-1]]
+    assert len(charts) == 1, f"expected one sharpness chart, found {list(written[-1])}"
+    return charts[0]
+
+
+def shown_layout(logdir: str | os.PathLike) -> dict[str, list[str]]:
+    """The custom-scalars charts TensorBoard's own plugin shows for ``logdir``: every run's layout, merged."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.custom_scalar.custom_scalars_plugin import CustomScalarsPlugin
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    plugin = CustomScalarsPlugin(base_plugin.TBContext(logdir=str(logdir), multiplexer=multiplexer,
+                                                       data_provider=provider))
+    layout = plugin.layout_impl(context.RequestContext(), "")  # the JSON the page fetches
+    charts: dict[str, list[str]] = {}
+    for category in json.loads(layout).get("category", []) if layout else ():
+        if category["title"] == "curvwatch":
+            for chart in category["chart"]:
+                assert chart["title"] not in charts, f"two charts titled {chart['title']!r}"
+                margin = [series["value"] for series in chart.get("margin", {}).get("series", [])]
+                charts[chart["title"]] = chart["multiline"]["tag"] if "multiline" in chart else margin
+    return charts
 
 
 def histogram_steps(run_dir: str | os.PathLike, tag: str = "curvature/spectrum") -> list[int]:

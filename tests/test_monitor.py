@@ -335,3 +335,65 @@ def test_forward_difference_is_certified_to_1e3_in_float32():
                               top_k=1, budget=cw.Budget(tol=1e-8, max_hvps=80, trace_hvps=0)).measure(1)
     assert r.method == "forward_difference" and r.converged and ref.method == "double_backward"
     assert r.lambda_max == pytest.approx(ref.lambda_max, rel=1e-3)
+
+
+# -- Adam before its first step ----------------------------------------------------
+def test_adam_before_its_first_step_logs_no_ratio():
+    # before: sharpness_ratio = raw lambda_max / (38/lr), a number in the wrong units
+    model, x, y, monitor = _regression_monitor(top_k=1, trace=False, strict=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    monitor.optimizer = opt
+    with pytest.warns(cw.CurvatureWarning, match=r"before its first step\?\): preconditioned sharpness and the "
+                      r"sharpness ratio skipped"):
+        early = monitor.measure(0)
+    assert early.lambda_max > 0 and early.threshold == pytest.approx(38 / 0.01)
+    assert math.isnan(early.preconditioned_lambda_max) and math.isnan(early.sharpness_ratio)
+    assert "curvature/sharpness_ratio" not in early.scalars()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    later = monitor.measure(1)
+    assert later.sharpness_ratio == pytest.approx(later.preconditioned_lambda_max / later.threshold)
+
+
+def _train_logged(logdir, optimizer, measure_first=False, steps=6):
+    model, x, y, monitor = _regression_monitor(top_k=1, trace=False, every=3, sinks=[cw.TensorBoardSink(logdir)])
+    opt = optimizer(model.parameters())
+    monitor.attach(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if measure_first:
+            monitor.measure(0)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    monitor.sinks[0].close()
+    return monitor
+
+
+def test_an_adam_run_measured_before_its_first_step_shows_the_preconditioned_chart(tmp_path):
+    # before: the layout came from the first result (no preconditioned value yet) and stayed for the whole run
+    from tests._helpers import layouts, sharpness_chart, shown_layout
+
+    monitor = _train_logged(tmp_path / "adam", lambda p: torch.optim.Adam(p, lr=0.01), measure_first=True)
+    assert math.isnan(monitor.history[0].preconditioned_lambda_max)
+    assert len(layouts(tmp_path / "adam")) == 2  # written again once, when the preconditioned value appeared
+    assert sharpness_chart(tmp_path / "adam")[:2] == ["curvature/preconditioned_lambda_max", "curvature/threshold"]
+    charts = shown_layout(tmp_path)
+    assert "sharpness vs edge-of-stability threshold" not in charts
+    assert charts["preconditioned sharpness vs edge-of-stability threshold"][0] == "curvature/preconditioned_lambda_max"
+
+
+def test_gd_and_adam_runs_in_one_logdir_get_distinct_sharpness_charts(tmp_path):
+    # before: both charts were titled "sharpness vs edge-of-stability threshold" and TensorBoard showed both,
+    # each plotting the other run's tags too
+    from tests._helpers import shown_layout
+
+    _train_logged(tmp_path / "gd", lambda p: torch.optim.SGD(p, lr=0.01))
+    _train_logged(tmp_path / "adam", lambda p: torch.optim.Adam(p, lr=0.01))
+    charts = shown_layout(tmp_path)  # fails on two charts of one title
+    assert list(charts) == [  # runs in name order: adam's layout, then the chart gd adds
+        "sharpness / threshold (edge of stability at 1)", "preconditioned sharpness vs edge-of-stability threshold",
+        "top eigenvalues", "trace", "sharpness vs edge-of-stability threshold",
+    ]
+    assert charts["sharpness vs edge-of-stability threshold"][0] == "curvature/lambda_max"
