@@ -244,10 +244,17 @@ class CurvatureMonitor:
         if not any(p.requires_grad for p in model.parameters()):
             raise CurvatureError("the model has no trainable parameters (requires_grad=True)")
         check_supported(model)
-        if not isinstance(every, int) or every < 1:
-            raise CurvatureError(f"every must be a positive integer, got {every!r}")
-        if not isinstance(top_k, int) or top_k < 1:
+        # bools are ints to Python: every=True would silently mean 1
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise CurvatureError(f"every must be a positive integer (measure every N steps), got {every!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise CurvatureError(f"top_k must be a positive integer, got {top_k!r}")
+        for name, flag in (("trace", trace), ("strict", strict)):
+            if not isinstance(flag, bool):  # trace="no" is truthy: it turned the trace on
+                raise CurvatureError(f"{name} must be True or False, got {flag!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            # a float (or a numpy integer) reached torch's manual_seed at every measurement
+            raise CurvatureError(f"seed must be a Python int, got {seed!r} ({type(seed).__name__})")
         if method != "auto" and method not in MONITOR_METHODS:
             raise CurvatureError(f"unknown method {method!r}; choose 'auto' or one of {MONITOR_METHODS}")
         if curvature not in CURVATURES:
@@ -264,7 +271,8 @@ class CurvatureMonitor:
             raise CurvatureError(
                 f"budget.max_hvps={budget.max_hvps} leaves fewer than top_k={top_k} products for Lanczos"
             )
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
             raise CurvatureError(f"batch_size must be a positive integer, got {batch_size!r}")
         if minibatches is not None and batch_size is None:
             raise CurvatureError("minibatches=... is for batch sharpness: also pass batch_size=<training batch size>")

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,28 @@ def test_a_state_loaded_from_a_monitor_of_another_model_cold_starts(kind):
     monitor.load_state_dict(old.state_dict())
     fresh = _monitor(large, batch, optimizer=optimizer, strict=True).measure(2)
     _assert_cold_started(monitor.measure(2), fresh, kind)
+
+
+# -- flags and numbers of the wrong type ----------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"every": True}, r"every must be a positive integer \(measure every N steps\), got True"),
+        ({"top_k": True}, r"top_k must be a positive integer, got True"),
+        ({"batch_size": True}, r"batch_size must be a positive integer, got True"),
+        ({"trace": "no"}, r"trace must be True or False, got 'no'"),
+        ({"strict": "yes"}, r"strict must be True or False, got 'yes'"),
+        ({"seed": 1.5}, r"seed must be a Python int, got 1.5 \(float\)"),
+        ({"seed": True}, r"seed must be a Python int, got True \(bool\)"),
+        ({"seed": np.int64(3)}, r"seed must be a Python int, got .*3.* \(int64\)"),
+    ],
+    ids=["every", "top_k", "batch_size", "trace", "strict", "seed", "seed-bool", "seed-numpy"],
+)
+def test_a_flag_or_count_of_the_wrong_type_is_refused_at_construction(kwargs, expected):
+    # before: every=True (and top_k, batch_size) meant 1, trace="no" turned the trace on, strict="yes" was
+    # strict, seed=1.5 (or numpy.int64(3)) made every measurement fail ("manual_seed expected a long, but got
+    # float", "an integer is required")
+    kwargs = {"trace": False, "top_k": 1, **kwargs}
+    with pytest.raises(cw.CurvatureError, match=expected):
+        cw.CurvatureMonitor(_model(), _batch(), criterion=torch.nn.CrossEntropyLoss(), **kwargs)
+
