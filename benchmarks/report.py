@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 from benchmarks.timing import GiB
@@ -192,6 +193,7 @@ def markdown(r: dict[str, Any]) -> str:
     if "peak_bytes" in mon["plain_runs"][0]:
         lines[-1] += (f" Peak memory of the training run: plain {mon['plain_runs'][-1]['peak_bytes'] / GiB:.2f} GiB, "
                       f"monitored {mon['monitored_runs'][-1]['peak_bytes'] / GiB:.2f} GiB.")
+    lines += new_quantities_section(r.get("new_quantities"))
     lines += ["", f"## Goals ({GOALS})", "", "| goal | measured | met |", "| --- | --- | --- |"]
     d = r["products"].get(default, {})
     if "steady" in d:
@@ -230,3 +232,93 @@ def markdown(r: dict[str, Any]) -> str:
     if skipped:
         lines += ["", "Not run: " + "; ".join(skipped)]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(seconds: float | None, local: dict[str, float] | None) -> float:
+    """``seconds`` over the median of the training steps timed right before it."""
+    if seconds is None or not local or not local.get("median"):
+        return math.nan
+    return seconds / local["median"]
+
+
+def new_quantities_section(q: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: the cost of the update and critical sharpness, blocks and the Fisher product."""
+    if not q:
+        return []
+    lines = [
+        "",
+        "## Cost of the newer quantities (update and critical sharpness, blocks, Fisher)",
+        "",
+        "Each time over the median of training steps timed right before it, from the same training state "
+        "(AdamW; `benchmarks/new_quantities.py`).",
+        "",
+        "| quantity | what it runs | time (x step) |",
+        "| --- | --- | ---: |",
+    ]
+    u = q.get("update_sharpness", {})
+    if "steady" in u:
+        lines.append(
+            f"| update sharpness (`update_sharpness=True`) | one product along the last update, u^T H u / u^T P u "
+            f"| {_x(_ratio(u['steady']['median'], u['step_local']))} (first product of a measurement: "
+            f"{_x(_ratio(u['first_s'], u['step_local']))}) |"
+        )
+    c = q.get("critical_sharpness", {})
+    if "search" in c:
+        per = c["search"]["median"] / max(c["evals"], 1)
+        lines.append(
+            f"| critical sharpness (`critical_sharpness=True`) | line search: {c['evals']} forward passes "
+            f"(at most {c['max_evals']} + L(theta)), {'bracketed' if c['bracketed'] else 'not bracketed'}, "
+            f"no graph | {_x(_ratio(c['search']['median'], c['step_local']))} ({c['search']['median'] * 1e3:.0f} "
+            f"ms; one pass {_x(_ratio(per, c['step_local']))}, a bare forward "
+            f"{_x(_ratio(c['forward']['median'], c['step_local']))}) |"
+        )
+    products = q.get("products", {})
+    hess = products.get("hessian (double_backward, graph reused)", {})
+    for name, row in products.items():
+        if name == "step_local" or not isinstance(row, dict):
+            continue
+        if "error" in row:
+            lines.append(f"| product: {name} | failed: {row['error'][:80]} | - |")
+            continue
+        vs = ""
+        if "steady" in hess and name != "hessian (double_backward, graph reused)":
+            vs = f"; {row['steady']['median'] / hess['steady']['median']:.2f}x the Hessian product"
+        lines.append(
+            f"| product: {name} | one product, later ones of a measurement{vs} | "
+            f"{_x(_ratio(row['steady']['median'], products['step_local']))} (first: "
+            f"{_x(_ratio(row['first_s'], products['step_local']))}) |"
+        )
+    m = q.get("monitor")
+    if m:
+        summary, local = m["summary"], m["step_local"]
+        base = summary.get("defaults", {})
+        off = summary.get("without update/critical sharpness", {})
+        blocks_key = next((k for k in summary if "blocks" in k), None)
+        if base and off:
+            search = statistics.median(x["critical_sharpness_seconds"] for x in m["runs"]["defaults"])
+            lines.append(
+                f"| monitor: update + critical sharpness | a cold `measure()` with defaults vs both off | "
+                f"{_x(_ratio(base['median_s'] - off['median_s'], local))} "
+                f"({base['median_hvps'] - off['median_hvps']:+g} HVPs; "
+                f"whole measurement {_x(_ratio(base['median_s'], local), 1)}; the line search inside it: "
+                f"{_x(_ratio(search, local))}) |"
+            )
+        if base and blocks_key:
+            runs = m["runs"][blocks_key]
+            names = list(runs[-1]["blocks"]) if runs else []
+            per_block = ", ".join(f"{n}: {runs[-1]['blocks'][n]['hvps']}" for n in names)
+            extra = summary[blocks_key]["median_s"] - base["median_s"]
+            count = max(sum(1 for n in names if runs[-1]["blocks"][n]["hvps"] > 0), 1)  # blocks measured
+            lines.append(
+                f"| monitor: `blocks={m['blocks']!r}` ({len(names)} blocks) | the same plus every block "
+                f"(lambda_max(H_bb), preconditioned) | {_x(_ratio(extra / count, local), 1)} per block "
+                f"({summary[blocks_key]['median_hvps'] - base['median_hvps']:+g} HVPs in all; per block {per_block}) |"
+            )
+        lines += [
+            "",
+            f"Monitor rows: fresh monitors, cold, `strict=True`, `Budget(max_hvps={m['budget']['max_hvps']}, "
+            f"trace_hvps={m['budget']['trace_hvps']}, overhead=None)` (room for every block), medians of "
+            f"{len(next(iter(m['runs'].values())))} alternating repeat(s); the differences of whole measurements "
+            "carry their noise.",
+        ]
+    return lines

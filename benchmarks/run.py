@@ -23,13 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks import hvp, models, overhead, peers, report  # noqa: E402
+from benchmarks import hvp, models, new_quantities, overhead, peers, report  # noqa: E402
 from benchmarks.timing import Meter, card_slug, machine, tensor_bytes  # noqa: E402
 
 MODES = {
     #       setup        reps ref dtype       ref tol ref max  overhead (steps, every, repeats)
-    "cpu": dict(setup=models.CPU, reps=15, ref_dtype="float64", ref_tol=1e-9, ref_max=200, overhead=(60, 20, 2)),
-    "gpu": dict(setup=models.GPU, reps=5, ref_dtype="float32", ref_tol=1e-5, ref_max=120, overhead=(300, 100, 1)),
+    "cpu": dict(setup=models.CPU, reps=15, ref_dtype="float64", ref_tol=1e-9, ref_max=200, overhead=(60, 20, 2),
+                new_repeats=2),
+    "gpu": dict(setup=models.GPU, reps=5, ref_dtype="float32", ref_tol=1e-5, ref_max=120, overhead=(300, 100, 1),
+                new_repeats=1),
 }
 LANCZOS_PRODUCTS = 30  # fixed-length Lanczos per method
 MAX_MATVECS = 60  # cap of the 1% measurements
@@ -173,6 +175,11 @@ def measure(cfg: dict, device: torch.device, mode: str) -> dict:
     opt.zero_grad(set_to_none=True)
     res["memory"]["curvwatch"] = hvp.memory(model, opt, probe, meter, state, MAX_MATVECS)
     res["memory"]["peers"] = peers.memory(model, probe, meter, state)
+    # last, so that it changes nothing above (it restores the training state it starts from)
+    log("new quantities: update and critical sharpness, blocks, Fisher product")
+    res["new_quantities"] = new_quantities.new_quantity_costs(
+        model, opt, probe, meter, cfg["reps"], step, cfg["new_repeats"]
+    )
     log("done")
     return res
 
