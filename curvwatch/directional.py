@@ -5,7 +5,8 @@ optimizer's step may barely touch. Three cheaper quantities look along the step
 ``theta_t = theta_{t-1} - lr u`` itself:
 
 * the update direction ``u``, read back from the optimizer state
-  (:func:`update_direction`): no parameter copy at step time;
+  (:func:`update_direction`, the last step; no parameter copy at step time), or
+  the step it would take now from a given gradient (:func:`next_update_direction`);
 * the directional sharpness (:func:`directional_sharpness`), one
   Hessian-vector product:
 
@@ -203,6 +204,108 @@ def _rmsprop(group: dict[str, Any], state: dict[str, Any], p: torch.Tensor) -> t
     if group.get("centered", False) and "grad_avg" in state:
         v = v - local(state["grad_avg"]) ** 2
     return _coupled(group, p, g, v.sqrt() + group["eps"])
+
+
+def next_update_direction(
+    optimizer, params: Sequence[torch.Tensor], gradient: torch.Tensor, param_group: int = 0
+) -> torch.Tensor | None:
+    r"""Flat direction ``u`` of the step the optimizer would take now from ``gradient``: ``theta - lr u``.
+
+    The optimizer's update rule applied once to the flat ``gradient`` (of the
+    probe loss, say) with its present state, which is read and left as it is:
+
+    * SGD: ``g' = g + wd theta``; with momentum ``b' = beta b + (1 - tau) g'``
+      (``g'`` when there is no buffer yet), ``u = b'`` (Nesterov: ``g' + beta b'``);
+      without, ``u = g'``;
+    * Adam / AdamW: ``m' = beta1 m + (1 - beta1) g'``, ``v' = beta2 v + (1 - beta2) g'^2``,
+      ``u = m'/(1 - beta1^{t+1}) / (sqrt(v'/(1 - beta2^{t+1})) + eps)`` (``max(v_max, v')``
+      with ``amsgrad``; AdamW's decoupled decay left out, ``g' = g``);
+    * Adamax: ``u = m'/(1 - beta1^{t+1}) / max(beta2 u_t, |g'| + eps)``;
+    * RMSprop: ``v' = alpha v + (1 - alpha) g'^2``, ``a = sqrt(v') + eps``
+      (centered: ``sqrt(v' - mean'^2) + eps``); ``u = beta b + g'/a`` with
+      momentum, else ``g'/a``.
+
+    ``g'`` includes the coupled weight decay and the sign of ``maximize``. A
+    group with another lr is scaled by ``lr_group / lr`` as in
+    :func:`update_direction`. This is the direction a critical-sharpness line
+    search needs: the step about to be taken starts downhill (``g^T u > 0`` for
+    these rules), while the last step, at the edge of stability, overshot along
+    the top eigenvector and goes uphill from where it landed.
+
+    Returns:
+        ``u`` in the parameters' dtype (zeros for parameters this optimizer
+        does not hold), or ``None`` for an optimizer other than SGD, Adam,
+        AdamW, Adamax, RMSprop (or subclasses).
+
+    Raises:
+        CurvatureError: not an optimizer, no such ``param_group``, or a
+            gradient of the wrong length.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    if not isinstance(optimizer, _KNOWN):
+        return None
+    if not 0 <= param_group < len(optimizer.param_groups):
+        raise CurvatureError(
+            f"param_group={param_group}, but the optimizer has {len(optimizer.param_groups)} groups"
+        )
+    size = sum(local(p).numel() for p in params)
+    if gradient.shape != (size,):
+        raise CurvatureError(f"gradient has shape {tuple(gradient.shape)}, expected ({size},)")
+    lr_ref = _lr(optimizer.param_groups[param_group])
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    for p, g in zip(params, unflatten(gradient, [local(p) for p in params])):
+        group = group_of.get(id(p))
+        if group is None or g.numel() == 0:
+            parts.append(torch.zeros_like(g).reshape(-1))
+            continue
+        direction = _next(optimizer, group, optimizer.state.get(p, {}), local(p).detach(), g.detach())
+        lr = _lr(group)
+        if lr_ref and lr is not None and lr != lr_ref:
+            direction = direction * (lr / lr_ref)
+        parts.append(direction.to(p.dtype).reshape(-1))
+    return flatten(parts)
+
+
+def _next(optimizer, group: dict[str, Any], state: dict[str, Any], theta: torch.Tensor, g: torch.Tensor):
+    """One parameter's next ``u`` from gradient ``g`` (see :func:`next_update_direction`)."""
+    if group.get("maximize", False):
+        g = -g
+    wd = float(group.get("weight_decay", 0.0) or 0.0)
+    if wd and not isinstance(optimizer, torch.optim.AdamW):
+        g = g + wd * theta
+    if isinstance(optimizer, torch.optim.SGD):
+        beta = float(group.get("momentum", 0.0) or 0.0)
+        if beta == 0.0:
+            return g
+        buf = state.get("momentum_buffer")
+        tau = float(group.get("dampening", 0.0) or 0.0)
+        buf = g if buf is None else beta * local(buf) + (1 - tau) * g
+        return g + beta * buf if group.get("nesterov", False) else buf
+    if isinstance(optimizer, torch.optim.RMSprop):
+        alpha, eps = float(group["alpha"]), float(group["eps"])
+        v = alpha * local(state["square_avg"]) + (1 - alpha) * g * g if "square_avg" in state else (1 - alpha) * g * g
+        if group.get("centered", False):
+            mean = alpha * local(state["grad_avg"]) + (1 - alpha) * g if "grad_avg" in state else (1 - alpha) * g
+            v = v - mean * mean
+        step = g / (v.sqrt() + eps)
+        beta = float(group.get("momentum", 0.0) or 0.0)
+        if beta > 0 and "momentum_buffer" in state:
+            return beta * local(state["momentum_buffer"]) + step
+        return step
+    beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])
+    t = state.get("step", 0)
+    t = float(t.item() if isinstance(t, torch.Tensor) else t) + 1
+    m = beta1 * local(state["exp_avg"]) + (1 - beta1) * g if "exp_avg" in state else (1 - beta1) * g
+    m_hat = m / (1 - beta1**t)
+    if isinstance(optimizer, torch.optim.Adamax):
+        scaled = g.abs() + group["eps"]
+        inf = torch.maximum(beta2 * local(state["exp_inf"]), scaled) if "exp_inf" in state else scaled
+        return m_hat / inf
+    v = beta2 * local(state["exp_avg_sq"]) + (1 - beta2) * g * g if "exp_avg_sq" in state else (1 - beta2) * g * g
+    if group.get("amsgrad", False) and "max_exp_avg_sq" in state:
+        v = torch.maximum(local(state["max_exp_avg_sq"]), v)
+    return m_hat / ((v.sqrt() / math.sqrt(1 - beta2**t)) + group["eps"])
 
 
 # -- directional sharpness --------------------------------------------------------------------------

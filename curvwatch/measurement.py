@@ -33,10 +33,17 @@ from typing import Any
 import torch
 
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
+from curvwatch._flat import flatten
 from curvwatch.batch_sharpness import batch_sharpness
 from curvwatch.blocks import block_parameters
 from curvwatch.chunked import split_probe
-from curvwatch.directional import critical_sharpness, directional_sharpness, perturbed_loss, update_direction
+from curvwatch.directional import (
+    critical_sharpness,
+    directional_sharpness,
+    next_update_direction,
+    perturbed_loss,
+    update_direction,
+)
 from curvwatch.memory import MemoryPlan
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import (
@@ -277,7 +284,7 @@ class _Measurement:
             # forward passes only, once the products' graph is gone (the line search
             # moves the parameters in place and restores them bit-exactly)
             started = time.perf_counter()
-            critical, critical_ratio, critical_evals = self._critical_sharpness(direction, limit, operator)
+            critical, critical_ratio, critical_evals = self._critical_sharpness(limit, operator)
             critical_seconds = time.perf_counter() - started
             blocks, block_warm, block_products = self._blocks(limit, max(products - hvps, 0))
             hvps += block_products
@@ -379,8 +386,25 @@ class _Measurement:
             return math.nan
         return directional_sharpness(operator, u, diagonal)
 
-    def _critical_sharpness(self, u, limit: Threshold | None, operator) -> tuple[float, float, int]:
+    def _probe_gradient(self, operator) -> torch.Tensor:
+        """The probe loss's flat gradient at theta: the operator's cached one, else one backward (rank mean)."""
+        gradient = getattr(operator, "gradient", None)  # this rank's (a ReducedOperator reduces products only)
+        if not isinstance(gradient, torch.Tensor):
+            with torch.enable_grad():
+                loss = self.probe.loss_fn(self.model, self.probe.batch)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            gradient = flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
+        return gradient if self.config.reduce is None else self.config.reduce(gradient)
+
+    def _critical_sharpness(self, limit: Threshold | None, operator) -> tuple[float, float, int]:
         """``(2 / eta_c, its ratio to 2 / lr, forward passes)`` along ``-u``: a line search, no products.
+
+        ``u`` is the step the optimizer would take now from the probe's gradient
+        (:func:`~curvwatch.directional.next_update_direction`), not the last
+        step: at the edge of stability the last step overshot along the top
+        eigenvector, so from where it landed its direction goes uphill at once
+        and no ``eta_c`` can be bracketed (seen on the digits demo: 5 values in
+        64 measurements; with the next step, 64 in 64, 0.95 lambda_max).
 
         Run after the products, with the measurement's seconds left (stopped at
         its deadline): it moves the parameters in place, which a graph built for
@@ -394,7 +418,7 @@ class _Measurement:
         does not bracket ``eta_c``.
         """
         nan = (math.nan, math.nan, 0)
-        if not self.config.critical_sharpness or u is None or limit is None or self._past():
+        if not self.config.critical_sharpness or self.optimizer is None or limit is None or self._past():
             return nan
         lr = limit.lr
         if lr is None or not (math.isfinite(lr) and lr > 0):
@@ -405,6 +429,9 @@ class _Measurement:
                 "curvwatch: critical sharpness is not measured under FSDP (its line search runs forward "
                 "passes without a backward); the update sharpness is",
             ))
+            return nan
+        u = next_update_direction(self.optimizer, self.params, self._probe_gradient(operator), self.config.param_group)
+        if u is None:
             return nan
         loss_at = perturbed_loss(
             self.model, self.params, u, self.probe.loss_fn, self.probe.batch, reduce=operator.mean_over_ranks

@@ -7,7 +7,8 @@ One measurement (:meth:`CurvatureMonitor.measure`):
    autocast off, math attention);
 2. build the Hessian operator on the probe batch (one first-order graph);
    first the update sharpness (one product along the optimizer's last
-   update), last the critical sharpness (a forward-only line search along it);
+   update), last the critical sharpness (a forward-only line search along the
+   update it would take now);
 3. top-``k`` Lanczos, warm-started from the previous eigenvectors;
 4. for Adam-type optimizers, Lanczos on ``P^-1/2 H P^-1/2`` (preconditioned
    sharpness);
@@ -138,9 +139,11 @@ class CurvatureMonitor:
             direction. Skipped without an optimizer, for one whose update is
             not known (SGD, Adam, AdamW, Adamax, RMSprop are), and before its
             first step. Default True.
-        critical_sharpness: also measure the critical sharpness ``2 / eta_c``
-            along the last update, ``eta_c`` the smallest step along ``-u``
-            that raises the probe loss (Kalra et al. 2026; a forward-only line
+        critical_sharpness: also measure the critical sharpness ``2 / eta_c``,
+            ``eta_c`` the smallest step along ``-u`` that raises the probe
+            loss, ``u`` the update the optimizer would take now from the
+            probe's gradient (the last update overshoots at the edge of
+            stability and cannot be searched along) (Kalra et al. 2026; a forward-only line
             search after the products, within the measurement's seconds, at
             most 11 forward passes:
             ``curvature/critical_sharpness``, its evaluations in
@@ -786,7 +789,7 @@ def _check_param_group(optimizer: Any, param_group: int) -> None:
 # The early-warning ratios (CurvatureResult fields) and what they are called in the warning.
 _EARLY_WARNINGS = (
     ("update_sharpness_ratio", "update sharpness (the curvature along the last update)"),
-    ("critical_sharpness_ratio", "critical sharpness (2 / the shortest step along the update that raises the loss)"),
+    ("critical_sharpness_ratio", "critical sharpness (2 / the shortest step along the next update raising the loss)"),
 )
 
 

@@ -163,7 +163,8 @@ class CurvatureResult:
         update_sharpness_ratio: ``update_sharpness / threshold`` (the same
             threshold as the sharpness it is a lower bound of).
         critical_sharpness: ``2 / eta_c``, ``eta_c`` the smallest step along
-            ``-u`` that raises the probe loss (forward passes only,
+            ``-u`` that raises the probe loss, ``u`` the update the optimizer
+            would take now from the probe's gradient (forward passes only,
             :func:`~curvwatch.directional.critical_sharpness`); NaN when not
             bracketed or not measured.
         critical_sharpness_ratio: ``critical_sharpness / (2 / lr)``: above 1,

@@ -352,3 +352,42 @@ def test_update_direction_none():
     assert update_direction(adagrad, params) is None  # no known update rule
     with pytest.raises(CurvatureError, match="torch.optim.Optimizer"):
         update_direction(object(), params)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, maximize=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.01, amsgrad=True),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.0),
+    lambda ps: torch.optim.Adamax(ps, lr=0.01),
+    lambda ps: torch.optim.RMSprop(ps, lr=0.01, centered=True),
+    lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5),
+], ids=["sgd", "heavy-ball-wd", "nesterov-max", "adam-ams-wd", "adamw", "adamax", "rmsprop-c", "rmsprop-mom"])
+@pytest.mark.parametrize("steps_before", [0, 3])
+def test_next_update_direction_is_the_step_the_optimizer_takes(make, steps_before):
+    """theta_{t+1} - theta_t == -lr u for u from the gradient the step is then given (state left as it was)."""
+    import copy
+
+    from curvwatch.directional import next_update_direction
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    opt = make(model.parameters())
+    x = torch.randn(8, 4, dtype=torch.float64)
+    for _ in range(steps_before):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    params = list(model.parameters())
+    state_before = copy.deepcopy(opt.state_dict())
+    grads = torch.autograd.grad(model(x).sin().mean(), params)  # another loss: the probe's gradient
+    u = next_update_direction(opt, params, torch.cat([g.reshape(-1) for g in grads]))
+    assert opt.state_dict()["state"].keys() == state_before["state"].keys()  # nothing written
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(after - theta, -0.1 * u if isinstance(opt, torch.optim.SGD) else -0.01 * u,
+                               rtol=1e-9, atol=1e-12)

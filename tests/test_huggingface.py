@@ -350,5 +350,6 @@ def test_curves_reach_every_tracker_and_the_log_history_next_to_the_loss(tmp_pat
 
     # a tracker that rejects the values: one warning, the others unaffected
     messages = [str(w.message) for w in caught if issubclass(w.category, CurvatureWarning)]
+    messages = [m for m in messages if " failed (" in m]  # sink and tracker failures (not the curvature's notes)
     assert len(messages) == 1 and "_RejectingTracker failed" in messages[0], messages
     assert rejecting.steps  # the Trainer's own logs still reach it
