@@ -1,6 +1,6 @@
 """Cost of the quantities added after the core (issue #16 and its neighbours), as multiples of a
 training step: the update sharpness (one product along the optimizer's last update), the critical
-sharpness (a forward-only line search along it), per-block curvature (``blocks="layers"``) and the
+sharpness (a forward-only line search along the next update), per-block curvature (``blocks="layers"``) and the
 Monte-Carlo Fisher product against the Hessian product.
 
 Each figure is timed right after ``reps`` training steps timed under the same load
@@ -21,7 +21,13 @@ from benchmarks.models import lm_criterion, loss_fn, restore, snapshot
 from benchmarks.timing import Meter
 from curvwatch import Budget, CurvatureMonitor, GGNOperator, HessianOperator, MonteCarloFisherOperator
 from curvwatch.blocks import resolve_blocks
-from curvwatch.directional import critical_sharpness, directional_sharpness, perturbed_loss, update_direction
+from curvwatch.directional import (
+    critical_sharpness,
+    directional_sharpness,
+    next_update_direction,
+    perturbed_loss,
+    update_direction,
+)
 from curvwatch.guard import measurement_guard
 from curvwatch.measurement import CRITICAL_MAX_EVALS, CRITICAL_RTOL
 from curvwatch.stability import preconditioner_diagonal
@@ -53,9 +59,16 @@ def update_sharpness_cost(model, optimizer, batch, meter: Meter, reps: int) -> d
 
 
 def critical_sharpness_cost(model, optimizer, batch, meter: Meter, reps: int) -> dict[str, Any]:
-    """The monitor's line search (at most ``CRITICAL_MAX_EVALS`` forward passes) along ``-u``, and one forward."""
+    """The monitor's line search (at most ``CRITICAL_MAX_EVALS`` forward passes) along ``-u``, and one forward.
+
+    ``u`` is the update the optimizer would take from the probe's gradient, as
+    the monitor searches (the gradient's backward is not part of the figure:
+    the monitor reuses its operator's).
+    """
     params = _params(model)
-    u = update_direction(optimizer, params)
+    with measurement_guard(model):
+        gradient = torch.autograd.grad(loss_fn(model, batch), params)
+    u = next_update_direction(optimizer, params, torch.cat([g.reshape(-1) for g in gradient]))
     lr = optimizer.param_groups[0]["lr"]
     with measurement_guard(model):
         loss_at = perturbed_loss(model, params, u, loss_fn, batch)
