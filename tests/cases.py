@@ -96,3 +96,36 @@ class OnceDifferentiableCube(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return 3 * x.pow(2) * grad
+
+
+def train_bn_dropout(monitor_kwargs: dict | None, make_opt=None, steps: int = 12, seed: int = 0):
+    """Train :class:`BatchNormDropoutNet` on random mini-batches, with a monitor (``every=3``) or without.
+
+    ``monitor_kwargs=None``: no monitor. Returns ``(model, optimizer, losses,
+    torch.rand(3), monitor)``: the last is the RNG state's next draw, for the
+    bit-identity checks. ``make_opt(params)`` defaults to Adam at lr 1e-2.
+    """
+    import random
+
+    import curvwatch as cw
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = BatchNormDropoutNet()
+    opt = (make_opt or (lambda p: torch.optim.Adam(p, lr=1e-2)))(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    probe = (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    monitor = None
+    if monitor_kwargs is not None:
+        monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), every=3, **monitor_kwargs)
+        monitor.attach(opt)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 64, (16,))
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, opt, losses, torch.rand(3), monitor

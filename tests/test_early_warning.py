@@ -2,7 +2,6 @@
 
 import logging
 import math
-import random
 import re
 import warnings
 
@@ -12,7 +11,7 @@ import torch
 import curvwatch as cw
 from curvwatch.results import ThresholdEvent
 from tests._helpers import curves
-from tests.cases import BatchNormDropoutNet, OnceDifferentiableCube
+from tests.cases import OnceDifferentiableCube, train_bn_dropout
 
 torch.set_num_threads(1)
 
@@ -270,40 +269,16 @@ def test_a_raising_on_threshold_is_a_warning_unless_strict():
 
 
 # -- measuring never changes training ---------------------------------------------------------------
-def _train(monitored: bool, make_opt, steps: int = 9):
-    torch.manual_seed(0)
-    random.seed(0)
-    model = BatchNormDropoutNet()
-    opt = make_opt(model.parameters())
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
-    probe = (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    monitor = None
-    if monitored:
-        monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), every=3,
-                                      budget=cw.Budget(overhead=None))
-        monitor.attach(opt)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, 64, (16,))
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, opt, losses, torch.rand(3), monitor
-
-
 @pytest.mark.parametrize("make_opt", [
     lambda p: torch.optim.SGD(p, lr=0.5),
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
     lambda p: torch.optim.AdamW(p, lr=1e-2),
 ], ids=["sgd", "nesterov", "adamw"])
 def test_training_with_the_early_warnings_is_bit_identical(make_opt):
-    ref_model, ref_opt, ref_losses, ref_rng, _ = _train(False, make_opt)
+    ref_model, ref_opt, ref_losses, ref_rng, _ = train_bn_dropout(None, make_opt, steps=9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, opt, losses, rng, monitor = _train(True, make_opt)
+        model, opt, losses, rng, monitor = train_bn_dropout({"budget": cw.Budget(overhead=None)}, make_opt, steps=9)
     assert len(monitor.history) == 3
     assert all(r.critical_sharpness_evals > 0 and math.isfinite(r.update_sharpness) for r in monitor.history)
     assert any(math.isfinite(r.critical_sharpness) for r in monitor.history)  # the line search moved theta

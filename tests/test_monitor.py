@@ -2,7 +2,6 @@
 
 import logging
 import math
-import random
 import warnings
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import curvwatch as cw
 from curvwatch.demo import run_demo
 from curvwatch.report import read_run
-from tests.cases import BatchNormDropoutNet
+from tests.cases import BatchNormDropoutNet, train_bn_dropout
 
 
 def _event_accumulator(logdir):
@@ -47,33 +46,10 @@ def test_adam_demo_preconditioned_sharpness_at_38_over_lr(tmp_path):
 
 
 # -- measuring never changes training -----------------------------------------
-def _train(monitor_kwargs, steps=12, seed=0):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    model = BatchNormDropoutNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
-    probe = (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    monitor = None
-    if monitor_kwargs is not None:
-        monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), every=3, **monitor_kwargs)
-        monitor.attach(opt)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, 64, (16,))
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, opt, losses, torch.rand(3), monitor
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"train_mode": True}, {"method": "finite_difference", "batch_size": 8}])
 def test_training_with_monitor_is_bit_identical(kwargs):
-    ref_model, ref_opt, ref_losses, ref_rng, _ = _train(None)
-    model, opt, losses, rng, monitor = _train(kwargs)
+    ref_model, ref_opt, ref_losses, ref_rng, _ = train_bn_dropout(None)
+    model, opt, losses, rng, monitor = train_bn_dropout(kwargs)
     assert len(monitor.history) == 4
     assert losses == ref_losses
     assert torch.equal(rng, ref_rng)  # the random stream continues unchanged

@@ -7,14 +7,13 @@ keeps dropout on with one mask per measurement; ``False`` is plain eval mode.
 
 import logging
 import math
-import random
 
 import pytest
 import torch
 
 import curvwatch as cw
 from curvwatch.guard import measurement_guard
-from tests.cases import BatchNormDropoutNet
+from tests.cases import BatchNormDropoutNet, train_bn_dropout
 
 
 # -- BatchNorm after a bias, trained with AdamW -------------------------------------------
@@ -149,36 +148,12 @@ def test_guard_rejects_an_unknown_train_mode():
             pass
 
 
-def _train(monitor_kwargs, steps=12, seed=0):
-    torch.manual_seed(seed)
-    random.seed(seed)
-    model = BatchNormDropoutNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
-    probe = (torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    monitor = None
-    if monitor_kwargs is not None:
-        monitor = cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), every=3,
-                                      budget=cw.Budget(), **monitor_kwargs)
-        monitor.attach(opt)
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, 64, (16,))
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, opt, losses, torch.rand(3), monitor
-
-
 @pytest.mark.parametrize(
     "kwargs", [{"train_mode": None}, {"train_mode": True}, {"train_mode": None, "method": "finite_difference"}]
 )
 def test_training_with_monitor_is_bit_identical(kwargs):
-    ref_model, ref_opt, ref_losses, ref_rng, _ = _train(None)
-    model, opt, losses, rng, monitor = _train(kwargs)
+    ref_model, ref_opt, ref_losses, ref_rng, _ = train_bn_dropout(None)
+    model, opt, losses, rng, monitor = train_bn_dropout({"budget": cw.Budget(), **kwargs})
     assert len(monitor.history) == 4 and all(math.isfinite(r.lambda_max) for r in monitor.history)
     assert losses == ref_losses
     assert torch.equal(rng, ref_rng)  # the random stream continues unchanged
