@@ -112,13 +112,9 @@ def update_direction(optimizer, params: Sequence[torch.Tensor], param_group: int
     Raises:
         CurvatureError: not an optimizer, or no such ``param_group``.
     """
-    optimizer = unwrap_optimizer(optimizer)
-    if not isinstance(optimizer, _KNOWN):
+    optimizer = _known(optimizer, param_group)
+    if optimizer is None:
         return None
-    if not 0 <= param_group < len(optimizer.param_groups):
-        raise CurvatureError(
-            f"param_group={param_group}, but the optimizer has {len(optimizer.param_groups)} groups"
-        )
     lr_ref = _lr(optimizer.param_groups[param_group])
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     parts, found = [], False
@@ -137,6 +133,22 @@ def update_direction(optimizer, params: Sequence[torch.Tensor], param_group: int
             direction = direction * (lr / lr_ref)
         parts.append(direction.to(p.dtype).reshape(-1))
     return flatten(parts) if found else None
+
+
+def _known(optimizer, param_group: int) -> torch.optim.Optimizer | None:
+    """The unwrapped optimizer if its update rule is known here, else ``None``.
+
+    Raises:
+        CurvatureError: not an optimizer, or no such ``param_group``.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    if not isinstance(optimizer, _KNOWN):
+        return None
+    if not 0 <= param_group < len(optimizer.param_groups):
+        raise CurvatureError(
+            f"param_group={param_group}, but the optimizer has {len(optimizer.param_groups)} groups"
+        )
+    return optimizer
 
 
 def _grad(group: dict[str, Any], p: torch.Tensor) -> torch.Tensor | None:
@@ -241,13 +253,9 @@ def next_update_direction(
         CurvatureError: not an optimizer, no such ``param_group``, or a
             gradient of the wrong length.
     """
-    optimizer = unwrap_optimizer(optimizer)
-    if not isinstance(optimizer, _KNOWN):
+    optimizer = _known(optimizer, param_group)
+    if optimizer is None:
         return None
-    if not 0 <= param_group < len(optimizer.param_groups):
-        raise CurvatureError(
-            f"param_group={param_group}, but the optimizer has {len(optimizer.param_groups)} groups"
-        )
     size = sum(local(p).numel() for p in params)
     if gradient.shape != (size,):
         raise CurvatureError(f"gradient has shape {tuple(gradient.shape)}, expected ({size},)")
