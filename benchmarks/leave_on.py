@@ -75,7 +75,8 @@ def build(name: str, device: torch.device, batch: int, seq: int):
     return model, train, probe, bf16
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``; default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="124M,355M")
     parser.add_argument("--device", default="cuda")
@@ -89,7 +90,12 @@ def main() -> None:
                         help="double_backward | finite_difference (central) | none")
     parser.add_argument("--configs", default="defaults,forward_difference,fp32,ratio_1.5,threshold_only")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace | None = None) -> None:
+    """Every size of ``args.sizes``, one JSON per size under ``args.out``."""
+    args = parse_args() if args is None else args
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)

@@ -3,6 +3,7 @@ by side with hessian-eigenthings and PyHessian, in one process.
 
     python benchmarks/run.py --mode cpu --out benchmarks/results   # tiny GPT-2, < 5 min on 2 cores
     python benchmarks/run.py --mode gpu --out benchmarks/results   # GPT-2 small, 8 x 256, fp32
+    python benchmarks/run.py --mode gpu-large --out benchmarks/results  # 355M and 1.56B, bf16 AdamW (leave_on.py)
 
 Writes ``<out>/cpu_<N>core.json/.md`` or ``<out>/gpu_<card>.json/.md``. Every
 number in the table is a ratio to the training step measured in the same run
@@ -42,11 +43,20 @@ POWER_ITERATIONS = 50  # PyHessian power iteration cap
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=sorted(MODES), required=True)
+    parser.add_argument("--mode", choices=sorted([*MODES, "gpu-large"]), required=True)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (cpu mode). Default 1")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. a second run)")
     args = parser.parse_args()
+    if args.mode == "gpu-large":  # the leave-it-on cases: one JSON per size (benchmarks/leave_on.py)
+        from benchmarks import leave_on
+
+        leave_on.main(leave_on.parse_args(["--sizes", "355M", "--out", args.out]))
+        leave_on.main(leave_on.parse_args(["--sizes", "1.5B", "--out", args.out, "--overhead-steps", "0",
+                                           "--configs", "defaults,ratio_1.5_threshold,ratio_2.5_threshold",
+                                           "--ref-method", "finite_difference", "--ref-hvps", "40",
+                                           "--ref-basis", "6"]))
+        return
     cfg = MODES[args.mode]
     if args.mode == "gpu":
         if not torch.cuda.is_available():
