@@ -749,24 +749,34 @@ class CurvatureMonitor:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
-        device = next(self.model.parameters()).device
+        """Restore :meth:`state_dict` output.
+
+        Warm starts stay where they were saved (on the host, in bfloat16, when
+        they came from a GPU): a measurement moves them to the device when it
+        starts from them, and drops one that does not fit the model.
+
+        Raises:
+            CurvatureError: ``state`` is not a :meth:`state_dict` of a monitor.
+        """
+        missing = [key for key in ("measurements", "warm") if key not in state] if isinstance(state, dict) else []
+        if not isinstance(state, dict) or missing:
+            raise CurvatureError(
+                f"not a CurvatureMonitor.state_dict(): missing {missing or 'everything'}; pass what "
+                "state_dict() returned (saved with the training checkpoint)"
+            )
         warm, warm_pre = state["warm"], state.get("warm_preconditioned")
         resolved = self._state.resolved_method
         if self.method == "auto" and self._ggn_kind is None:
             resolved = state.get("method")
         self._state = MeasurementState(
             measurements=int(state["measurements"]),
-            warm=None if warm is None else warm.to(device),
-            warm_preconditioned=None if warm_pre is None else warm_pre.to(device),
+            warm=warm,
+            warm_preconditioned=warm_pre,
             resolved_method=resolved,
             ggn_checked=bool(state.get("ggn_checked", False)),
             checked=bool(state.get("checked", False)),
             differences_disagree=bool(state.get("differences_disagree", False)),
-            block_warm={
-                name: tuple(None if w is None else w.to(device) for w in pair)
-                for name, pair in state.get("block_warm", {}).items()
-            } or None,
+            block_warm={name: tuple(pair) for name, pair in state.get("block_warm", {}).items()} or None,
         )
         self._attached_steps = int(state.get("attached_steps", 0))
         self._above = state.get("above")

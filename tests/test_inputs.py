@@ -234,3 +234,11 @@ def test_a_flag_or_count_of_the_wrong_type_is_refused_at_construction(kwargs, ex
     with pytest.raises(cw.CurvatureError, match=expected):
         cw.CurvatureMonitor(_model(), _batch(), criterion=torch.nn.CrossEntropyLoss(), **kwargs)
 
+
+
+@pytest.mark.parametrize("state", [{"foo": 1}, [1, 2]], ids=["dict", "list"])
+def test_load_state_dict_refuses_what_is_no_state_dict(state):
+    model = torch.nn.Linear(3, 1)
+    monitor = cw.CurvatureMonitor(model, (torch.randn(4, 3), torch.randn(4, 1)), criterion=torch.nn.MSELoss())
+    with pytest.raises(cw.CurvatureError, match="not a CurvatureMonitor.state_dict"):
+        monitor.load_state_dict(state)
