@@ -46,7 +46,7 @@ from curvwatch.measurement import (
     affordable_products,
 )
 from curvwatch.measurement import measure as measure_once
-from curvwatch.memory import MemoryPlan, activation_bytes, device_allowance, plan_memory
+from curvwatch.memory import MemoryPlan, activation_bytes, device_allowance, plan_with_pieces
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import (
     CURVATURES,
@@ -565,20 +565,12 @@ class CurvatureMonitor:
         examples = _known_length(self.batch)
 
         def plan_for(m: str) -> tuple[MemoryPlan, int]:
-            activations = activation_bytes(device, m, self._training_peak)
-            splittable = (
-                m in ("finite_difference", "forward_difference") and not is_sharded(self.model)
-                and math.isfinite(examples)
+            splittable = m in ("finite_difference", "forward_difference") and not is_sharded(self.model)
+            return plan_with_pieces(
+                size, params[0].dtype, device, self.top_k, max_basis, m, allowed,
+                activation_bytes(device, m, self._training_peak), self.basis_device,
+                int(examples) if splittable and math.isfinite(examples) else 1,
             )
-            pieces = 1
-            while True:
-                plan = plan_memory(
-                    size, params[0].dtype, device, self.top_k, max_basis, m, allowed,
-                    activations / pieces, self.basis_device,
-                )
-                if plan.fits or not splittable or pieces >= examples:
-                    return plan, pieces
-                pieces = int(min(2 * pieces, examples))
 
         plan, pieces = plan_for(method)
         if not plan.fits and self.method == "auto" and self._ggn_kind is None and method == "double_backward":

@@ -220,3 +220,28 @@ def test_a_measurement_asked_for_directly_is_not_held_to_the_share(clock):
     assert direct.converged and monitor._cost.measuring_seconds > 0  # and its cost is on the account
     clock.now += 1.0
     assert monitor.maybe_measure(2) is None  # the schedule waits for the share to catch up
+
+
+def test_the_plan_splits_the_probe_before_it_moves_the_basis_to_the_host():
+    """355M on an H200 at Budget(memory_ratio=2.5): 20.9 GiB allowed, 11.9 GiB of float32 activations.
+
+    With 2 pieces the basis only fits on the host (read at every product: 703 steps
+    there); with 4 pieces a basis of 3 fits on the device: the plan takes that.
+    """
+    from curvwatch.memory import GIB, WORKING_VECTORS, plan_with_pieces
+
+    n, cuda = 354_298_880, torch.device("cuda")
+    vector = 4 * n
+    allowed, activations = 20.91 * GIB, 11.9 * GIB
+    plan, pieces = plan_with_pieces(n, torch.float32, cuda, 1, 10, "forward_difference", allowed, activations,
+                                    None, 4)
+    assert plan.fits and plan.basis_device == "cuda" and pieces == 4
+    assert plan.max_basis == int((0.85 * allowed - WORKING_VECTORS["forward_difference"] * vector
+                                  - activations / 4) // vector) >= 3
+    # a single sequence cannot be split: then the host
+    plan, pieces = plan_with_pieces(n, torch.float32, cuda, 1, 10, "forward_difference", allowed, activations,
+                                    None, 1)
+    assert pieces == 1 and not plan.fits  # 8 vectors + 11.9 GiB do not fit at all
+    plan, pieces = plan_with_pieces(n, torch.float32, cuda, 1, 10, "forward_difference", allowed, activations / 2,
+                                    None, 1)
+    assert plan.fits and plan.basis_device == "cpu" and pieces == 1
