@@ -26,6 +26,11 @@ _RATIO = TAG_PREFIX + "sharpness_ratio"
 _BATCH = TAG_PREFIX + "batch_sharpness"
 _TRACE = TAG_PREFIX + "trace"
 _TRACE_STDERR = TAG_PREFIX + "trace_stderr"
+#: the early warnings, drawn in the ratio panel: (tag, line style, legend label)
+_ALONG_UPDATE = (
+    (TAG_PREFIX + "critical_sharpness_ratio", "-.", "critical sharpness / (2/lr)"),
+    (TAG_PREFIX + "update_sharpness_ratio", (0, (1, 1)), "update sharpness / threshold"),
+)
 #: a ratio panel with values above this switches to a log axis
 _LINEAR_RATIO_MAX = 3.0
 
@@ -179,7 +184,9 @@ def build_figure(runs: dict[str, Series], title: str = ""):
     ``curvature/*`` tags are left out. The second panel divides the sharpness
     (the preconditioned sharpness for Adam) by the edge-of-stability threshold,
     so the edge is the line at 1 even when the learning rate, and with it the
-    threshold, changes during a run; the third shows both on a log axis.
+    threshold, changes during a run, and draws the early warnings beside it
+    (the critical and the update sharpness over their thresholds, where
+    logged); the third shows sharpness and threshold on a log axis.
 
     Raises:
         ValueError: no run has ``curvature/*`` tags.
@@ -231,6 +238,11 @@ def build_figure(runs: dict[str, Series], title: str = ""):
         batch = ratio_series(series, _BATCH) if series.get(_BATCH) else []
         if batch:
             ax.plot(*zip(*batch), color=colors[name], lw=0.9, ls=":")
+        for tag, style, _ in _ALONG_UPDATE:  # the early warnings: ratios along the update
+            points = [(s, v) for s, v in series.get(tag, []) if math.isfinite(v)]
+            if points:
+                ratios_seen.extend(v for _, v in points)
+                ax.plot(*zip(*points), color=colors[name], lw=0.9, ls=style, alpha=0.8)
         if not several:
             for step, direction in crossings(series):
                 ax.axvline(step, color="tab:red" if direction == "up" else "tab:gray", alpha=0.35, lw=0.8)
@@ -246,6 +258,10 @@ def build_figure(runs: dict[str, Series], title: str = ""):
     if any(s.get(_BATCH) for s in drawn.values()):
         handles.append(Line2D([], [], color=ink, lw=0.9, ls=":"))
         labels.append("batch sharpness / threshold")
+    for tag, style, label in _ALONG_UPDATE:
+        if any(s.get(tag) for s in drawn.values()):
+            handles.append(Line2D([], [], color=ink, lw=0.9, ls=style))
+            labels.append(label)
     if not ratios_seen:
         labels[0] += " (no threshold logged)"
     ax.legend(handles=handles, labels=labels, **legend)

@@ -142,3 +142,24 @@ def test_runs_without_curvature_are_left_out_and_none_at_all_is_an_error(tmp_pat
         build_figure(read_runs(str(tmp_path / "plain")))
     with pytest.raises(FileNotFoundError):
         find_runs(str(tmp_path / "missing"))
+
+
+def test_the_ratio_panel_draws_the_early_warnings_where_they_are_logged(tmp_path):
+    points = []
+    for step in range(10, 110, 10):
+        scalars = _curvature(step, 1.0, 2.0, 1.0 / step)
+        scalars["curvature/critical_sharpness_ratio"] = step / 100
+        if step >= 50:  # the update sharpness only from step 50 on
+            scalars["curvature/update_sharpness_ratio"] = 0.25
+        points.append((step, scalars))
+    _write_jsonl(tmp_path / "warn.jsonl", points)
+    fig = build_figure(read_runs(str(tmp_path / "warn.jsonl")))
+    ratio = _panel(fig, "sharpness / threshold")
+    curves = {tuple(line.get_ydata()) for line in ratio.get_lines() if len(line.get_xdata()) > 2}
+    assert tuple(s / 100 for s in range(10, 110, 10)) in curves  # critical sharpness / (2/lr)
+    assert (0.25,) * 6 in curves  # update sharpness, where logged
+    labels = [t.get_text() for t in ratio.get_legend().get_texts()]
+    assert "critical sharpness / (2/lr)" in labels and "update sharpness / threshold" in labels
+    series = read_run(str(tmp_path / "warn.jsonl"))
+    plain = build_figure({"plain": {k: v for k, v in series.items() if "update" not in k and "critical" not in k}})
+    assert len(_panel(plain, "sharpness / threshold").get_legend().get_texts()) == 2  # nothing to explain
