@@ -36,6 +36,7 @@ from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch._flat import local
 from curvwatch.blocks import BlockSpec, resolve_blocks
 from curvwatch.cost import OverheadAccount
+from curvwatch.crossings import Crossings
 from curvwatch.guard import measurement_guard
 from curvwatch.loaders import TrainingBatches
 from curvwatch.measurement import (
@@ -370,11 +371,9 @@ class CurvatureMonitor:
         self.on_threshold = on_threshold
         self.update_sharpness = update_sharpness
         self.critical_sharpness = critical_sharpness
-        self._early_above: dict[str, bool] = {}  # early-warning ratio -> at or above 1 last time
         self.history: list[CurvatureResult] = []
         self._state = MeasurementState(resolved_method=None if method == "auto" else method)
-        self._above: bool | None = None
-        self._crossed_before = False
+        self._crossings = Crossings()
         self._warned: set[str] = set()
         self._attached_steps = 0
         self.precision = precision
@@ -484,8 +483,7 @@ class CurvatureMonitor:
             self._cost.seconds_per_product = max(elapsed - result.critical_sharpness_seconds, 1e-9) / result.hvps
         result = replace(result, overhead=self._cost.share, seconds=time.perf_counter() - started)
         self.history.append(result)
-        self._threshold_event(result)
-        self._early_warning(result)
+        self._crossings_of(result)
         for sink in self.sinks:
             try:
                 sink(result)
@@ -633,64 +631,13 @@ class CurvatureMonitor:
             batch = next(self._minibatch_iter)
         return move_to(batch, next(self.model.parameters()).device)
 
-    def _threshold_event(self, result: CurvatureResult) -> None:
-        """Log a line and call ``on_threshold`` when the ratio crosses 1 either way.
-
-        The first upward crossing is a warning; later crossings (sharpness
-        hovering at the edge of stability crosses often) are logged at INFO.
-        """
-        ratio = result.sharpness_ratio
-        if not math.isfinite(ratio):
-            return
-        above = ratio >= 1.0
-        crossed = above != self._above if self._above is not None else above
-        self._above = above
-        if not crossed:
-            return
-        first = not self._crossed_before
-        self._crossed_before = True
-        logger.log(
-            logging.WARNING if first and above else logging.INFO,
-            "curvwatch: step %d: sharpness %s the edge-of-stability threshold (ratio %.3f, threshold %.4g)",
-            result.step, "crossed" if above else "fell back below", ratio, result.threshold,
-        )
-        self._notify(ThresholdEvent.of(result, "sharpness_ratio"))
-
-    def _early_warning(self, result: CurvatureResult) -> None:
-        """Log, warn once and call ``on_threshold`` when an early-warning ratio crosses 1 upwards.
-
-        The update sharpness (the curvature along the last step, against the
-        sharpness's threshold) and the critical sharpness (``2 / eta_c`` along
-        the last step, against ``2 / lr``) can cross before the sharpness does:
-        the step is already too long along its own direction. The warning
-        (once per quantity; every crossing is logged at INFO) names the lr at
-        which the ratio would be 1, ``lr / ratio``.
-        """
-        for quantity, what in _EARLY_WARNINGS:
-            ratio = getattr(result, quantity)
-            if not math.isfinite(ratio):
-                continue
-            above = ratio >= 1.0
-            before = self._early_above.get(quantity)
-            self._early_above[quantity] = above
-            if above == before or (not above and before is None):
-                continue
-            if not above:
-                logger.info("curvwatch: step %d: %s fell back below 1 (%.3f)", result.step, quantity, ratio)
-                continue
-            event = ThresholdEvent.of(result, quantity)
-            logger.info(
-                "curvwatch: step %d: early warning: %s crossed 1 (%.3f) at lr %.4g; stable lr about %.4g",
-                result.step, quantity, ratio, result.lr, event.stable_lr,
-            )
-            self._warn_once(
-                f"early-warning {quantity}",
-                f"curvwatch: step {result.step}: early warning: the {what} crossed its threshold "
-                f"({quantity} {ratio:.3f}) at lr {result.lr:.4g}: the step is too long along its own "
-                f"direction; the lr at which it would be stable is about {event.stable_lr:.4g} "
-                "(lr / ratio). Warned once; later crossings are logged and passed to on_threshold",
-            )
-            self._notify(event)
+    def _crossings_of(self, result: CurvatureResult) -> None:
+        """Log, warn and call ``on_threshold`` for each ratio ``result`` takes across 1 (:mod:`curvwatch.crossings`)."""
+        for crossing in self._crossings.observe(result):
+            logger.log(crossing.level, crossing.log)
+            if crossing.warning is not None:
+                self._warn_once(crossing.warning_key, crossing.warning)
+            self._notify(crossing.event)
 
     def _notify(self, event: ThresholdEvent) -> None:
         """``on_threshold(event)``, under the sinks' failure policy."""
@@ -734,9 +681,7 @@ class CurvatureMonitor:
                 name: tuple(None if w is None else w.cpu() for w in pair)
                 for name, pair in (state.block_warm or {}).items()
             },
-            "above": self._above,
-            "crossed_before": self._crossed_before,
-            "early_above": dict(self._early_above),
+            **self._crossings.state_dict(),
             "cost": self._cost.state_dict(),
         }
 
@@ -771,9 +716,7 @@ class CurvatureMonitor:
             block_warm={name: tuple(pair) for name, pair in state.get("block_warm", {}).items()} or None,
         )
         self._attached_steps = int(state.get("attached_steps", 0))
-        self._above = state.get("above")
-        self._crossed_before = bool(state.get("crossed_before", False))
-        self._early_above = dict(state.get("early_above", {}))
+        self._crossings.load_state_dict(state)
         if "cost" in state:
             self._cost.load_state_dict(state["cost"])
 
@@ -786,13 +729,6 @@ def _check_param_group(optimizer: Any, param_group: int) -> None:
             f"param_group={param_group!r} but the optimizer has {groups} parameter group(s): "
             f"pass an index in 0..{groups - 1}"
         )
-
-
-# The early-warning ratios (CurvatureResult fields) and what they are called in the warning.
-_EARLY_WARNINGS = (
-    ("update_sharpness_ratio", "update sharpness (the curvature along the last update)"),
-    ("critical_sharpness_ratio", "critical sharpness (2 / the shortest step along the next update raising the loss)"),
-)
 
 
 class _DoesNotFit(Exception):
