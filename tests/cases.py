@@ -129,3 +129,21 @@ def train_bn_dropout(monitor_kwargs: dict | None, make_opt=None, steps: int = 12
         opt.step()
         losses.append(loss.item())
     return model, opt, losses, torch.rand(3), monitor
+
+
+def assert_same_training(run, reference) -> None:
+    """Two :func:`train_bn_dropout` runs are bit-identical.
+
+    Losses, the random stream's next draw, parameters and BatchNorm buffers,
+    ``.grad`` and the optimizer state, each with ``==`` / ``torch.equal``.
+    """
+    model, opt, losses, rng, _ = run
+    ref_model, ref_opt, ref_losses, ref_rng, _ = reference
+    assert losses == ref_losses
+    assert torch.equal(rng, ref_rng)  # the random stream continues unchanged
+    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
+        assert torch.equal(a, b)  # parameters and BatchNorm buffers (running stats, counters)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, ref_opt.state[q][k])

@@ -10,7 +10,7 @@ import torch
 import curvwatch as cw
 from curvwatch.demo import run_demo
 from curvwatch.report import read_run
-from tests.cases import BatchNormDropoutNet, train_bn_dropout
+from tests.cases import BatchNormDropoutNet, assert_same_training, train_bn_dropout
 
 
 def _event_accumulator(logdir):
@@ -48,17 +48,10 @@ def test_adam_demo_preconditioned_sharpness_at_38_over_lr(tmp_path):
 # -- measuring never changes training -----------------------------------------
 @pytest.mark.parametrize("kwargs", [{}, {"train_mode": True}, {"method": "finite_difference", "batch_size": 8}])
 def test_training_with_monitor_is_bit_identical(kwargs):
-    ref_model, ref_opt, ref_losses, ref_rng, _ = train_bn_dropout(None)
-    model, opt, losses, rng, monitor = train_bn_dropout(kwargs)
+    reference, run = train_bn_dropout(None), train_bn_dropout(kwargs)
+    model, monitor = run[0], run[-1]
     assert len(monitor.history) == 4
-    assert losses == ref_losses
-    assert torch.equal(rng, ref_rng)  # the random stream continues unchanged
-    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
-        assert torch.equal(a, b)  # parameters and BatchNorm buffers
-    for p, q in zip(model.parameters(), ref_model.parameters()):
-        assert torch.equal(p.grad, q.grad)
-        for k, v in opt.state[p].items():
-            assert torch.equal(v, ref_opt.state[q][k])
+    assert_same_training(run, reference)
     assert model.training and all(m.training for m in model.modules())
 
 

@@ -13,7 +13,7 @@ import torch
 
 import curvwatch as cw
 from curvwatch.guard import measurement_guard
-from tests.cases import BatchNormDropoutNet, train_bn_dropout
+from tests.cases import BatchNormDropoutNet, assert_same_training, train_bn_dropout
 
 
 # -- BatchNorm after a bias, trained with AdamW -------------------------------------------
@@ -152,15 +152,8 @@ def test_guard_rejects_an_unknown_train_mode():
     "kwargs", [{"train_mode": None}, {"train_mode": True}, {"train_mode": None, "method": "finite_difference"}]
 )
 def test_training_with_monitor_is_bit_identical(kwargs):
-    ref_model, ref_opt, ref_losses, ref_rng, _ = train_bn_dropout(None)
-    model, opt, losses, rng, monitor = train_bn_dropout({"budget": cw.Budget(), **kwargs})
+    reference, run = train_bn_dropout(None), train_bn_dropout({"budget": cw.Budget(), **kwargs})
+    model, monitor = run[0], run[-1]
     assert len(monitor.history) == 4 and all(math.isfinite(r.lambda_max) for r in monitor.history)
-    assert losses == ref_losses
-    assert torch.equal(rng, ref_rng)  # the random stream continues unchanged
-    for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()):
-        assert torch.equal(a, b)  # parameters and BatchNorm buffers (running stats, counters)
-    for p, q in zip(model.parameters(), ref_model.parameters()):
-        assert torch.equal(p.grad, q.grad)
-        for k, v in opt.state[p].items():
-            assert torch.equal(v, ref_opt.state[q][k])
+    assert_same_training(run, reference)
     assert all(m.training for m in model.modules())

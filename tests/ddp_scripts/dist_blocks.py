@@ -13,9 +13,8 @@ Writes ``--out/rank{i}.json``.
 from __future__ import annotations
 
 import torch
-from dist_common import PROBE, TOL, dump, init, make_data, make_mlp, monitor, same, share
-from dist_fsdp import LR, local_values, single_process_copy, wrap
-from torch import nn
+from dist_common import PROBE, TOL, dump, init, make_data, monitor, same, share
+from dist_fsdp import local_values, single_process_copy, trained
 
 from curvwatch import Budget
 from curvwatch.operators.sharded import ShardedHessianOperator
@@ -35,14 +34,7 @@ def blocks(result) -> dict:
 def main() -> None:
     """Measure blocks sharded and single-process; write the results."""
     rank, world, _args = init()
-    model = wrap(make_mlp(), "fsdp2")
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
-    for step in range(3):
-        x, y = share(make_data(32, seed=100 + step), rank, world)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    nn.functional.cross_entropy(model(x), y).backward()  # leave gradients to check
+    model, opt = trained("fsdp2", rank, world)
     params = list(model.parameters())
     before, grads = local_values(params), [p.grad for p in params]
     grad_values = local_values(grads)

@@ -118,8 +118,8 @@ def single_process_copy(model: nn.Module, opt: torch.optim.Optimizer, layouts):
     return plain, ref_opt
 
 
-def measure_and_compare(kind: str, rank: int, world: int) -> dict:
-    """Part 1 and 2."""
+def trained(kind: str, rank: int, world: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The MLP wrapped as ``kind``, after 3 Adam steps on this rank's shares, with gradients left to check."""
     model = wrap(make_mlp(), kind)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     for step in range(3):
@@ -128,6 +128,12 @@ def measure_and_compare(kind: str, rank: int, world: int) -> dict:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     nn.functional.cross_entropy(model(x), y).backward()  # leave gradients to check
+    return model, opt
+
+
+def measure_and_compare(kind: str, rank: int, world: int) -> dict:
+    """Part 1 and 2."""
+    model, opt = trained(kind, rank, world)
     params = list(model.parameters())
     params[-1].grad = None  # and one None gradient
 
