@@ -104,6 +104,7 @@ class MeasurementConfig:
     ggn_kind: str | None
     criterion: Any
     curvature: str = "hessian"
+    mc_samples: int = 1  # curvature="fisher": labels drawn per example
     update_sharpness: bool = False
     critical_sharpness: bool = False
     blocks: Any = None  # the blocks= spec (curvwatch.blocks); None: no per-block curvature
@@ -518,7 +519,7 @@ class _Measurement:
             # one fixed matrix per measurement: the Monte-Carlo labels drawn with seed + step
             return build_fisher_operator(
                 self.model, self.probe.batch, config.criterion, self.params, config.ggn_kind, config.reduce,
-                empirical=config.curvature == "empirical_fisher", seed=self.seed,
+                empirical=config.curvature == "empirical_fisher", mc_samples=config.mc_samples, seed=self.seed,
             )
         if config.ggn_kind is not None:
             operator = build_ggn_operator(

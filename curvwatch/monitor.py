@@ -169,8 +169,8 @@ class CurvatureMonitor:
             ``result.method == "ggn_lm_head"``). ``method`` is ignored (the GGN
             products are exact; no finite-difference certificate); not
             supported under FSDP or with batch sharpness (``batch_size``).
-            ``"fisher"``: the Monte-Carlo ("true") Fisher, one label per
-            example drawn from the model's predictive distribution with the
+            ``"fisher"``: the Monte-Carlo ("true") Fisher, ``mc_samples`` labels
+            per example drawn from the model's predictive distribution with the
             seed ``seed + step`` (:class:`~curvwatch.MonteCarloFisherOperator`;
             its expectation is the GGN); ``"empirical_fisher"``: ``(1/N) sum_i
             g_i g_i^T`` of the per-example gradients with the batch's labels
@@ -178,6 +178,10 @@ class CurvatureMonitor:
             approximation in general). Same losses and limits as ``"ggn"``;
             ``result.method`` is the curvature's name (``+ "_lm_head"`` for a
             causal LM, whose full logits are held).
+        mc_samples: labels drawn per example by ``curvature="fisher"``
+            (default 1). The estimate's relative error falls as
+            ``1/sqrt(N * mc_samples)`` (``N`` examples, or counted tokens);
+            a product costs about the same whatever it is.
         blocks: per-block curvature (default ``None``: off): ``"layers"`` (one
             block per layer of the model's stack of repeated layers, e.g.
             GPT-2's ``h.0 .. h.N``), ``"modules"`` (one per top-level child
@@ -237,6 +241,7 @@ class CurvatureMonitor:
         spectrum_every: int = 0,
         on_threshold: Callable[[CurvatureResult], Any] | None = None,
         curvature: CurvatureChoice = "hessian",
+        mc_samples: int = 1,
         precision: Precision = "auto",
         update_sharpness: bool = True,
         critical_sharpness: bool = True,
@@ -300,6 +305,8 @@ class CurvatureMonitor:
             raise CurvatureError(
                 f"blocks_every must be a positive integer (every k-th measurement), got {blocks_every!r}"
             )
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise CurvatureError(f"mc_samples must be a positive integer (labels per example), got {mc_samples!r}")
         for name, flag in (("update_sharpness", update_sharpness), ("critical_sharpness", critical_sharpness)):
             if not isinstance(flag, bool):
                 raise CurvatureError(f"{name} must be True or False, got {flag!r}")
@@ -330,6 +337,7 @@ class CurvatureMonitor:
         self.model = model
         self.loss_fn = loss_closure_factory(batch, loss_fn, criterion)
         self.curvature = curvature
+        self.mc_samples = mc_samples
         self.criterion = criterion
         # "ggn" or "ggn_lm_head": which Gauss-Newton path (None: the Hessian)
         # (the Fisher curvatures use the same kinds of loss)
@@ -612,7 +620,7 @@ class CurvatureMonitor:
             precision=self.precision, param_group=self.param_group, seed=self.seed, reduce=self.reduce,
             batch_size=self.batch_size, batch_sharpness_batches=self.batch_sharpness_batches,
             spectrum_every=self.spectrum_every, ggn_kind=self._ggn_kind, criterion=self.criterion,
-            curvature=self.curvature,
+            curvature=self.curvature, mc_samples=self.mc_samples,
             update_sharpness=self.update_sharpness, critical_sharpness=self.critical_sharpness,
             blocks=self.blocks, blocks_every=self.blocks_every,
         )

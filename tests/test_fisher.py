@@ -341,3 +341,14 @@ def test_monitor_fisher_refuses_batch_sharpness_and_unknown_losses():
         cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.CrossEntropyLoss(), curvature="fisher", batch_size=4)
     with pytest.raises(cw.CurvatureError, match=r"curvature='empirical_fisher' does not know .*L1Loss"):
         cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.L1Loss(), curvature="empirical_fisher")
+
+
+def test_monitor_fisher_with_more_samples_per_example_is_closer_to_the_ggn():
+    """mc_samples=S draws S labels per example: the error bound falls as 1/sqrt(N S)."""
+    n = 400
+    model, x, y = linear_softmax(n=n)
+    ggn = _monitor(model, x, y, "ggn").measure(3).lambda_max
+    many = _monitor(model, x, y, "fisher", mc_samples=50).measure(3).lambda_max
+    assert many == pytest.approx(ggn, rel=MC_SLACK / math.sqrt(n * 50))  # 5.7%; one sample: 40%
+    with pytest.raises(cw.CurvatureError, match="mc_samples must be a positive integer"):
+        _monitor(model, x, y, "fisher", mc_samples=0)
