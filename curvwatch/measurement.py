@@ -45,6 +45,7 @@ from curvwatch.directional import (
     update_direction,
 )
 from curvwatch.memory import MemoryPlan
+from curvwatch.operators._closure import zeros_for_none
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import (
     FISHER_CURVATURES,
@@ -362,10 +363,11 @@ class _Measurement:
 
         ``None`` without an optimizer, for one whose update is not known
         (:func:`~curvwatch.directional.update_direction`), before its first
-        step, and when neither early warning is asked for.
+        step, and when the update sharpness is not asked for (the critical
+        sharpness searches along the next update instead).
         """
         config = self.config
-        if limit is None or not (config.update_sharpness or config.critical_sharpness):
+        if limit is None or not config.update_sharpness:
             return None
         return update_direction(self.optimizer, self.params, config.param_group)
 
@@ -388,13 +390,21 @@ class _Measurement:
         return directional_sharpness(operator, u, diagonal)
 
     def _probe_gradient(self, operator) -> torch.Tensor:
-        """The probe loss's flat gradient at theta: the operator's cached one, else one backward (rank mean)."""
-        gradient = getattr(operator, "gradient", None)  # this rank's (a ReducedOperator reduces products only)
-        if not isinstance(gradient, torch.Tensor):
-            with torch.enable_grad():
+        """The probe loss's flat gradient at theta (the mean over ranks under data parallelism).
+
+        The Hessian operator's own (cached by its products; under differences
+        summed over the probe's pieces, so it fits where they fit); one
+        backward of the probe loss for the output-space operators (GGN,
+        Fisher), which form no gradient.
+        """
+        at_theta = getattr(operator, "gradient_at_theta", None)  # this rank's: a ReducedOperator reduces products
+        with torch.enable_grad():
+            if callable(at_theta):
+                gradient = at_theta()
+            else:
                 loss = self.probe.loss_fn(self.model, self.probe.batch)
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            gradient = flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)])
+                gradient = flatten(zeros_for_none(grads, self.params))
         return gradient if self.config.reduce is None else self.config.reduce(gradient)
 
     def _critical_sharpness(self, limit: Threshold | None, operator) -> tuple[float, float, int]:
