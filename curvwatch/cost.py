@@ -60,11 +60,16 @@ class OverheadAccount:
         """Seconds the next measurement may take: ``overhead * T_train - T_measure``."""
         return overhead * self.training_seconds - self.measuring_seconds
 
-    def measured(self, seconds: float, products: int) -> None:
-        """Charge a measurement of ``seconds`` and ``products`` products."""
+    def measured(self, seconds: float, products: int, other_seconds: float = 0.0) -> None:
+        """Charge a measurement of ``seconds`` and ``products`` products.
+
+        ``other_seconds`` of it went to work that is no product (the critical
+        sharpness's forward passes): charged to the share, kept out of the cost
+        of a product.
+        """
         self.measuring_seconds += seconds
         if products > 0:
-            self.seconds_per_product = seconds / products
+            self.seconds_per_product = max(seconds - other_seconds, 0.0) / products
         self.last = time.perf_counter()
 
     @property

@@ -484,11 +484,7 @@ class CurvatureMonitor:
             return None
         finally:
             self._note_peak()
-        elapsed = time.perf_counter() - started
-        self._cost.measured(elapsed, result.hvps)
-        if result.hvps > 0 and result.critical_sharpness_seconds > 0:
-            # the cost of a product is learned without the line search's forward passes
-            self._cost.seconds_per_product = max(elapsed - result.critical_sharpness_seconds, 1e-9) / result.hvps
+        self._cost.measured(time.perf_counter() - started, result.hvps, result.critical_sharpness_seconds)
         result = replace(result, overhead=self._cost.share, seconds=time.perf_counter() - started)
         self.history.append(result)
         self._crossings_of(result)
