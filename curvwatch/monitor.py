@@ -253,15 +253,12 @@ class CurvatureMonitor:
         if not any(p.requires_grad for p in model.parameters()):
             raise CurvatureError("the model has no trainable parameters (requires_grad=True)")
         check_supported(model)
-        # bools are ints to Python: every=True would silently mean 1
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not _is_int(every, least=1):
             raise CurvatureError(f"every must be a positive integer (measure every N steps), got {every!r}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        if not _is_int(top_k, least=1):
             raise CurvatureError(f"top_k must be a positive integer, got {top_k!r}")
-        for name, flag in (("trace", trace), ("strict", strict)):
-            if not isinstance(flag, bool):  # trace="no" is truthy: it turned the trace on
-                raise CurvatureError(f"{name} must be True or False, got {flag!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        _check_flags(trace=trace, strict=strict)  # trace="no" is truthy: it turned the trace on
+        if not _is_int(seed):
             # a float (or a numpy integer) reached torch's manual_seed at every measurement
             raise CurvatureError(f"seed must be a Python int, got {seed!r} ({type(seed).__name__})")
         if method != "auto" and method not in MONITOR_METHODS:
@@ -280,14 +277,13 @@ class CurvatureMonitor:
             raise CurvatureError(
                 f"budget.max_hvps={budget.max_hvps} leaves fewer than top_k={top_k} products for Lanczos"
             )
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and not _is_int(batch_size, least=1):
             raise CurvatureError(f"batch_size must be a positive integer, got {batch_size!r}")
         if minibatches is not None and batch_size is None:
             raise CurvatureError("minibatches=... is for batch sharpness: also pass batch_size=<training batch size>")
         if optimizer is not None:
             _check_param_group(unwrap_optimizer(optimizer), param_group)
-        if isinstance(spectrum_every, bool) or not isinstance(spectrum_every, int) or spectrum_every < 0:
+        if not _is_int(spectrum_every, least=0):
             raise CurvatureError(
                 f"spectrum_every must be 0 (never) or a positive integer (every M-th measurement), "
                 f"got {spectrum_every!r}"
@@ -301,15 +297,13 @@ class CurvatureMonitor:
         if train_mode is not None and not isinstance(train_mode, bool):
             raise CurvatureError(f"train_mode must be None (auto), True or False, got {train_mode!r}")
         resolve_blocks(model, blocks)  # a malformed spec or a pattern matching nothing raises here
-        if isinstance(blocks_every, bool) or not isinstance(blocks_every, int) or blocks_every < 1:
+        if not _is_int(blocks_every, least=1):
             raise CurvatureError(
                 f"blocks_every must be a positive integer (every k-th measurement), got {blocks_every!r}"
             )
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        if not _is_int(mc_samples, least=1):
             raise CurvatureError(f"mc_samples must be a positive integer (labels per example), got {mc_samples!r}")
-        for name, flag in (("update_sharpness", update_sharpness), ("critical_sharpness", critical_sharpness)):
-            if not isinstance(flag, bool):
-                raise CurvatureError(f"{name} must be True or False, got {flag!r}")
+        _check_flags(update_sharpness=update_sharpness, critical_sharpness=critical_sharpness)
         if precision not in PRECISIONS:
             raise CurvatureError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if basis_device is not None:
@@ -725,10 +719,22 @@ class CurvatureMonitor:
             self._cost.load_state_dict(state["cost"])
 
 
+def _is_int(value: Any, least: int | None = None) -> bool:
+    """An ``int`` (at least ``least``), not a ``bool``: ``True`` is an int to Python and would mean 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
+
+
+def _check_flags(**flags: Any) -> None:
+    """Refuse a flag that is not ``True``/``False`` (a truthy string would silently turn it on)."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise CurvatureError(f"{name} must be True or False, got {flag!r}")
+
+
 def _check_param_group(optimizer: Any, param_group: int) -> None:
     """Refuse a ``param_group`` the optimizer does not have (at construction, not at every measurement)."""
     groups = len(getattr(optimizer, "param_groups", []))
-    if isinstance(param_group, bool) or not isinstance(param_group, int) or not 0 <= param_group < max(groups, 1):
+    if not _is_int(param_group, least=0) or param_group >= max(groups, 1):
         raise CurvatureError(
             f"param_group={param_group!r} but the optimizer has {groups} parameter group(s): "
             f"pass an index in 0..{groups - 1}"
