@@ -181,6 +181,29 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
     )
 
 
+def _refuse_sharded(model: torch.nn.Module, curvature: str) -> None:
+    """The output-space operators do not run under FSDP (the model may have been sharded after construction).
+
+    Raises:
+        CurvatureError: FSDP, or another unsupported setup (:func:`check_supported`).
+    """
+    check_supported(model)
+    if is_sharded(model):
+        raise CurvatureError(
+            f"curvature={curvature!r} is not supported under FSDP (sharded parameters); pass curvature='hessian'"
+        )
+
+
+def _classes_last(model: torch.nn.Module, inputs: Any) -> Callable[[], torch.Tensor]:
+    """``model(inputs)`` as cross-entropy logits ``(..., C)``: ``(N, C, d1, ...)`` outputs get the class dim last."""
+
+    def logits() -> torch.Tensor:
+        out = model(inputs)
+        return out.movedim(1, -1) if isinstance(out, torch.Tensor) and out.ndim > 2 else out
+
+    return logits
+
+
 def build_ggn_operator(
     model: torch.nn.Module,
     batch: Any,
@@ -206,26 +229,16 @@ def build_ggn_operator(
     from curvwatch.operators.ggn import GGNOperator
     from curvwatch.operators.lm_head import DEFAULT_CHUNK_SIZE, causal_lm_ggn_operator
 
-    check_supported(model)
-    if is_sharded(model):
-        raise CurvatureError(
-            "curvature='ggn' is not supported under FSDP (sharded parameters); pass "
-            "curvature='hessian'"
-        )
+    _refuse_sharded(model, "ggn")
     if kind == GGN_LM_HEAD:
         operator: CurvatureOperator = causal_lm_ggn_operator(
             model, batch, chunk_size=DEFAULT_CHUNK_SIZE, params=params, check=check
         )
     elif isinstance(criterion, torch.nn.CrossEntropyLoss):
-        inputs, targets = batch[0], batch[1]
-
-        def logits() -> torch.Tensor:
-            out = model(inputs)
-            return out.movedim(1, -1) if isinstance(out, torch.Tensor) and out.ndim > 2 else out
-
+        targets = batch[1]
         hard = isinstance(targets, torch.Tensor) and not targets.is_floating_point()
         operator = GGNOperator(
-            logits, params, loss="cross_entropy", targets=targets if hard else None,
+            _classes_last(model, batch[0]), params, loss="cross_entropy", targets=targets if hard else None,
             ignore_index=criterion.ignore_index,
         )
     else:  # MSELoss, mean: H_out = 2/numel I whatever the targets
@@ -274,11 +287,7 @@ def build_fisher_operator(
     from curvwatch.operators.fisher import EmpiricalFisherOperator, MonteCarloFisherOperator
 
     curvature = "empirical_fisher" if empirical else "fisher"
-    check_supported(model)
-    if is_sharded(model):
-        raise CurvatureError(
-            f"curvature={curvature!r} is not supported under FSDP (sharded parameters); pass curvature='hessian'"
-        )
+    _refuse_sharded(model, curvature)
     label_smoothing = 0.0
     if kind == GGN_LM_HEAD:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -300,12 +309,7 @@ def build_fisher_operator(
 
         loss = "cross_entropy"
     elif kind == GGN_CRITERION and isinstance(criterion, torch.nn.CrossEntropyLoss):
-        inputs, targets = batch[0], batch[1]
-
-        def outputs_fn() -> torch.Tensor:
-            out = model(inputs)
-            return out.movedim(1, -1) if isinstance(out, torch.Tensor) and out.ndim > 2 else out
-
+        outputs_fn, targets = _classes_last(model, batch[0]), batch[1]
         if isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.ndim > 2:
             targets = targets.movedim(1, -1)  # soft targets (N, C, d1, ...) follow the logits
         loss, ignore_index, label_smoothing = "cross_entropy", criterion.ignore_index, criterion.label_smoothing

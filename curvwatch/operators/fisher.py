@@ -52,9 +52,9 @@ from collections.abc import Callable, Iterable
 import torch
 
 from curvwatch._errors import CurvatureError
-from curvwatch._flat import flatten, unflatten
 from curvwatch.operators._base import CurvatureOperator
-from curvwatch.operators._closure import check_params, zeros_for_none
+from curvwatch.operators._closure import check_params
+from curvwatch.operators.ggn import output_space_product
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -192,15 +192,9 @@ class _FisherOperator(CurvatureOperator):
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         outputs, b = self._forward()
-        dummy = torch.zeros_like(outputs, requires_grad=True)
-        vjp = torch.autograd.grad(outputs, self.params, dummy, create_graph=True, allow_unused=True)
-        live = [(g, t) for g, t in zip(vjp, unflatten(v, self.params)) if g is not None]
-        if not live:
-            return torch.zeros_like(v)
-        (jv,) = torch.autograd.grad([g for g, _ in live], dummy, [t for _, t in live])
-        bjv = b.apply(self._rows(jv.detach())).to(outputs.dtype).reshape(outputs.shape)
-        fv = torch.autograd.grad(outputs, self.params, bjv, retain_graph=True, allow_unused=True)
-        return flatten(zeros_for_none(fv, self.params)).detach()
+        return output_space_product(
+            outputs, self.params, v, lambda jv: b.apply(self._rows(jv)).to(outputs.dtype).reshape(outputs.shape)
+        )
 
     def release(self) -> None:
         """Free the cached forward graph (the next product runs ``outputs_fn`` again)."""

@@ -92,14 +92,32 @@ class GGNOperator(CurvatureOperator):
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         outputs = self._forward()
-        dummy = torch.zeros_like(outputs, requires_grad=True)
-        vjp = torch.autograd.grad(outputs, self.params, dummy, create_graph=True, allow_unused=True)
-        vjp_live = [(g, t) for g, t in zip(vjp, unflatten(v, self.params)) if g is not None]
-        (jv,) = torch.autograd.grad([g for g, _ in vjp_live], dummy, [t for _, t in vjp_live])
-        hjv = self.output_hvp(outputs, jv.detach())
-        gv = torch.autograd.grad(outputs, self.params, hjv, retain_graph=True, allow_unused=True)
-        return flatten(zeros_for_none(gv, self.params)).detach()
+        return output_space_product(outputs, self.params, v, lambda jv: self.output_hvp(outputs, jv))
 
     def release(self) -> None:
         """Free the cached forward graph."""
         self._outputs = None
+
+
+def output_space_product(
+    outputs: torch.Tensor,
+    params: list[torch.Tensor],
+    v: torch.Tensor,
+    output_product: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    r"""``J^T M J v`` for the Jacobian ``J`` of ``outputs`` and ``M`` applied by ``output_product``.
+
+    ``J v`` by the double-vjp trick (the vjp of a zero cotangent, differentiated
+    with respect to that cotangent), ``M (J v)`` in output space, ``J^T`` by one
+    vjp through the cached forward graph (kept for the next product). Shared by
+    the Gauss-Newton (``M = H_out``) and the Fisher operators (``M = B``).
+    Parameters the outputs do not depend on get zeros.
+    """
+    dummy = torch.zeros_like(outputs, requires_grad=True)
+    vjp = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)
+    live = [(g, t) for g, t in zip(vjp, unflatten(v, params)) if g is not None]
+    if not live:
+        return torch.zeros_like(v)
+    (jv,) = torch.autograd.grad([g for g, _ in live], dummy, [t for _, t in live])
+    out = torch.autograd.grad(outputs, params, output_product(jv.detach()), retain_graph=True, allow_unused=True)
+    return flatten(zeros_for_none(out, params)).detach()
