@@ -26,3 +26,16 @@ def local(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (FSDP2 shard), else the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+SLICE = 1 << 24  # entries of P^{-1/2} formed at a time (64 MiB in float32)
+
+
+def inverse_sqrt_scale_(v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+    """``v <- P^{-1/2} v`` in place for the flat positive diagonal ``P``, :data:`SLICE` entries at a time.
+
+    No vector of ``P^{-1/2}`` is formed: one slice of it at a time.
+    """
+    for a in range(0, v.shape[0], SLICE):
+        v[a : a + SLICE].mul_(diagonal[a : a + SLICE].rsqrt())
+    return v

@@ -202,7 +202,6 @@ class _Measurement:
         config, state = self.config, self.state
         limit = self._threshold()
         diagonal = self._preconditioner(limit)
-        direction = self._update_direction(limit)
         products = self.allowance.products
         operator = self._operator()
         precision = resolve_precision(config.precision, self._method(), operator.device)
@@ -217,7 +216,7 @@ class _Measurement:
                     )
                 reserve = 1 if self._should_check("finite_difference") else 0  # for the check below
                 left = products - operator.matvecs - reserve
-                update = self._update_sharpness(operator, direction, limit, diagonal, left)
+                update = self._update_sharpness(operator, self._update_direction(limit), limit, diagonal, left)
                 first = self._first_solve(operator, diagonal, products - operator.matvecs - reserve)
             except CurvatureError as error:
                 if config.ggn_kind is not None or config.method != "auto" or not isinstance(
@@ -229,7 +228,9 @@ class _Measurement:
                 self.check_products += operator.matvecs  # spent on the operator given up
                 operator = self._operator()
                 precision = "fp32"
-                update = self._update_sharpness(operator, direction, limit, diagonal, products - self.check_products)
+                update = self._update_sharpness(
+                    operator, self._update_direction(limit), limit, diagonal, products - self.check_products
+                )
                 first = self._first_solve(operator, diagonal, products - self.check_products - operator.matvecs)
             certificate = self._certificate()
 
@@ -243,6 +244,8 @@ class _Measurement:
                 pre_certificate = PreconditionedOperator(certificate, diagonal) if certificate else None
                 pre = self._certified(first, pre_certificate)
                 warm_pre = _kept(pre.eigenvectors)
+                # the device copy is not read again: one vector less during the solve below
+                pre = first = replace(pre, eigenvectors=warm_pre)
                 if products - spent() >= config.top_k and not self._past():
                     eig = self._lanczos(operator, config.top_k, products - spent(), warm, self.seed)
                     eig = self._certified(eig, certificate)

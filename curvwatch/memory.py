@@ -29,19 +29,19 @@ import torch
 GIB = float(1 << 30)
 
 # Parameter-sized vectors a measurement holds on the compute device besides the
-# basis: the product's input and output, the operator's cached gradient and
-# saved parameters (finite differences), the Ritz vectors, the warm starts and
-# the preconditioner diagonal.
-# Counted from the code paths (product in and out, cached gradient, saved
-# parameters, the preconditioner and its scaled vector, Ritz vectors, the
-# central-difference certificate's two gradients). Checked on an H200
-# (benchmarks/results/leave_on_h200.md, 2026-12-03): with 10 for differences the
-# 1.56B estimate was 92.2 GiB and the measurement added 74.7 GiB; with 8 for
-# double backward the 355M estimate was 53.5 GiB for 48.8 GiB added. Since then
-# P^{-1/2} is applied in slices (two vectors fewer) and warm starts wait on the
-# host. (An estimate of 7 for differences once ran out of memory at 1.56B.)
+# basis. Finite differences: the saved parameters and the product being formed
+# (both gradients of a difference are accumulated into it a parameter at a
+# time), the cached gradient at theta, the preconditioner diagonal, and one for
+# the Ritz vector and per-tensor temporaries: 5. Counted by tests/test_memory.py
+# (every tensor a measurement allocates, tracked on the CPU). Until 2026-12-04 a
+# difference also held a flat copy of each gradient, the scaled copy P^{-1/2} v,
+# the second gradient of a central difference, the update direction and the
+# start vector: 8 (1.56B on an H200: planned 92.2 GiB with 10, added 74.7 GiB).
+# Double backward: the flat gradient, the product's per-parameter and flat
+# output, the preconditioner, the Ritz vector and its graph's own copies: 7
+# (355M on an H200: planned 53.5 GiB, added 48.8 GiB).
 WORKING_VECTORS = {
-    "double_backward": 7, "forward_over_reverse": 8, "finite_difference": 8, "forward_difference": 8, "ggn": 7
+    "double_backward": 7, "forward_over_reverse": 8, "finite_difference": 5, "forward_difference": 5, "ggn": 7
 }
 
 # One product's activations as a multiple of the training step's (peak minus

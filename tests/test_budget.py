@@ -198,15 +198,15 @@ def test_memory_plan_prefers_the_device_then_a_smaller_basis_then_the_host():
 
     roomy = plan(200)
     assert roomy.fits and roomy.basis_device == "cuda" and roomy.max_basis == 10
-    tighter = plan(110)  # 10 working vectors (58 GiB) + 10 GiB, then what fits of 85% of 110 GiB
+    tighter = plan(110)  # 5 working vectors (29 GiB) + 10 GiB, then what fits of 85% of 110 GiB
     assert tighter.fits and tighter.basis_device == "cuda" and 3 <= tighter.max_basis < 10
     assert tighter.device_bytes <= 0.85 * 110 * GIB
-    host = plan(85)  # the working set fits in 85% of 85 GiB, no basis beside it
+    host = plan(55)  # the working set fits in 85% of 55 GiB, no basis of 3 beside it
     assert host.fits and host.basis_device == "cpu" and host.max_basis == 6
     assert host.host_bytes == 6 * 4 * n
-    smallest = plan(85, host=40 * GIB)  # half of 40 GiB: the smallest basis, k + 2 vectors
+    smallest = plan(55, host=40 * GIB)  # half of 40 GiB: the smallest basis, k + 2 vectors
     assert smallest.fits and smallest.basis_device == "cpu" and smallest.max_basis == 3
-    none = plan(85, host=30 * GIB)  # half of 30 GiB: not even 3 vectors
+    none = plan(55, host=30 * GIB)  # half of 30 GiB: not even 3 vectors
     assert not none.fits and "needs about" in none.message and "fix:" in none.message
 
 

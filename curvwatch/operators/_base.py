@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from curvwatch._errors import CurvatureError
+from curvwatch._flat import inverse_sqrt_scale_
 
 
 class CurvatureOperator:
@@ -50,6 +51,21 @@ class CurvatureOperator:
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("operators implement _matvec(v) -> A v")
+
+    def preconditioned_matvec(self, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+        """Return ``A P^{-1/2} v`` for the flat positive diagonal ``P``; ``v`` is left as it is.
+
+        One product. Here through a scaled copy of ``v``; operators that can
+        apply the scaling inside the product (finite differences shift the
+        parameters along ``P^{-1/2} v`` a tensor at a time) override
+        :meth:`_preconditioned_matvec` and save that parameter-sized copy.
+        """
+        self._check_vector(v)
+        self.matvecs += 1
+        return self._preconditioned_matvec(v, diagonal)
+
+    def _preconditioned_matvec(self, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+        return self._matvec(inverse_sqrt_scale_(v.clone(), diagonal))
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Inner product ``<a, b>`` as a 0-d tensor (all-reduced when sharded)."""

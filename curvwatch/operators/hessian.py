@@ -38,7 +38,7 @@ from curvwatch.operators._closure import (
     is_missing_derivative,
     zeros_for_none,
 )
-from curvwatch.operators._difference import difference_product
+from curvwatch.operators._difference import accumulate_gradient, difference_product, scaled_squared_norm
 
 Method = Literal["double_backward", "forward_over_reverse", "finite_difference"]
 METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
@@ -214,31 +214,30 @@ class HessianOperator(CurvatureOperator):
         return flatten(hv).detach()
 
     # -- finite differences --------------------------------------------------
-    def _gradient_at_current(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flat gradient and the loss at the current parameters (summed over the pieces)."""
-        if self.pieces is None:
-            loss = checked_loss(self.closure)
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            return flatten(zeros_for_none(grads, self.params)), loss.detach()
-        total = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+    def _accumulate(self, out: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """``out += weight * g`` for the flat gradient ``g`` at the current parameters; returns the loss.
+
+        Summed over the pieces when the probe is split; each parameter's
+        gradient goes into ``out`` as it is formed
+        (:func:`~curvwatch.operators._difference.accumulate_gradient`). The loss
+        is a float64 CPU scalar.
+        """
+        slots = unflatten(out, self.params)
         loss = torch.zeros((), dtype=torch.float64)
-        for closure, weight in self.pieces:
+        for closure, share in self.pieces if self.pieces is not None else [(self.closure, 1.0)]:
             piece = checked_loss(closure)
-            grads = torch.autograd.grad(piece, self.params, allow_unused=True)
-            for slot, g in zip(unflatten(total, self.params), grads):
-                if g is not None:
-                    slot.add_(g, alpha=weight)
-            del grads
-            loss += weight * piece.detach().double().cpu()
-        return total, loss
+            accumulate_gradient(piece, self.params, slots, weight * share)
+            loss += share * piece.detach().double().cpu()
+        return loss
 
     def _ensure_base_gradient(self) -> None:
         if self.gradient is None:
-            g, loss = self._gradient_at_current()
-            self.gradient, self.loss = g, loss.item()
+            gradient = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+            loss = self._accumulate(gradient)
+            self.gradient, self.loss = gradient, loss.item()
 
-    def _finite_difference(self, v: torch.Tensor) -> torch.Tensor:
-        vnorm = v.norm().item()
+    def _finite_difference(self, v: torch.Tensor, preconditioner: torch.Tensor | None = None) -> torch.Tensor:
+        vnorm = math.sqrt(scaled_squared_norm(v, preconditioner).item())
         if vnorm == 0.0:
             return torch.zeros_like(v)
         if self.scheme == "forward":
@@ -248,8 +247,13 @@ class HessianOperator(CurvatureOperator):
         h = self.step if self.step is not None else finite_difference_step(self.dtype, rms, self.scheme)
         with torch.enable_grad():
             return difference_product(
-                self.params, v, h, vnorm, lambda: self._gradient_at_current()[0], self.scheme, self.gradient
+                self.params, v, h, vnorm, self._accumulate, self.scheme, self.gradient, preconditioner
             )
+
+    def _preconditioned_matvec(self, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+        if self.method != "finite_difference":
+            return super()._preconditioned_matvec(v, diagonal)
+        return self._finite_difference(v, diagonal)
 
     def gradient_at_theta(self) -> torch.Tensor:
         """The flat gradient at the current parameters (computed once, cached)."""

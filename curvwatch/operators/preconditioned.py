@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from curvwatch._errors import CurvatureError
+from curvwatch._flat import inverse_sqrt_scale_
 from curvwatch.operators._base import CurvatureOperator
-
-SLICE = 1 << 24  # entries of P^{-1/2} formed at a time (64 MiB in float32)
 
 
 class PreconditionedOperator(CurvatureOperator):
@@ -41,14 +40,9 @@ class PreconditionedOperator(CurvatureOperator):
         # (one parameter-sized vector less per operator: 1.3 GiB at 355M).
         self.diagonal = diagonal.to(device=operator.device, dtype=operator.dtype)
 
-    def _scale(self, v: torch.Tensor) -> torch.Tensor:
-        """``v <- P^{-1/2} v`` in place, :data:`SLICE` entries at a time."""
-        for a in range(0, v.shape[0], SLICE):
-            v[a : a + SLICE].mul_(self.diagonal[a : a + SLICE].rsqrt())
-        return v
-
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._scale(self.operator.matvec(self._scale(v.clone())))
+        """``P^{-1/2} (A P^{-1/2} v)``: the inner scaling as the wrapped operator applies it, the outer in place."""
+        return inverse_sqrt_scale_(self.operator.preconditioned_matvec(v, self.diagonal), self.diagonal)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The wrapped operator's inner product (all-reduced when it is sharded)."""

@@ -312,7 +312,10 @@ class ShardedHessianOperator(CurvatureOperator):
                     squares += t.to(torch.float64).pow(2).sum()
             self._rms = math.sqrt(self._all_reduce_sum(squares).item() / max(self.global_size, 1))
         h = self.step if self.step is not None else finite_difference_step(self._compute_dtype, self._rms, self.scheme)
-        return difference_product(local, v, h, vnorm, lambda: self._gradient()[0], self.scheme, self.gradient)
+        return difference_product(
+            local, v, h, vnorm, lambda out, weight: out.add_(self._gradient()[0], alpha=weight), self.scheme,
+            self.gradient,
+        )
 
     def release(self) -> None:
         """Nothing to free: finite differences keep no graph."""

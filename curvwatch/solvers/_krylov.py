@@ -128,7 +128,11 @@ class LanczosProcess:
             self.beta, self._next = 0.0, fresh / self.operator.norm(fresh)
             return
         self.beta = beta
-        self._next = w / max(beta, 1e-300)
+        self._next = w.div_(max(beta, 1e-300))  # in place: the product's output is not kept elsewhere
+
+    def discard_next(self) -> None:
+        """Free the next Lanczos vector (the iteration is over; :meth:`step` must not follow)."""
+        self._next = None
 
     def ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ritz values (ascending), eigenvectors of ``H``, residual norms ``||f|| |s_m|``."""

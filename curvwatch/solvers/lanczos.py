@@ -161,8 +161,8 @@ def lanczos(
         raise CurvatureError(f"max_basis ({max_basis}) must exceed k ({k})")
     k = min(k, operator.size)
     generator = torch.Generator().manual_seed(seed)
-    start = start_vector(operator, v0, generator)
-    process = LanczosProcess(operator, start, generator, max_basis, basis_device)
+    # the start vector is not held beside the process's normalized copy of it
+    process = LanczosProcess(operator, start_vector(operator, v0, generator), generator, max_basis, basis_device)
     deadline = None if max_seconds is None else time.perf_counter() + max_seconds
     budget = min(max_matvecs, operator.size)
     keep = max(k + 1, max_basis // 2)
@@ -180,6 +180,7 @@ def lanczos(
         out_of_time = deadline is not None and operator.any_rank(time.perf_counter() >= deadline)
         if converged or process.steps >= budget or out_of_time:
             break
+    process.discard_next()  # not needed for the Ritz vectors: one vector less beside the basis
     return LanczosResult(
         eigenvalues=theta[top].clone(),
         eigenvectors=process.combine(s[:, top]),
