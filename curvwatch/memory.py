@@ -59,7 +59,7 @@ HOST_SHARE = 0.5
 # Device memory left free for fragmentation and the allocator's rounding, and
 # the share of what is allowed that an estimate may fill.
 DEVICE_MARGIN = 2 * GIB
-DEVICE_FILL = 0.85
+DEVICE_FILL = 0.9
 
 # Most basis vectors kept on the host: its memory is the user's too.
 HOST_MAX_VECTORS = 6

@@ -188,7 +188,7 @@ def test_measurement_memory_does_not_grow_with_products():
 
 def test_memory_plan_prefers_the_device_then_a_smaller_basis_then_the_host():
     """The plan on the numbers of a 1.56B-parameter model on a 140 GiB GPU (float32 vectors)."""
-    from curvwatch.memory import GIB, plan_memory
+    from curvwatch.memory import DEVICE_FILL, GIB, plan_memory
 
     n, cuda = 1_556_792_000, torch.device("cuda")
 
@@ -198,10 +198,10 @@ def test_memory_plan_prefers_the_device_then_a_smaller_basis_then_the_host():
 
     roomy = plan(200)
     assert roomy.fits and roomy.basis_device == "cuda" and roomy.max_basis == 10
-    tighter = plan(110)  # 5 working vectors (29 GiB) + 10 GiB, then what fits of 85% of 110 GiB
+    tighter = plan(100)  # 5 working vectors (29 GiB) + 10 GiB, then what fits of 90% of 100 GiB
     assert tighter.fits and tighter.basis_device == "cuda" and 3 <= tighter.max_basis < 10
-    assert tighter.device_bytes <= 0.85 * 110 * GIB
-    host = plan(55)  # the working set fits in 85% of 55 GiB, no basis of 3 beside it
+    assert tighter.device_bytes <= DEVICE_FILL * 100 * GIB
+    host = plan(55)  # the working set fits in 90% of 55 GiB, no basis of 3 beside it
     assert host.fits and host.basis_device == "cpu" and host.max_basis == 6
     assert host.host_bytes == 6 * 4 * n
     smallest = plan(55, host=40 * GIB)  # half of 40 GiB: the smallest basis, k + 2 vectors
@@ -223,25 +223,25 @@ def test_a_measurement_asked_for_directly_is_not_held_to_the_share(clock):
 
 
 def test_the_plan_splits_the_probe_before_it_moves_the_basis_to_the_host():
-    """355M on an H200 at Budget(memory_ratio=2.5): 20.9 GiB allowed, 11.9 GiB of float32 activations.
+    """355M on an H200 at Budget(memory_ratio=2.0): 15.92 GiB allowed, 11.9 GiB of float32 activations.
 
-    With 2 pieces the basis only fits on the host (read at every product: 703 steps
-    there); with 4 pieces a basis of 3 fits on the device: the plan takes that.
+    With 2 pieces the basis only fits on the host (read at every product: 825 steps
+    there on 2026-12-04); with 4 pieces a basis of 3 fits on the device: the plan takes that.
     """
-    from curvwatch.memory import GIB, WORKING_VECTORS, plan_with_pieces
+    from curvwatch.memory import DEVICE_FILL, GIB, WORKING_VECTORS, plan_with_pieces
 
     n, cuda = 354_298_880, torch.device("cuda")
     vector = 4 * n
-    allowed, activations = 20.91 * GIB, 11.9 * GIB
+    allowed, activations = 15.92 * GIB, 11.9 * GIB
     plan, pieces = plan_with_pieces(n, torch.float32, cuda, 1, 10, "forward_difference", allowed, activations,
                                     None, 4)
     assert plan.fits and plan.basis_device == "cuda" and pieces == 4
-    assert plan.max_basis == int((0.85 * allowed - WORKING_VECTORS["forward_difference"] * vector
+    assert plan.max_basis == int((DEVICE_FILL * allowed - WORKING_VECTORS["forward_difference"] * vector
                                   - activations / 4) // vector) >= 3
     # a single sequence cannot be split: then the host
     plan, pieces = plan_with_pieces(n, torch.float32, cuda, 1, 10, "forward_difference", allowed, activations,
                                     None, 1)
-    assert pieces == 1 and not plan.fits  # 8 vectors + 11.9 GiB do not fit at all
+    assert pieces == 1 and not plan.fits  # 5 vectors + 11.9 GiB do not fit at all
     plan, pieces = plan_with_pieces(n, torch.float32, cuda, 1, 10, "forward_difference", allowed, activations / 2,
                                     None, 1)
     assert plan.fits and plan.basis_device == "cpu" and pieces == 1

@@ -11,12 +11,8 @@ from __future__ import annotations
 import torch
 
 from curvwatch.operators._base import CurvatureOperator
-
-# Host copies of basis vectors up to this size go to page-locked memory (faster,
-# asynchronous copies); larger ones to pageable memory, because torch's caching
-# host allocator rounds page-locked blocks up to a power of two (a 6.2 GB vector
-# of a 1.56B-parameter model took 8 GiB).
-PINNED_MAX_BYTES = 1 << 30
+from curvwatch.solvers import _host
+from curvwatch.solvers._host import HostVector
 
 # A recurrence coefficient beta below this multiple of the largest |alpha|, |beta|
 # seen means the Krylov space is invariant (numerically exact eigenpairs).
@@ -49,8 +45,8 @@ class LanczosProcess:
         start: starting vector (any nonzero norm).
         generator: fresh random directions after a breakdown come from here.
         max_basis: most basis vectors kept (>= 2); ``None``: never restart.
-        basis_device: where the basis lives (``"cpu"``: host memory, page-locked
-            up to :data:`PINNED_MAX_BYTES` per vector).
+        basis_device: where the basis lives (``"cpu"`` for a CUDA operator: host
+            memory in page-locked chunks, :class:`~curvwatch.solvers._host.HostVector`).
     """
 
     def __init__(
@@ -76,13 +72,11 @@ class LanczosProcess:
     def _store(self, q: torch.Tensor) -> None:
         """Keep ``q`` in the basis.
 
-        From a GPU to the host: page-locked memory up to :data:`PINNED_MAX_BYTES`
-        (asynchronous, about twice as fast back), else pageable memory of the
-        exact size. On the same device: ``q`` itself, which is not reused.
+        On the same device: ``q`` itself, which is not reused. From a GPU to the
+        host: a :class:`~curvwatch.solvers._host.HostVector` (page-locked chunks).
         """
-        if q.is_cuda and self.basis_device.type == "cpu" and q.numel() * q.element_size() <= PINNED_MAX_BYTES:
-            host = torch.empty(q.shape, dtype=q.dtype, pin_memory=True)
-            self.basis.append(host.copy_(q, non_blocking=True))
+        if q.is_cuda and self.basis_device.type == "cpu":
+            self.basis.append(HostVector(q))
         else:
             self.basis.append(q.to(self.basis_device, non_blocking=True))
 
@@ -155,17 +149,27 @@ class LanczosProcess:
         self.projected = torch.diag(theta[-keep:])
         self.restarts += 1
 
-    def _combine_in_place(self, coefficients: torch.Tensor, chunk: int = 1 << 18) -> None:
-        """``V[:, :j] <- V @ coefficients`` in place, ``chunk`` entries at a time."""
-        j = coefficients.shape[1]
-        c = coefficients.to(dtype=self.operator.dtype)
+    def _combine_in_place(self, coefficients: torch.Tensor) -> None:
+        """``V[:, :j] <- V @ coefficients`` in place, a block of entries at a time, on the operator's device.
+
+        Blocks of a power of two entries, at most a host chunk (they never cross one), at most
+        an eighth of a vector for the whole basis together: few enough launches
+        for a 355M-entry vector (85 blocks where fixed blocks of 2^18 took 1,352),
+        little memory beside the basis.
+        """
+        j, m = coefficients.shape[1], len(self.basis)
+        device = self.operator.device
+        c = coefficients.to(device=device, dtype=self.operator.dtype)
         n = self.basis[0].shape[0]
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            rows = torch.stack([q[a:b] for q in self.basis])  # (m, chunk)
-            mixed = c.to(rows.device).T @ rows  # (j, chunk)
+        block = min(1 << max(18, (max(1, n // (8 * m))).bit_length() - 1), _host.HOST_CHUNK)
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            rows = torch.stack([q[a:b].to(device, non_blocking=True) for q in self.basis])  # (m, block)
+            mixed = c.T @ rows  # (j, block)
             for i in range(j):
-                self.basis[i][a:b].copy_(mixed[i])
+                self.basis[i][a:b].copy_(mixed[i], non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the host blocks are read by the CPU next
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``V @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
