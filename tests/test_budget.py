@@ -226,7 +226,7 @@ def test_the_plan_splits_the_probe_before_it_moves_the_basis_to_the_host():
     """355M on an H200 at Budget(memory_ratio=2.0): 15.92 GiB allowed, 11.9 GiB of float32 activations.
 
     With 2 pieces the basis only fits on the host (read at every product: 825 steps
-    there on 2026-12-04); with 4 pieces a basis of 3 fits on the device: the plan takes that.
+    there, 2026-12-03); with 4 pieces a basis of 3 fits on the device: the plan takes that.
     """
     from curvwatch.memory import DEVICE_FILL, GIB, WORKING_VECTORS, plan_with_pieces
 

@@ -75,7 +75,7 @@ def _vector_bytes(model) -> int:
 def test_a_preconditioned_difference_holds_two_vectors(scheme):
     """``P^{-1/2} H P^{-1/2} v`` by differences: the saved parameters and the output, nothing more.
 
-    Before 2026-12-04 the same product held 4 (forward) and 5 (central) vectors:
+    Before 2026-12-03 the same product held 4 (forward) and 5 (central) vectors:
     the scaled copy of ``v``, a flat copy of each gradient beside its
     per-parameter tensors, and the second gradient of a central difference.
     """
