@@ -60,7 +60,7 @@ from curvwatch.operators.sharded import is_sharded
 from curvwatch.precision import matmul_precision, resolve_precision
 from curvwatch.probe import LossFn
 from curvwatch.results import BlockResult, Budget, CurvatureResult
-from curvwatch.solvers.certificate import certify_top, disagree
+from curvwatch.solvers.certificate import FD_AGREEMENT_RTOL, certify_top, disagree, richardson
 from curvwatch.solvers.density import slq
 from curvwatch.solvers.lanczos import LanczosResult, lanczos
 from curvwatch.solvers.trace import hutchinson
@@ -74,6 +74,11 @@ SYMMETRY_RTOL = 1e-2
 # Central differences are trusted when their Rayleigh quotient at the top Ritz
 # vector agrees with the exact one to this (kinks of ReLU-type activations break it).
 DIFFERENCE_RTOL = 1e-2
+
+# Where one-sided and central differences disagree (a sharp state), the central
+# step is halved up to this many times (one central product each) for a
+# Richardson extrapolation; the rounding error grows as 1/h, so not further.
+RICHARDSON_HALVINGS = 3
 
 # A ratio sharpness/threshold is logged only when the sharpness is known to this
 # relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
@@ -635,6 +640,9 @@ class _Measurement:
             return eig
         certified = certify_top(certificate, eig)
         if disagree(certified.lambda_max, eig.lambda_max):
+            extrapolated = self._extrapolated(certificate, eig, certified)
+            if extrapolated is not None:
+                return extrapolated
             # The finite-difference steps are outside their accurate range here
             # (kinks, strong third-order terms): say so rather than hide it.
             self.notes.append((
@@ -645,6 +653,48 @@ class _Measurement:
             ))
             certified = replace(certified, converged=False)
         return certified
+
+    def _extrapolated(self, certificate, eig: LanczosResult, coarse: LanczosResult) -> LanczosResult | None:
+        """At a sharp state: the central Rayleigh quotient again at smaller steps, extrapolated.
+
+        The step is halved up to :data:`RICHARDSON_HALVINGS` times, one central
+        product each, and each pair of neighbouring steps is extrapolated
+        (:func:`~curvwatch.solvers.certificate.richardson`) until the smaller
+        step's estimated error is within
+        :data:`~curvwatch.solvers.certificate.FD_AGREEMENT_RTOL`. Returns that
+        extrapolated result, or ``None`` (the caller reports the disagreement
+        as not converged).
+        """
+        differences = certificate
+        while not hasattr(differences, "step_scale") and hasattr(differences, "operator"):
+            differences = differences.operator
+        if not hasattr(differences, "step_scale"):
+            return None
+        steps = [coarse.lambda_max]
+        try:
+            for halving in range(1, RICHARDSON_HALVINGS + 1):
+                differences.step_scale = 0.5**halving
+                fine = certify_top(certificate, eig)
+                steps.append(fine.lambda_max)
+                value, error = richardson(steps[-2], steps[-1])
+                if error <= FD_AGREEMENT_RTOL * abs(value):
+                    break
+            else:
+                return None
+        finally:
+            differences.step_scale = 1.0
+        self.notes.append((
+            "fd-extrapolated",
+            f"curvwatch: step {self.step}: a sharp state: central differences at 1, 1/2, ... of the usual "
+            f"step give {', '.join(f'{v:.6g}' for v in steps)}; lambda_max is the Richardson extrapolation "
+            f"of the last two, {value:.6g} (estimated error {error / abs(value):.1e})",
+        ))
+        values = fine.eigenvalues.clone()
+        values[0] = value
+        bounds = None if fine.error_bounds is None else fine.error_bounds.clone()
+        if bounds is not None:
+            bounds[0] = max(float(bounds[0]), error)
+        return replace(fine, eigenvalues=values, error_bounds=bounds)
 
     def _probe_loss(self, operator) -> float:
         """The probe loss at theta, averaged over ranks (a forward of its own where no product formed it)."""

@@ -146,6 +146,7 @@ class HessianOperator(CurvatureOperator):
         self.module = module
         self.scheme = scheme
         self.step = step
+        self.step_scale = 1.0  # multiplies the step (a Richardson certificate halves it)
         self.pieces = list(pieces) if pieces is not None else None
         self.loss: float | None = None
         self.gradient: torch.Tensor | None = None
@@ -245,6 +246,7 @@ class HessianOperator(CurvatureOperator):
         with torch.no_grad():
             rms = math.sqrt(sum(float(p.double().pow(2).sum()) for p in self.params) / self.size)
         h = self.step if self.step is not None else finite_difference_step(self.dtype, rms, self.scheme)
+        h *= self.step_scale
         with torch.enable_grad():
             return difference_product(
                 self.params, v, h, vnorm, self._accumulate, self.scheme, self.gradient, preconditioner

@@ -197,6 +197,7 @@ class ShardedHessianOperator(CurvatureOperator):
         self.closure = closure
         self.scheme = scheme
         self.step = step
+        self.step_scale = 1.0  # multiplies the step (a Richardson certificate halves it)
         self._world = _world_size()
         self._layouts, self._replicas = _layouts(self.params, module, self._world)
         self._fsdp2 = [m for m in module.modules() if _is_fsdp2(m)]
@@ -312,6 +313,7 @@ class ShardedHessianOperator(CurvatureOperator):
                     squares += t.to(torch.float64).pow(2).sum()
             self._rms = math.sqrt(self._all_reduce_sum(squares).item() / max(self.global_size, 1))
         h = self.step if self.step is not None else finite_difference_step(self._compute_dtype, self._rms, self.scheme)
+        h *= self.step_scale
         return difference_product(
             local, v, h, vnorm, lambda out, weight: out.add_(self._gradient()[0], alpha=weight), self.scheme,
             self.gradient,

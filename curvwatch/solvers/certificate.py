@@ -35,3 +35,23 @@ def certify_top(operator: CurvatureOperator, eig: LanczosResult) -> LanczosResul
 def disagree(central: float, one_sided: float) -> bool:
     """True when two estimates of lambda_max differ by more than :data:`FD_AGREEMENT_RTOL`."""
     return abs(central - one_sided) > FD_AGREEMENT_RTOL * max(abs(central), 1e-30)
+
+
+def richardson(coarse: float, fine: float) -> tuple[float, float]:
+    r"""Richardson extrapolation of central differences at steps ``h`` and ``h/2``.
+
+    A central difference is ``lambda + a h^2 + O(h^4)``, so
+
+    .. math::
+
+        \lambda \approx \frac{4\,C(h/2) - C(h)}{3}, \qquad
+        \text{error of } C(h/2) \approx \frac{C(h) - C(h/2)}{3} ,
+
+    returns the extrapolated value and that error estimate (an upper bound on
+    the extrapolated value's error while the expansion holds). At a sharp state,
+    where the step is large against the scale on which the curvature changes,
+    this is the step that follows the curvature: half of it, and the known
+    order of its error.
+    """
+    extrapolated = (4.0 * fine - coarse) / 3.0
+    return extrapolated, abs(extrapolated - fine)
