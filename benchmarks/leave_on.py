@@ -75,6 +75,44 @@ def build(name: str, device: torch.device, batch: int, seq: int):
     return model, train, probe, bf16
 
 
+class Training:
+    """The benchmarks' training: :func:`build`'s model, AdamW (lr 1e-4, weight decay 0.1),
+    bf16 autocast where the size asks for it; ``step()`` is one optimizer step."""
+
+    def __init__(self, name: str, device: torch.device, batch: int, seq: int) -> None:
+        self.device = device
+        self.model, self.batches, self.probe, self.bf16 = build(name, device, batch, seq)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
+        self.steps = 0
+
+    def step(self) -> None:
+        x = self.batches[self.steps % len(self.batches)]
+        self.steps += 1
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.model(input_ids=x, labels=x).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, repeats: int) -> tuple[float, float]:
+        """Median seconds of ``repeats`` steps and their peak CUDA bytes (NaN on the CPU)."""
+        cuda = self.device.type == "cuda"
+        self.sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            self.step()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times), (torch.cuda.max_memory_allocated() if cuda else math.nan)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (``argv``; default ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,37 +173,13 @@ def run_size(name: str, device: torch.device, args) -> dict:
     import curvwatch as cw
 
     cuda = device.type == "cuda"
-    model, train, probe, bf16 = build(name, device, args.batch, args.seq)
+    training = Training(name, device, args.batch, args.seq)
+    model, probe, opt, bf16 = training.model, training.probe, training.opt, training.bf16
+    step, sync = training.step, training.sync
     n = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    it = [0]
-
-    def step() -> None:
-        x = train[it[0] % len(train)]
-        it[0] += 1
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
     for _ in range(args.warmup):
         step()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    step_peak = torch.cuda.max_memory_allocated() if cuda else math.nan
+    step_s, step_peak = training.timed(10)
     row = {"size": name, "params": n, "bf16": bf16, "step_s": step_s, "step_peak_gib": step_peak / 2**30,
            "resident_gib": torch.cuda.memory_allocated() / 2**30 if cuda else math.nan}
     print(f"[{name}] {n/1e6:.0f}M params, step {step_s*1e3:.1f} ms, peak {row['step_peak_gib']:.2f} GiB", flush=True)
@@ -212,7 +226,7 @@ def run_size(name: str, device: torch.device, args) -> dict:
                     torch.cuda.reset_peak_memory_stats()
                 rss0 = rss_gib()
                 t = time.perf_counter()
-                res = mon.measure(it[0])
+                res = mon.measure(training.steps)
                 sync()
                 seconds = time.perf_counter() - t
                 peak = torch.cuda.max_memory_allocated() if cuda else math.nan

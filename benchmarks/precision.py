@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace | None = None) -> None:
     import curvwatch as cw
-    from benchmarks.leave_on import build
+    from benchmarks.leave_on import Training
     from curvwatch.chunked import split_probe
     from curvwatch.precision import matmul_precision
     from curvwatch.stability import preconditioner_diagonal
@@ -77,35 +77,12 @@ def main(args: argparse.Namespace | None = None) -> None:
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model, train, probe, bf16 = build(args.size, device, args.batch, args.seq)
+    training = Training(args.size, device, args.batch, args.seq)
+    model, probe, opt, sync = training.model, training.probe, training.opt, training.sync
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    def step(i: int) -> None:
-        x = train[i % len(train)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for i in range(args.warmup):
-        step(i)
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(5):
-        t = time.perf_counter()
-        step(i)
-        sync()
-        times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    step_peak = torch.cuda.max_memory_allocated() if cuda else math.nan
+    for _ in range(args.warmup):
+        training.step()
+    step_s, step_peak = training.timed(5)
     model.eval()  # dropout is off in these configs; eval() only makes it explicit
 
     def loss_fn(autocast: bool):

@@ -20,7 +20,7 @@ import torch
 
 def main() -> None:
     import curvwatch as cw
-    from benchmarks.leave_on import build
+    from benchmarks.leave_on import Training
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", default="355M")
@@ -28,15 +28,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     device = torch.device("cuda")
-    model, train, probe, bf16 = build(args.size, device, 4, 512)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    for i in range(20):
-        x = train[i % len(train)]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    training = Training(args.size, device, 4, 512)
+    model, probe, opt = training.model, training.probe, training.opt
+    for _ in range(20):
+        training.step()
     torch.cuda.synchronize()
     monitor = cw.CurvatureMonitor(model, probe, optimizer=opt, top_k=1, trace=False,
                                   budget=cw.Budget(overhead=None, memory_ratio=args.ratio))
