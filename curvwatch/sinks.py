@@ -46,7 +46,9 @@ def custom_scalars_layout(adaptive: bool = False, blocks: bool = False) -> dict:
     }
     if blocks:
         charts = layout[CHART_CATEGORY]
-        charts["blocks: sharpness"] = ["Multiline", [TAG_PREFIX + f"block/[^/]+/{sharp}$"]]
+        # its own title under Adam: charts of one title from two runs are merged
+        title = "blocks: preconditioned sharpness" if adaptive else "blocks: sharpness"
+        charts[title] = ["Multiline", [TAG_PREFIX + f"block/[^/]+/{sharp}$"]]
         charts["blocks: sharpness / threshold"] = ["Multiline", [TAG_PREFIX + "block/[^/]+/sharpness_ratio$"]]
     return layout
 

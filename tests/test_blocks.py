@@ -295,7 +295,7 @@ def test_tensorboard_and_jsonl_sinks_write_the_block_tags(tmp_path):
             assert logged[tag] == {7: pytest.approx(getattr(result.blocks[name], field), rel=1e-6)}, tag
     assert "curvature/lambda_max" in logged  # the global values stay
     (layout,) = layouts(tmp_path / "run")
-    assert layout["blocks: sharpness"] == ["curvature/block/[^/]+/preconditioned_lambda_max$"]
+    assert layout["blocks: preconditioned sharpness"] == ["curvature/block/[^/]+/preconditioned_lambda_max$"]
     record = json.loads(jsonl.read_text().splitlines()[0])
     assert record["blocks"]["mlp"]["lambda_max"] == pytest.approx(result.blocks["mlp"].lambda_max)
     assert record["scalars"]["curvature/block/mlp/lambda_max"] == pytest.approx(result.blocks["mlp"].lambda_max)
