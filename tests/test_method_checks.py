@@ -223,3 +223,24 @@ def test_richardson_removes_the_h_squared_term():
     value, error = richardson(central(0.1), central(0.05))
     assert value == pytest.approx(3.0 - 900.0 * 0.1**2 * 0.05**2, rel=1e-12)  # only the h^4 term is left
     assert abs(value - 3.0) < error == pytest.approx(abs(value - central(0.05)))
+
+
+def test_a_kink_does_not_settle_under_the_step_down_and_is_reported_not_converged():
+    """``|w|`` at ``w = 1e-6``: every step crosses the kink, so halving it never settles (H = diag(1, 2, 3))."""
+
+    class Kink(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([1e-6, 0.5, 0.7]))
+
+        def forward(self, _batch):
+            return self.w.abs().sum() + 0.5 * (torch.tensor([1.0, 2.0, 3.0]) * self.w.pow(2)).sum()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = cw.CurvatureMonitor(Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,
+                                     method="forward_difference").measure(1)
+    messages = [str(w.message) for w in caught]
+    assert not result.converged and abs(result.lambda_max - 3.0) > 1.0
+    assert any("disagree" in m and "not converged" in m for m in messages), messages
+    assert not any("Richardson" in m for m in messages)
