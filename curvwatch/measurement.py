@@ -249,7 +249,8 @@ class _Measurement:
                 pre_certificate = PreconditionedOperator(certificate, diagonal) if certificate else None
                 pre = self._certified(first, pre_certificate)
                 warm_pre = _kept(pre.eigenvectors)
-                # the device copy is not read again: one vector less during the solve below
+                # the device copy is not read again: rebinding both names (first holds the same
+                # vector) frees it, one vector less during the solve below
                 pre = first = replace(pre, eigenvectors=warm_pre)
                 if products - spent() >= config.top_k and not self._past():
                     eig = self._lanczos(operator, config.top_k, products - spent(), warm, self.seed)

@@ -147,6 +147,7 @@ class HessianOperator(CurvatureOperator):
         self.scheme = scheme
         self.step = step
         self.step_scale = 1.0  # multiplies the step (a Richardson certificate halves it)
+        self._rms: float | None = None
         self.pieces = list(pieces) if pieces is not None else None
         self.loss: float | None = None
         self.gradient: torch.Tensor | None = None
@@ -243,14 +244,26 @@ class HessianOperator(CurvatureOperator):
             return torch.zeros_like(v)
         if self.scheme == "forward":
             self._ensure_base_gradient()
-        with torch.no_grad():
-            rms = math.sqrt(sum(float(p.double().pow(2).sum()) for p in self.params) / self.size)
-        h = self.step if self.step is not None else finite_difference_step(self.dtype, rms, self.scheme)
+        h = self.step if self.step is not None else finite_difference_step(self.dtype, self._param_rms(), self.scheme)
         h *= self.step_scale
         with torch.enable_grad():
             return difference_product(
                 self.params, v, h, vnorm, self._accumulate, self.scheme, self.gradient, preconditioner
             )
+
+    def _param_rms(self) -> float:
+        """``rms(theta)`` for the step, summed on the device with one synchronisation, once per operator.
+
+        theta is the same for every product of this operator (the differences
+        restore it bit-exactly; the cached gradient and graph assume it too).
+        """
+        if self._rms is None:
+            squares = torch.zeros((), dtype=torch.float64, device=self.device)
+            with torch.no_grad():
+                for p in self.params:
+                    squares += p.detach().double().pow(2).sum()
+            self._rms = math.sqrt(squares.item() / self.size)
+        return self._rms
 
     def _preconditioned_matvec(self, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
         if self.method != "finite_difference":

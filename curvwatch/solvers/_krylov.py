@@ -169,7 +169,8 @@ class LanczosProcess:
             for i in range(j):
                 self.basis[i][a:b].copy_(mixed[i], non_blocking=True)
         if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # the host blocks are read by the CPU next
+            # the copies back into host memory are asynchronous: complete before the basis is read or freed
+            torch.cuda.current_stream(device).synchronize()
 
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``V @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
