@@ -113,21 +113,26 @@ class Training:
         return statistics.median(times), (torch.cuda.max_memory_allocated() if cuda else math.nan)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (``argv``; default ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="124M,355M")
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of :class:`Training` and of where results go, shared by the GPU benchmarks."""
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--out", default="benchmarks/results")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``; default ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="124M,355M")
+    add_training_arguments(parser)
     parser.add_argument("--overhead-steps", type=int, default=600)
     parser.add_argument("--ref-hvps", type=int, default=120)
     parser.add_argument("--ref-basis", type=int, default=20)
     parser.add_argument("--ref-method", default="double_backward",
                         help="double_backward | finite_difference (central) | none")
     parser.add_argument("--configs", default="defaults,forward_difference,fp32,ratio_1.5,threshold_only")
-    parser.add_argument("--out", default="benchmarks/results")
     return parser.parse_args(argv)
 
 

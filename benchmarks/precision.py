@@ -55,14 +55,12 @@ def math_attention():
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from benchmarks.leave_on import add_training_arguments
+
     parser.add_argument("--size", default="355M")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--warmup", type=int, default=30)
+    add_training_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(m[0] for m in MODES))
-    parser.add_argument("--out", default="benchmarks/results")
     return parser.parse_args(argv)
 
 
