@@ -74,7 +74,7 @@ from typing import Any, Literal
 
 import torch
 
-from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning
+from curvwatch import CurvatureError, CurvatureMonitor, CurvatureResult, CurvatureWarning
 from curvwatch.probe import LossFn, loss_closure_factory
 from curvwatch.results import DIAGNOSTICS_PREFIX
 
@@ -220,7 +220,7 @@ def watch(
     # views whose forward does not gather); the sharded operator reduces itself.
     sharded = is_sharded(model)
     unwrapped = model if sharded else accelerator.unwrap_model(model)
-    loss = _full_precision(loss_closure_factory(batch, loss_fn, criterion))
+    loss_closure_factory(batch, loss_fn, criterion)  # a bad loss specification raises before the split
     if split_batch:
         batch = process_share(batch, accelerator.process_index, accelerator.num_processes)
     options = dict(monitor_options)
@@ -232,7 +232,11 @@ def watch(
     log = LoggingSink(_Trackers(accelerator), options.get("strict", False), WarnOnce())
     sinks = rank_zero_sinks(options, accelerator.is_main_process, log)
     options.setdefault("optimizer", inner)
-    monitor = CurvatureMonitor(unwrapped, batch, loss_fn=loss, every=every, sinks=sinks, **options)
+    # the user's loss_fn / criterion as given: the Gauss-Newton and Fisher curvatures
+    # read the criterion itself (a wrapped closure would be a loss_fn they cannot take)
+    monitor = _FullPrecisionMonitor(
+        unwrapped, batch, loss_fn=loss_fn, criterion=criterion, every=every, sinks=sinks, **options
+    )
     if accelerator.is_main_process and not getattr(accelerator, "log_with", None):
         warnings.warn(
             "curvwatch: the Accelerator has no trackers (log_with=...): curvature values "
@@ -319,11 +323,15 @@ def _plain_forward(model: torch.nn.Module) -> Iterator[None]:
         model.forward = wrapped
 
 
-def _full_precision(loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` evaluated with :func:`_plain_forward`."""
+class _FullPrecisionMonitor(CurvatureMonitor):
+    """A :class:`~curvwatch.CurvatureMonitor` whose measurements run with :func:`_plain_forward`.
 
-    def loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        with _plain_forward(model):
-            return loss_fn(model, batch)
+    Every forward of a measurement (the loss closure, the batch sharpness's
+    mini-batches, the ``model(inputs)`` of the Gauss-Newton and Fisher
+    operators) then runs in the parameters' dtype, not under the autocast
+    wrapper of ``accelerator.prepare``; training keeps the wrapper.
+    """
 
-    return loss
+    def measure(self, step: int | None = None, *, scheduled: bool = False) -> CurvatureResult | None:
+        with _plain_forward(self.model):
+            return super().measure(step, scheduled=scheduled)

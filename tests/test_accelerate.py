@@ -476,3 +476,41 @@ def test_the_same_run_under_lightning_transformers_and_accelerate_logs_the_same_
     assert logged["lightning"]["train_loss"] and tracked["lightning"]["train_loss"]
     assert sorted(logged["transformers"]["train/loss"]) == sorted(tracked["transformers"]["loss"]) == [5, 10, 15, 20]
     assert sorted(logged["accelerate"]["train_loss"]) == [5, 10, 15, 20]
+
+
+@pytest.mark.filterwarnings("ignore:curvwatch. no optimizer given")  # the reference monitor
+@pytest.mark.parametrize("split_batch", [True, False])
+@pytest.mark.parametrize("curvature", ["ggn", "fisher", "empirical_fisher"])
+def test_output_space_curvatures_take_the_criterion_in_full_precision(tmp_path, curvature, split_batch):
+    """``criterion=MSELoss()`` with a Gauss-Newton or Fisher curvature measures; bf16 training, float32 products.
+
+    One cold measurement at the last update equals a plain float32 model's: under the
+    autocast wrapper ``prepare`` puts on ``forward`` it would differ by 1e-3 to 6e-3.
+    """
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 8, generator=g), torch.randn(32, 2, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:24], y[:24]), batch_size=6)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    probe = (x[24:], y[24:])
+    criterion = torch.nn.MSELoss()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "curvwatch: the Accelerator has no trackers")
+        monitor = watch(accelerator, model, optimizer, probe, every=4, criterion=criterion, curvature=curvature,
+                        split_batch=split_batch, checkpoint=False, strict=True, trace=False, top_k=1)
+    for xb, yb in loader:
+        accelerator.backward(criterion(model(xb), yb))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert [r.step for r in monitor.history] == [4]
+    assert monitor.history[-1].method == curvature
+
+    unwrapped = accelerator.unwrap_model(model)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    plain.load_state_dict(unwrapped.state_dict())
+    reference = direct(plain, probe, None, 4, criterion=criterion, curvature=curvature, trace=False, top_k=1)
+    assert monitor.history[-1].lambda_max == pytest.approx(reference.lambda_max, rel=1e-6)
+    assert monitor.history[-1].loss == pytest.approx(reference.loss, rel=1e-6)
