@@ -89,6 +89,27 @@ def check_spec(spec: Any) -> None:
             )
 
 
+def block_patterns(model: torch.nn.Module, spec: BlockSpec | None) -> dict[str, list[str]] | None:
+    """The blocks of ``spec`` as ``{name: [patterns]}``, the shorthands spelled out on ``model`` now.
+
+    A monitor keeps this from its construction, so parameters frozen later do
+    not move a shorthand's blocks (``"layers"`` looks for a stack of trainable
+    layers, ``"modules"`` for trainable children).
+
+    Raises:
+        CurvatureError: a malformed spec; ``"layers"`` on a model without a
+            stack of repeated layers; ``"modules"`` without a trainable child.
+    """
+    check_spec(spec)
+    if spec is None:
+        return None
+    if spec == "layers":
+        spec = _layer_patterns(model)
+    elif spec == "modules":
+        spec = _module_patterns(model, _trainable_names(model))
+    return {block: [patterns] if isinstance(patterns, str) else list(patterns) for block, patterns in spec.items()}
+
+
 def resolve_blocks(model: torch.nn.Module, spec: BlockSpec | None) -> dict[str, list[str]]:
     """The blocks of ``spec`` as ``{name: [parameter names]}`` in ``named_parameters()`` order.
 
@@ -100,17 +121,12 @@ def resolve_blocks(model: torch.nn.Module, spec: BlockSpec | None) -> dict[str, 
             parameter (the message names it and shows a few parameter names);
             ``"layers"`` on a model without a stack of repeated layers.
     """
-    check_spec(spec)
-    if spec is None:
+    patterns = block_patterns(model, spec)
+    if patterns is None:
         return {}
-    named = [(name, clean_name(name)) for name, p in model.named_parameters() if p.requires_grad]
-    if spec == "layers":
-        spec = _layer_patterns(model)
-    elif spec == "modules":
-        spec = _module_patterns(model, named)
+    named = _trainable_names(model)
     blocks: dict[str, list[str]] = {}
-    for block, patterns in spec.items():
-        listed = [patterns] if isinstance(patterns, str) else list(patterns)
+    for block, listed in patterns.items():
         chosen: set[str] = set()
         for pattern in listed:
             hits = {name for name, clean in named if fnmatch.fnmatchcase(clean, pattern)}
@@ -122,13 +138,43 @@ def resolve_blocks(model: torch.nn.Module, spec: BlockSpec | None) -> dict[str, 
 
 
 def block_parameters(model: torch.nn.Module, spec: BlockSpec | None) -> dict[str, list[torch.Tensor]]:
-    """The blocks of ``spec`` as ``{name: [parameters]}`` (see :func:`resolve_blocks`).
+    """The blocks of ``spec`` as ``{name: [parameters]}``: its trainable parameters now.
 
     Resolved again at every call, so a model wrapped after the monitor was built
-    (FSDP, ``torch.compile``) gives its current parameters.
+    (FSDP, ``torch.compile``) gives its current parameters, and a parameter
+    frozen since (``requires_grad_(False)``) is left out of its blocks. Unlike
+    :func:`resolve_blocks` a pattern may match nothing: a block whose
+    parameters are all frozen now is ``[]`` (:func:`lost_block_message` says so).
     """
+    patterns = block_patterns(model, spec) or {}
+    named = _trainable_names(model)
     params = dict(model.named_parameters())
-    return {block: [params[name] for name in names] for block, names in resolve_blocks(model, spec).items()}
+    return {
+        block: [params[name] for name, clean in named if any(fnmatch.fnmatchcase(clean, p) for p in listed)]
+        for block, listed in patterns.items()
+    }
+
+
+def lost_block_message(model: torch.nn.Module, spec: BlockSpec | None, block: str) -> str:
+    """Why ``block`` of ``spec`` has no parameter to measure (:func:`block_parameters` gave ``[]``)."""
+    listed = (block_patterns(model, spec) or {}).get(block, [])
+    frozen = [clean_name(n) for n, p in model.named_parameters() if not p.requires_grad]
+    only_frozen = any(fnmatch.fnmatchcase(n, p) for n in frozen for p in listed)
+    why = (
+        "they were frozen (requires_grad=False) after the monitor was built"
+        if only_frozen
+        else "the model has no parameter of those names any more"
+    )
+    return (
+        f"curvwatch: block {block!r} has no trainable parameter now (its patterns {listed} match none: {why}); "
+        "it is logged as NaN, i.e. not at all, until they train again; the global values and the other "
+        "blocks are measured as before"
+    )
+
+
+def _trainable_names(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """``(name, name without wrapper segments)`` of every trainable parameter, in order."""
+    return [(name, clean_name(name)) for name, p in model.named_parameters() if p.requires_grad]
 
 
 def _no_match(model: torch.nn.Module, block: str, pattern: str, names: list[str]) -> str:

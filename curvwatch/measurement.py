@@ -35,7 +35,7 @@ import torch
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch._flat import flatten
 from curvwatch.batch_sharpness import batch_sharpness
-from curvwatch.blocks import block_parameters
+from curvwatch.blocks import block_parameters, lost_block_message
 from curvwatch.chunked import split_probe
 from curvwatch.directional import (
     critical_sharpness,
@@ -723,6 +723,10 @@ class _Measurement:
         results: dict[str, BlockResult] = {}
         spent, unmeasured = 0, []
         for index, (name, params) in enumerate(block_parameters(self.model, config.blocks).items()):
+            if not params:  # all frozen since the monitor was built: the others and the global values go on
+                self.notes.append((f"block-lost {name}", lost_block_message(self.model, config.blocks, name)))
+                results[name] = BlockResult()
+                continue
             if left - spent < 1 or self._past():
                 results[name] = BlockResult()
                 unmeasured.append(name)

@@ -34,7 +34,7 @@ import torch
 
 from curvwatch._errors import CurvatureError, CurvatureWarning
 from curvwatch._flat import local
-from curvwatch.blocks import BlockSpec, resolve_blocks
+from curvwatch.blocks import BlockSpec, block_patterns, resolve_blocks
 from curvwatch.cost import OverheadAccount
 from curvwatch.crossings import Crossings
 from curvwatch.guard import measurement_guard
@@ -380,6 +380,8 @@ class CurvatureMonitor:
         self._attached_steps = 0
         self.precision = precision
         self.blocks = blocks
+        # the shorthands spelled out now: parameters frozen later must not move the blocks
+        self._block_patterns = block_patterns(model, blocks)
         self.blocks_every = blocks_every
         self._cost = OverheadAccount()
         self._cost.start()
@@ -612,7 +614,7 @@ class CurvatureMonitor:
             spectrum_every=self.spectrum_every, ggn_kind=self._ggn_kind, criterion=self.criterion,
             curvature=self.curvature, mc_samples=self.mc_samples,
             update_sharpness=self.update_sharpness, critical_sharpness=self.critical_sharpness,
-            blocks=self.blocks, blocks_every=self.blocks_every,
+            blocks=self._block_patterns, blocks_every=self.blocks_every,
         )
 
     def _probe(self) -> Probe:

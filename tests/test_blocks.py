@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -273,6 +274,63 @@ def test_warm_starts_per_block_and_blocks_every():
     assert fourth.blocks == {}
     fifth = fresh.measure(5)
     assert all(fifth.blocks[n].hvps < first.blocks[n].hvps for n in first.blocks)  # warm starts restored
+
+
+
+class _Stack(nn.Module):
+    """Three repeated layers in an ``nn.ModuleList`` (what ``blocks="layers"`` finds) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        self.head = nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize(
+    ("spec", "frozen", "lost", "kept"),
+    [
+        ({"first": "layers.0.*", "rest": ["layers.1.*", "layers.2.*"]}, ("layers.0", "layers.1"), "first",
+         {"rest": ["layers.2.weight", "layers.2.bias"]}),
+        ("layers", ("layers.0",), "layers.0", {"layers.1": ["layers.1.weight", "layers.1.bias"],
+                                               "layers.2": ["layers.2.weight", "layers.2.bias"]}),
+        ("modules", ("head",), "head", {"layers": [f"layers.{i}.{n}" for i in (1, 2) for n in ("weight", "bias")]}),
+    ],
+    ids=["dict", "layers", "modules"],
+)
+def test_parameters_frozen_after_construction_keep_the_global_values_and_the_other_blocks(spec, frozen, lost, kept):
+    model, batch = _Stack(), _data()
+    monitor = CurvatureMonitor(model, batch, criterion=nn.CrossEntropyLoss(), budget=BIG, top_k=1, trace=False,
+                               blocks=spec)
+    assert lost in monitor.measure(1).blocks
+    if spec == "modules":
+        model.layers[0].requires_grad_(False)  # the "layers" block loses a part, the head all of its own
+    for name in frozen:
+        model.get_submodule(name).requires_grad_(False)
+    with pytest.warns(CurvatureWarning, match=rf"block '{lost}' has no trainable parameter now.*frozen"):
+        second = monitor.measure(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        third = monitor.measure(3)
+
+    dense, _ = _dense_hessian(model, batch)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    idx = _index(model, trainable)
+    whole = torch.linalg.eigvalsh(dense[idx][:, idx])[-1].item()
+    for result in (second, third):
+        assert result.lambda_max == pytest.approx(whole, rel=1e-6)  # the global values go on
+        assert math.isnan(result.blocks[lost].lambda_max)
+        assert f"curvature/block/{lost}/lambda_max" not in result.scalars()
+        for name, names in kept.items():  # the other blocks re-resolve to their trainable parameters
+            sub = _index(model, names)
+            exact = torch.linalg.eigvalsh(dense[sub][:, sub])[-1].item()
+            assert result.blocks[name].lambda_max == pytest.approx(exact, rel=1e-6), name
 
 
 # -- logging -------------------------------------------------------------------------------------
