@@ -209,7 +209,7 @@ class _Measurement:
         diagonal = self._preconditioner(limit)
         products = self.allowance.products
         operator = self._operator()
-        precision = resolve_precision(config.precision, self._method(), operator.device)
+        precision = resolve_precision(config.precision, self._method(), operator.device, operator.dtype)
         with matmul_precision(precision):
             try:
                 check = self._should_check("double_backward") and products >= config.top_k + 4
@@ -232,7 +232,7 @@ class _Measurement:
                 self.notes.append(("auto-fd", f"curvwatch: {error}. Using finite differences from now on."))
                 self.check_products += operator.matvecs  # spent on the operator given up
                 operator = self._operator()
-                precision = "fp32"
+                precision = resolve_precision(config.precision, "finite_difference", operator.device, operator.dtype)
                 update = self._update_sharpness(
                     operator, self._update_direction(limit), limit, diagonal, products - self.check_products
                 )

@@ -88,6 +88,20 @@ class MemoryPlan:
     message: str
 
 
+def format_bytes(count: float) -> str:
+    """``count`` bytes in the largest binary unit it reaches: ``"200 B"``, ``"1.5 KiB"``, ``"3.25 GiB"``.
+
+    Three significant digits. A small model's needs read ``"12 KiB"``, never ``"0.00 GiB"``; an
+    infinite count (``Budget(max_memory=float("inf"))``) reads ``"no limit"``.
+    """
+    if not math.isfinite(count):
+        return "no limit" if count > 0 else str(count)
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(count) >= size:
+            return f"{count / size:.3g} {unit}" if abs(count) < 100 * size else f"{count / size:.0f} {unit}"
+    return f"{count:.0f} B"
+
+
 def host_available_bytes() -> float:
     """``MemAvailable`` of ``/proc/meminfo`` (infinity where it cannot be read)."""
     try:
@@ -163,7 +177,8 @@ def plan_memory(
     cuda = device.type == "cuda"
     smallest = k + 2
     # on the device: the basis asked for, else the largest that fits (at least k + 2)
-    room = int((DEVICE_FILL * allowed - working) // vector) if vector > 0 else max_basis
+    # (an infinite allowance, Budget(max_memory=inf), has room for any basis: inf // x is NaN)
+    room = int((DEVICE_FILL * allowed - working) // vector) if vector > 0 and math.isfinite(allowed) else max_basis
     fitted = max(smallest, min(max_basis, room))
     on_host = max(smallest, min(max_basis, HOST_MAX_VECTORS))
     if basis_device is not None:
@@ -181,17 +196,17 @@ def plan_memory(
         if limit_ok and host_bytes <= host:
             return MemoryPlan(
                 True, where, m, device_bytes, host_bytes, allowed,
-                f"basis of {m} vectors on {where}: {device_bytes / GIB:.2f} GiB on {device.type}"
-                f" (allowed {allowed / GIB:.2f} GiB), {host_bytes / GIB:.2f} GiB on the host",
+                f"basis of {m} vectors on {where}: {format_bytes(device_bytes)} on {device.type}"
+                f" (allowed {format_bytes(allowed)}), {format_bytes(host_bytes)} on the host",
             )
     need = working + (k + 2) * vector
     return MemoryPlan(
         False, device.type, k + 2, need, 0.0, allowed,
-        f"it needs about {need / GIB:.2f} GiB ({size:,} parameters x {vector / size:.0f} bytes x "
-        f"{WORKING_VECTORS.get(method, 7) + k + 2} vectors + {activations / GIB:.2f} GiB of one "
-        f"product's activations) and {allowed / GIB:.2f} GiB is allowed on {device.type}; fix: "
+        f"it needs about {format_bytes(need)} ({size:,} parameters x {vector / size:.0f} bytes x "
+        f"{WORKING_VECTORS.get(method, 7) + k + 2} vectors + {format_bytes(activations)} of one "
+        f"product's activations) and {format_bytes(allowed)} is allowed on {device.type}; fix: "
         "a smaller probe batch, method='forward_difference', Budget(memory_ratio=...) or "
-        "Budget(max_memory=...) above that, or fewer trainable parameters",
+        "Budget(max_memory=<bytes>, e.g. 8 * 2**30 for 8 GiB) above that, or fewer trainable parameters",
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -207,7 +208,9 @@ class CurvatureMonitor:
 
     Raises:
         CurvatureError: bad arguments (named in the message), including a
-            ``curvature="ggn"`` setup with no known output Hessian.
+            ``curvature="ggn"`` setup with no known output Hessian, an
+            ``optimizer`` that holds none of the model's parameters, a
+            non-callable ``on_threshold`` and ``Budget.max_basis <= top_k``.
 
     Example::
 
@@ -281,8 +284,20 @@ class CurvatureMonitor:
             raise CurvatureError(f"batch_size must be a positive integer, got {batch_size!r}")
         if minibatches is not None and batch_size is None:
             raise CurvatureError("minibatches=... is for batch sharpness: also pass batch_size=<training batch size>")
+        if budget.max_basis is not None and budget.max_basis <= top_k:
+            raise CurvatureError(
+                f"Budget.max_basis={budget.max_basis} must exceed top_k={top_k} (Lanczos keeps at least "
+                f"top_k + 1 basis vectors): pass Budget(max_basis={top_k + 2}) or more, None for the "
+                "default, or a smaller top_k"
+            )
         if optimizer is not None:
             _check_param_group(unwrap_optimizer(optimizer), param_group)
+            _check_holds_parameters(unwrap_optimizer(optimizer), model)
+        if on_threshold is not None and not callable(on_threshold):
+            raise CurvatureError(
+                f"on_threshold must be a callable on_threshold(event), got {on_threshold!r} "
+                f"({type(on_threshold).__name__}); pass a function, or None"
+            )
         if not _is_int(spectrum_every, least=0):
             raise CurvatureError(
                 f"spectrum_every must be 0 (never) or a positive integer (every M-th measurement), "
@@ -405,8 +420,14 @@ class CurvatureMonitor:
 
         Also makes ``optimizer`` the source of thresholds if none was given.
         Returns the hook handle (``handle.remove()`` detaches).
+
+        Raises:
+            CurvatureError: ``optimizer`` holds none of the model's parameters
+                (its steps are not this model's), or the monitor is attached
+                to another optimizer.
         """
         inner = unwrap_optimizer(optimizer)
+        _check_holds_parameters(inner, self.model)
         if self._attached is not None:
             attached_to, handle = self._attached
             if attached_to is inner and handle.id in inner._optimizer_step_post_hooks:
@@ -443,8 +464,11 @@ class CurvatureMonitor:
                 and the framework callbacks): held to the share of training
                 time. Default False: a measurement asked for directly runs within
                 the hard caps only, and its time still counts in the share.
+
+        Raises:
+            CurvatureError: ``step`` is not a non-negative integer.
         """
-        step = self.measurements if step is None else int(step)
+        step = self.measurements if step is None else _checked_step(step)
         self._cost.training_until_now()
         seconds = self._seconds_allowed(step) if scheduled else self.budget.max_seconds
         if seconds is not None and seconds <= 0:
@@ -474,7 +498,7 @@ class CurvatureMonitor:
             key = "memory" if isinstance(error, _DoesNotFit) else f"{type(error).__name__}: {error}"
             self._warn_once(
                 key,
-                f"curvwatch: measurement at step {step} skipped ({type(error).__name__}: {error}); "
+                f"curvwatch: measurement at step {step} skipped ({_skip_reason(error)}); "
                 "training continues (strict=True raises instead)",
             )
             return None
@@ -726,6 +750,20 @@ def _is_int(value: Any, least: int | None = None) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and (least is None or value >= least)
 
 
+def _checked_step(step: Any) -> int:
+    """``step`` as an ``int``: a non-negative integer (numpy's too), never a bool, float or string.
+
+    ``int(2.7)`` logged at step 2 and ``int("3")`` was accepted; the step is
+    the optimizer step a result is logged at, so a wrong one misplaces curves.
+    """
+    if isinstance(step, numbers.Integral) and not isinstance(step, bool) and step >= 0:
+        return int(step)
+    raise CurvatureError(
+        f"step must be a non-negative integer (the optimizer step to log at), got {step!r} "
+        f"({type(step).__name__}); pass e.g. measure(step=global_step), or measure() to count measurements"
+    )
+
+
 def _check_flags(**flags: Any) -> None:
     """Refuse a flag that is not ``True``/``False`` (a truthy string would silently turn it on)."""
     for name, flag in flags.items():
@@ -743,8 +781,35 @@ def _check_param_group(optimizer: Any, param_group: int) -> None:
         )
 
 
+def _check_holds_parameters(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Refuse an optimizer that holds none of ``model``'s parameters (the lr of another model's).
+
+    Thresholds, the preconditioner and the update are read from the
+    optimizer's entries for the model's parameters: from an optimizer of
+    another model, SGD's ratio came silently from the wrong lr.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) in held for p in model.parameters()):
+        return
+    raise CurvatureError(
+        f"the optimizer ({type(optimizer).__name__}, {len(held)} parameter tensor(s)) holds none of the "
+        "model's parameters, so its lr and state say nothing about this model: pass the optimizer that "
+        "trains this model (built from model.parameters()), or optimizer=None for no threshold"
+    )
+
+
 class _DoesNotFit(Exception):
     """A measurement that would not fit in the memory allowed (the message says why)."""
+
+
+def _skip_reason(error: Exception) -> str:
+    """Why a measurement was skipped, for its warning: the error's type and message.
+
+    The private :class:`_DoesNotFit` is named by what it means, not by its class.
+    """
+    if isinstance(error, _DoesNotFit):
+        return f"it does not fit in the memory allowed: {error}"
+    return f"{type(error).__name__}: {error}"
 
 
 def _known_length(batch: Any) -> float:

@@ -23,12 +23,22 @@ PRECISIONS = ("auto", "fp32", "tf32")
 EXACT_METHODS = ("double_backward", "forward_over_reverse", "ggn", "ggn_lm_head")
 
 
-def resolve_precision(precision: str, method: str, device: torch.device) -> str:
-    """``"fp32"`` or ``"tf32"``: what the products of ``method`` on ``device`` run in.
+#: what products in a dtype other than float32 run in (TF32 only rounds float32 matmuls)
+DTYPE_PRECISIONS = {torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-    ``"auto"``: TF32 for exact products on CUDA; float32 otherwise. Finite
-    differences are always float32, whatever was asked.
+
+def resolve_precision(
+    precision: str, method: str, device: torch.device, dtype: torch.dtype = torch.float32
+) -> str:
+    """What the products of ``method`` on ``device`` in ``dtype`` run in: ``"fp32"``, ``"tf32"``...
+
+    ``"auto"``: TF32 for exact float32 products on CUDA; float32 otherwise.
+    Finite differences are always float32, whatever was asked. A model in
+    another dtype is measured in its dtype: ``"fp64"``, ``"fp16"``, ``"bf16"``
+    (a float64 model is no float32 one, and TF32 does not touch it).
     """
+    if dtype in DTYPE_PRECISIONS:
+        return DTYPE_PRECISIONS[dtype]
     if method not in EXACT_METHODS or device.type != "cuda":
         return "fp32"
     return "tf32" if precision in ("auto", "tf32") else "fp32"

@@ -75,15 +75,19 @@ def read_source(source: str) -> Series:
 
     Points are sorted by step; a step logged twice (a resumed or rerun run
     writing into the same directory) keeps the value written last.
+
+    Raises:
+        ValueError: a line of a ``.jsonl`` file is not a record of
+            :class:`~curvwatch.JsonlSink` (the message names the file and line).
     """
     series: Series = defaultdict(list)
     if source.endswith(".jsonl") and os.path.isfile(source):
         with open(source, encoding="utf-8") as f:
-            for line in f:
+            for number, line in enumerate(f, start=1):
                 if line.strip():
-                    record = json.loads(line)
-                    for tag, value in record.get("scalars", {}).items():
-                        series[tag].append((record["step"], value))
+                    step, scalars = _jsonl_record(line, source, number)
+                    for tag, value in scalars.items():
+                        series[tag].append((step, value))
     else:
         from tensorboard.backend.event_processing.event_accumulator import (
             EventAccumulator,
@@ -94,6 +98,30 @@ def read_source(source: str) -> Series:
         for tag in acc.Tags()["scalars"]:
             series[tag].extend((e.step, e.value) for e in acc.Scalars(tag))
     return {tag: sorted(dict(points).items()) for tag, points in series.items()}
+
+
+def _jsonl_record(line: str, source: str, number: int) -> tuple[int, dict[str, float]]:
+    """``(step, scalars)`` of line ``number`` of ``source``, a :class:`~curvwatch.JsonlSink` record.
+
+    Raises:
+        ValueError: the line is not JSON, or not an object with a ``"step"``
+            (the file and line are named, so a truncated last line is found).
+    """
+    where = f"{source}, line {number}"
+    try:
+        record = json.loads(line.strip())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{where}: not valid JSON ({error.msg}, column {error.colno}): {line.strip()[:80]!r}; "
+            "a .jsonl run holds one JsonlSink record per line: fix or delete that line "
+            "(a run killed while writing can leave its last line cut off)"
+        ) from error
+    if not isinstance(record, dict) or "step" not in record or not isinstance(record.get("scalars", {}), dict):
+        raise ValueError(
+            f"{where}: not a curvwatch record (an object with \"step\" and \"scalars\"): "
+            f"{line.strip()[:80]!r}; is this a JsonlSink file?"
+        )
+    return record["step"], record.get("scalars", {})
 
 
 def read_runs(path: str) -> dict[str, Series]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 from curvwatch._errors import CurvatureError
@@ -48,7 +49,8 @@ class Budget:
             the step's peak.
         max_memory: bytes a measurement may add above what is allocated when it
             starts (overrides ``memory_ratio``; on the CPU the default is half
-            the available memory). ``None``: the default.
+            the available memory). ``None``: the default; ``float("inf")``: no
+            limit of the user's (on CUDA, what is free on the device).
         negligible_seconds: a measurement whose minimal products (at the learned
             cost of one) fit in this many seconds runs at every due step, with
             at most this long or the share saved up, whichever is more: small
@@ -56,6 +58,12 @@ class Budget:
             0.25 s; 0 applies the share to all.
         max_basis: Lanczos basis vectors kept (memory: this many parameter-sized
             vectors); ``None``: ``max(10, 2 top_k + 2)``, fewer where memory is short.
+            A monitor needs more than ``top_k`` (its constructor says so).
+
+    Raises:
+        CurvatureError: a field of the wrong type (a string, a bool, a
+            fraction of a count), NaN, or out of its range; the message names
+            the field and what to pass.
     """
 
     max_hvps: int = 60
@@ -69,17 +77,21 @@ class Budget:
     negligible_seconds: float = 0.25
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.max_hvps < 1:
             raise CurvatureError(f"Budget.max_hvps must be >= 1, got {self.max_hvps}")
         if not 0 <= self.trace_hvps < self.max_hvps:
             raise CurvatureError(
                 f"Budget.trace_hvps ({self.trace_hvps}) must be in [0, max_hvps={self.max_hvps})"
             )
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise CurvatureError(f"Budget.max_seconds must be positive, got {self.max_seconds}")
+        if self.max_seconds is not None and not 0 < self.max_seconds < math.inf:
+            raise CurvatureError(
+                f"Budget.max_seconds must be a positive, finite number of seconds, got {self.max_seconds}; "
+                "pass None for no cap"
+            )
         if not 0 < self.tol < 1:
             raise CurvatureError(f"Budget.tol must be in (0, 1), got {self.tol}")
-        if self.overhead is not None and not 0 < self.overhead:
+        if self.overhead is not None and not 0 < self.overhead < math.inf:
             raise CurvatureError(
                 f"Budget.overhead is a share of training time (0.05 = 5%), got {self.overhead}; "
                 "None measures at every due step"
@@ -87,9 +99,36 @@ class Budget:
         if self.memory_ratio is not None and not self.memory_ratio >= 1:
             raise CurvatureError(f"Budget.memory_ratio must be >= 1, got {self.memory_ratio}")
         if self.max_memory is not None and not self.max_memory > 0:
-            raise CurvatureError(f"Budget.max_memory is in bytes and must be positive, got {self.max_memory}")
+            raise CurvatureError(
+                f"Budget.max_memory is in bytes and must be positive, got {self.max_memory}; "
+                "pass float('inf') for no limit, or None for the default"
+            )
         if self.max_basis is not None and self.max_basis < 2:
             raise CurvatureError(f"Budget.max_basis must be >= 2, got {self.max_basis}")
+        if not 0 <= self.negligible_seconds < math.inf:
+            raise CurvatureError(
+                f"Budget.negligible_seconds must be a finite number of seconds >= 0, got "
+                f"{self.negligible_seconds}; pass 0 to hold every measurement to the share"
+            )
+
+    def _check_types(self) -> None:
+        """Refuse a field of the wrong type (a string, a bool, a fraction of a count) by name."""
+        counts = ("max_hvps", "trace_hvps", "max_basis")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            nullable = "None" in str(f.type)  # "float | None" (the annotations are strings here)
+            if value is None and nullable:
+                continue
+            integer = f.name in counts
+            kind = numbers.Integral if integer else numbers.Real
+            if isinstance(value, kind) and not isinstance(value, bool):
+                continue
+            what = "an integer" if integer else "a number"
+            or_none = " or None" if nullable else ""
+            raise CurvatureError(
+                f"Budget.{f.name} must be {what}{or_none}, got {value!r} ({type(value).__name__}); "
+                f"pass a {'whole ' if integer else ''}number, or leave it out for the default ({f.default!r})"
+            )
 
 
 @dataclass(frozen=True)
@@ -155,7 +194,9 @@ class CurvatureResult:
             (preconditioned sharpness for adaptive optimizers, else lambda_max).
         overhead: measuring time so far over training time so far (the share
             :attr:`Budget.overhead` bounds).
-        precision: float32 matmul precision of the products (``"fp32"``/``"tf32"``).
+        precision: what the products ran in: ``"fp32"``/``"tf32"`` (the float32
+            matmul precision), or the model's dtype where it is not float32
+            (``"fp64"``, ``"bf16"``, ``"fp16"``).
         update_sharpness: the curvature along the optimizer's last update ``u``
             (:func:`~curvwatch.directional.update_direction`), one product:
             ``u^T H u / u^T u``, or ``u^T H u / u^T P u`` for Adam-type
