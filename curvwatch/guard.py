@@ -78,6 +78,17 @@ So ``train_mode`` takes three values:
   ``model`` the random generators are reset to their state at entry, so every
   product of the measurement sees the same masks. (A ``loss_fn`` that calls a
   submodule directly, bypassing ``model.forward``, does not get this reset.)
+
+When the measured normalization is not training's, the ratio is not comparable
+with the threshold, and :func:`normalization_mismatch` says so (one warning of
+the monitor): normalization layers with running statistics measured in eval
+mode while the optimizer's statistics (its lr, Adam's second moments) were
+gathered with them in train mode. That happens with ``train_mode=False``
+during training, and with a ``measure()`` called while the whole model is in
+``eval()`` (after a validation pass). Which mode training used is read off the
+model as the measurement starts: a normalization layer in eval mode inside a
+model in train mode is frozen by training itself (no warning); in a model
+that is all in ``eval()``, training is taken to have used train mode.
 """
 
 from __future__ import annotations
@@ -142,6 +153,40 @@ def set_measurement_modes(model: torch.nn.Module, train_mode: bool | None) -> No
     if train_mode is None:
         for module, mode in norm_modes:
             module.training = mode
+
+
+def normalization_mismatch(model: torch.nn.Module, train_mode: bool | None) -> str | None:
+    """Why the measurement's normalization is not the one training used, or ``None`` (see the module doc).
+
+    Called before :func:`measurement_guard` sets the measurement's modes.
+    Only layers with running statistics count (``track_running_stats``): the
+    others normalize with the batch's statistics in both modes.
+    """
+    mismatched = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _NORM_BASE) or getattr(module, "running_mean", None) is None:
+            continue
+        trained_in_train_mode = module.training or not model.training
+        measured_in_train_mode = module.training and train_mode is not False
+        if trained_in_train_mode and not measured_in_train_mode:
+            mismatched.append(f"{type(module).__name__} {name!r}")
+    if not mismatched:
+        return None
+    shown = ", ".join(mismatched[:3]) + (f" and {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+    if train_mode is False:
+        cause = "train_mode=False puts them in eval mode"
+        fix = "pass train_mode=None (the default) or True to measure with training's batch statistics"
+    else:
+        cause = "the model is in eval() mode as the measurement starts"
+        fix = "call measure() while the model is in train() mode (model.train() after a validation pass)"
+    return (
+        f"curvwatch: the curvature is measured with {shown} in eval mode (running statistics; {cause}), "
+        "but the optimizer's statistics and lr were gathered with them in train mode (batch statistics): "
+        "this is not the loss training descends, so the sharpness and its ratio to the threshold are not "
+        "comparable (directions the batch statistics make flat have Adam second moments ~0, so their "
+        "eval-mode curvature is divided by ~eps: ratios far above 1 that training never meets); "
+        f"{fix}"
+    )
 
 
 @contextlib.contextmanager

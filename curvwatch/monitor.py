@@ -38,7 +38,7 @@ from curvwatch._flat import local
 from curvwatch.blocks import BlockSpec, block_patterns, resolve_blocks
 from curvwatch.cost import OverheadAccount
 from curvwatch.crossings import Crossings
-from curvwatch.guard import measurement_guard
+from curvwatch.guard import measurement_guard, normalization_mismatch
 from curvwatch.loaders import TrainingBatches
 from curvwatch.measurement import (
     Allowance,
@@ -483,6 +483,9 @@ class CurvatureMonitor:
                 products=affordable_products(self.budget, self.top_k, seconds, self._cost.seconds_per_product),
                 seconds=seconds, plan=plan, method=forced_method, pieces=pieces,
             )
+            mismatch = normalization_mismatch(self.model, self.train_mode)  # before the guard sets modes
+            if mismatch is not None and self.optimizer is not None:  # a ratio to compare: say why not
+                self._warn_once("normalization-mode", mismatch)
             with measurement_guard(self.model, self.train_mode):
                 result, self._state, notes = measure_once(
                     self._config(), self._state, self.model, self._probe(), step, self.optimizer, allowance

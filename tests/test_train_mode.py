@@ -7,6 +7,7 @@ keeps dropout on with one mask per measurement; ``False`` is plain eval mode.
 
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,47 @@ def test_frozen_batchnorm_stays_in_eval_mode_under_auto():
         results[mode] = monitor.measure(5)
     assert results[None].eigenvalues == results[False].eigenvalues
     assert model.training and not model[1].training  # flags restored
+
+
+
+# -- eval normalization against statistics gathered in train mode (issue 25, item 3) ------------
+def _bn_monitor(model, opt, probe, **kwargs):
+    return cw.CurvatureMonitor(model, probe, criterion=torch.nn.CrossEntropyLoss(), optimizer=opt,
+                               budget=cw.Budget(), top_k=1, trace=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("how", "fix"),
+    [("train_mode=False", r"pass train_mode=None \(the default\) or True"),
+     ("model.eval()", r"call measure\(\) while the model is in train\(\) mode")],
+)
+def test_eval_normalization_against_train_mode_statistics_warns_once(how, fix):
+    """The ratio ~800 with converged=True is of a loss AdamW never descended: said once, with the fix."""
+    model, opt, probe = _bn_adamw()
+    if how == "model.eval()":
+        model.eval()  # e.g. a validation pass just before a direct measure()
+        monitor = _bn_monitor(model, opt, probe)
+    else:
+        monitor = _bn_monitor(model, opt, probe, train_mode=False)
+    with pytest.warns(cw.CurvatureWarning, match=r"BatchNorm1d '1'.*eval mode.*train mode.*not comparable.*" + fix):
+        result = monitor.measure(50)
+    assert result.sharpness_ratio > 10 and result.converged  # the value itself is what eval mode gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        monitor.measure(51)
+
+
+def test_no_normalization_warning_where_the_modes_agree():
+    model, opt, probe = _bn_adamw(steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cw.CurvatureWarning)
+        warnings.filterwarnings("ignore", "curvwatch: no optimizer given")
+        _bn_monitor(model, opt, probe).measure(5)  # the default during training: batch statistics
+        _bn_monitor(model, opt, probe, train_mode=True).measure(5)
+        _bn_monitor(model, None, probe, train_mode=False).measure(5)  # no optimizer: no ratio to compare
+        model[1].eval()  # frozen BatchNorm: training itself uses the running statistics
+        _bn_monitor(model, opt, probe, train_mode=False).measure(5)
+        _bn_monitor(model, opt, probe).measure(5)
 
 
 # -- Dropout ------------------------------------------------------------------------------------
