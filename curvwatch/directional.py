@@ -135,6 +135,42 @@ def update_direction(optimizer, params: Sequence[torch.Tensor], param_group: int
     return flatten(parts) if found else None
 
 
+def missing_update_reason(optimizer, params: Sequence[torch.Tensor]) -> str | None:
+    """Why :func:`update_direction` found no update, where the user can act on it; else ``None``.
+
+    The one case said: the optimizer's rule builds the update from the step's
+    gradient (SGD without momentum or with Nesterov, RMSprop without momentum)
+    and none of ``params`` it holds has a ``.grad``: ``zero_grad()`` ran
+    between ``optimizer.step()`` and the measurement (or no step was taken).
+    """
+    optimizer = _known(optimizer, 0)
+    if optimizer is None:
+        return None
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    held = [p for p in params if id(p) in group_of]
+    rules = {_gradient_rule(optimizer, group_of[id(p)]) for p in held} - {None}
+    if not rules or any(p.grad is not None for p in held):
+        return None
+    return (
+        f"curvwatch: the update sharpness needs the last step's gradient ({', '.join(sorted(rules))}: the update "
+        "is built from .grad), but .grad is empty: zero_grad() ran between optimizer.step() and the "
+        "measurement, or no step was taken yet; it is logged as NaN. Measure between step() and "
+        "zero_grad() (monitor.attach(optimizer) does), or use momentum (its buffer holds the update)"
+    )
+
+
+def _gradient_rule(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str | None:
+    """The name of ``group``'s update rule if it reads ``.grad`` (see :func:`update_direction`), else ``None``."""
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    if isinstance(optimizer, torch.optim.SGD):
+        if momentum == 0.0:
+            return "SGD without momentum"
+        return "SGD with Nesterov momentum" if group.get("nesterov", False) else None
+    if isinstance(optimizer, torch.optim.RMSprop) and momentum == 0.0:
+        return "RMSprop without momentum"
+    return None
+
+
 def _known(optimizer, param_group: int) -> torch.optim.Optimizer | None:
     """The unwrapped optimizer if its update rule is known here, else ``None``.
 

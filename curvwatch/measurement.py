@@ -40,6 +40,7 @@ from curvwatch.chunked import split_probe
 from curvwatch.directional import (
     critical_sharpness,
     directional_sharpness,
+    missing_update_reason,
     next_update_direction,
     perturbed_loss,
     update_direction,
@@ -378,7 +379,11 @@ class _Measurement:
         config = self.config
         if limit is None or not config.update_sharpness:
             return None
-        return update_direction(self.optimizer, self.params, config.param_group)
+        u = update_direction(self.optimizer, self.params, config.param_group)
+        why = missing_update_reason(self.optimizer, self.params) if u is None else None
+        if why is not None:  # the step's gradient was cleared: say once why the update sharpness is NaN
+            self.notes.append(("update-missing", why))
+        return u
 
     def _update_sharpness(self, operator, u, limit: Threshold | None, diagonal, left: int) -> float:
         """The curvature along ``u``: ``u^T H u / u^T u`` (``/ u^T P u`` for Adam-type), one product.

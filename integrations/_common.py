@@ -264,6 +264,53 @@ class UpdateLearningRate:
         self._handle.remove()
 
 
+class StepGradients:
+    """The ``.grad`` tensors of the last applied update, back in place for a measurement after ``zero_grad()``.
+
+    The update directions built from the step's gradient (SGD without
+    momentum, Nesterov, RMSprop without momentum:
+    :func:`curvwatch.directional.update_direction`) read ``.grad``, which a
+    framework that clears it between ``optimizer.step()`` and its step-end hook
+    (transformers' Trainer: ``model.zero_grad()``) leaves empty. A post-step
+    hook on the torch optimizer (applied updates only) keeps references to the
+    gradients; ``zero_grad()`` (``set_to_none=True``) drops them from the
+    parameters, not the tensors, so nothing is copied. :meth:`restored` puts
+    them into the ``.grad`` that is empty for the duration of a measurement and
+    empties it again afterwards; :meth:`release` lets the tensors go (call it at
+    every step end, so no gradient outlives its step).
+    """
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = torch_optimizer(optimizer)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handle = self.optimizer.register_step_post_hook(self._record)
+
+    def _record(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.kept = [(p, p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """The kept gradients in every empty ``.grad``, emptied again afterwards."""
+        filled = [p for p, _ in self.kept if p.grad is None]
+        for p, grad in self.kept:
+            if p.grad is None:
+                p.grad = grad
+        try:
+            yield
+        finally:
+            for p in filled:
+                p.grad = None
+
+    def release(self) -> None:
+        """Drop the references to the last update's gradients."""
+        self.kept = []
+
+    def remove(self) -> None:
+        """Detach the hook and drop the gradients."""
+        self._handle.remove()
+        self.release()
+
+
 def tensorboard_writer(candidate: Any) -> Any:
     """``candidate`` if it is a TensorBoard ``SummaryWriter`` (duck-typed), else ``None``.
 

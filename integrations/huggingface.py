@@ -58,6 +58,7 @@ from curvwatch.probe import first_batch
 
 from ._common import (
     LoggingSink,
+    StepGradients,
     Target,
     UpdateLearningRate,
     WarnOnce,
@@ -206,6 +207,7 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
         self._resume: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
         self._trainer: Trainer | None = None
         self._update_lr: UpdateLearningRate | None = None
+        self._gradients: StepGradients | None = None  # the update's .grad, which zero_grad() clears before on_step_end
         self._hook: tuple[Any, ...] = ()  # (args, state, control, kwargs) of the hook that is measuring
         self._warn = WarnOnce()
 
@@ -222,6 +224,9 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
         if self._update_lr is not None:
             self._update_lr.remove()
         self._update_lr = UpdateLearningRate(optimizer) if optimizer is not None else None
+        if self._gradients is not None:
+            self._gradients.remove()
+        self._gradients = StepGradients(optimizer) if optimizer is not None else None
         if self.monitor is not None and self.monitor.model is model:
             return  # a later trainer.train() on the same model: keep schedule and warm start
         batch = self.batch
@@ -242,9 +247,22 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
             self._restore(args, state)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
-        """Measure when ``state.global_step`` is a positive multiple of ``every``; log it."""
-        if self.monitor is None or not self.monitor.due(state.global_step):
-            return
+        """Measure when ``state.global_step`` is a positive multiple of ``every``; log it.
+
+        The Trainer has cleared the gradients (``model.zero_grad()``) by now; the
+        update's own are put back for the measurement (:class:`StepGradients`):
+        SGD's update direction without momentum is the step's gradient.
+        """
+        try:
+            if self.monitor is not None and self.monitor.due(state.global_step):
+                with self._gradients.restored() if self._gradients is not None else contextlib.nullcontext():
+                    self._measure(args, state, control, model, optimizer, kwargs)
+        finally:
+            if self._gradients is not None:
+                self._gradients.release()
+
+    def _measure(self, args, state, control, model, optimizer, kwargs) -> None:
+        """The due measurement of :meth:`on_step_end`, logged."""
         if optimizer is not None:
             self.monitor.optimizer = optimizer
         self._hook = (args, state, control, {"model": model, "optimizer": optimizer, **kwargs})
@@ -267,10 +285,13 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
         torch.save(tensors, os.path.join(folder, _tensor_file(args)))
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
-        """Detach the optimizer hook."""
+        """Detach the optimizer hooks."""
         if self._update_lr is not None:
             self._update_lr.remove()
             self._update_lr = None
+        if self._gradients is not None:
+            self._gradients.remove()
+            self._gradients = None
 
     # -- ExportableState ------------------------------------------------------------
     def state(self) -> dict:

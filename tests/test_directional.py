@@ -340,6 +340,35 @@ def test_update_direction_wrapped_and_after_zero_grad():
     assert update_direction(sgd, params) is None  # plain SGD needs the gradient
 
 
+def test_monitor_says_once_why_the_update_sharpness_is_missing_after_zero_grad():
+    """Plain SGD's update is ``.grad``: after ``zero_grad()`` a NaN update sharpness with the reason, once."""
+    import warnings
+
+    from curvwatch import CurvatureMonitor, CurvatureWarning
+
+    model, x, y = tanh_mlp_ce()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = CurvatureMonitor(model, (x, y), criterion=torch.nn.CrossEntropyLoss(), optimizer=sgd, trace=False)
+    _train(model, x, y, sgd, 2)
+    assert math.isfinite(monitor.measure(2).update_sharpness)  # between step() and zero_grad()
+    sgd.zero_grad()
+    with pytest.warns(CurvatureWarning, match=r"update sharpness needs the last step's gradient \(SGD without "
+                      r"momentum.*\.grad is empty: zero_grad\(\) ran between optimizer\.step\(\)"):
+        missing = monitor.measure(3)
+    assert math.isnan(missing.update_sharpness) and math.isfinite(missing.lambda_max)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.measure(4)
+    heavy_ball = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train(model, x, y, heavy_ball, 2)
+    heavy_ball.zero_grad()  # the buffer holds the update: nothing missing, nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CurvatureWarning)
+        result = CurvatureMonitor(model, (x, y), criterion=torch.nn.CrossEntropyLoss(), optimizer=heavy_ball,
+                                  trace=False).measure(2)
+    assert math.isfinite(result.update_sharpness)
+
+
 def test_update_direction_none():
     model, x, y = tanh_mlp_ce()
     params = list(model.parameters())

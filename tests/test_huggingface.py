@@ -31,7 +31,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
 
-from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning  # noqa: E402
+from curvwatch import Budget, CurvatureError, CurvatureMonitor, CurvatureWarning  # noqa: E402
 from curvwatch.integrations.huggingface import CurvatureTrainerCallback  # noqa: E402
 from tests._helpers import curves, event_files, read_mlflow, read_wandb, sharpness_chart, wandb_curves  # noqa: E402
 
@@ -130,6 +130,40 @@ def test_curves_land_in_the_trainers_run_with_adamw_and_a_linear_schedule(tmp_pa
     assert lam[20] == pytest.approx(direct.lambda_max, rel=1e-3)
     assert pre[20] == pytest.approx(direct.preconditioned_lambda_max, rel=1e-2)
     assert [r.step for r in callback.monitor.history] == MEASURED
+
+
+
+class _StepGradients(TrainerCallback):
+    """The gradients of each update, read between ``optimizer.step()`` and the Trainer's ``zero_grad()``."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = [p.grad.detach().clone() for p in model.parameters()]
+
+
+def test_sgd_update_sharpness_along_the_gradient_the_trainer_cleared(tmp_path):
+    """``optim="sgd"``: the update is the step's gradient, gone (``zero_grad()``) before ``on_step_end``."""
+    # no time share: the first measurement under one learns a product's cost and skips the update sharpness
+    callback, step_gradients = CurvatureTrainerCallback(every=EVERY, budget=Budget(overhead=None)), _StepGradients()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train(tmp_path, [callback, step_gradients], optim="sgd", report_to="none")
+    assert type(trainer.optimizer.optimizer) is torch.optim.SGD and trainer.optimizer.param_groups[0]["momentum"] == 0
+    assert not [w for w in caught if "update sharpness" in str(w.message)]
+    history = callback.monitor.history
+    assert [r.step for r in history] == MEASURED
+    assert all(math.isfinite(r.update_sharpness) for r in history)  # NaN at every one before
+    assert all(p.grad is None for p in trainer.model.parameters())  # training's state as the Trainer left it
+
+    # u = g of the 20th update: u^T H u / u^T u on the probe batch at the final weights
+    from curvwatch.guard import measurement_guard
+
+    model, params, u = trainer.model, list(trainer.model.parameters()), step_gradients.grads
+    with measurement_guard(model):
+        loss = model(**callback.monitor.batch).loss
+        gradient = torch.autograd.grad(loss, params, create_graph=True)
+        hu = torch.autograd.grad(gradient, params, grad_outputs=u)
+    expected = sum((a * b).sum() for a, b in zip(u, hu)) / sum((a * a).sum() for a in u)
+    assert history[-1].update_sharpness == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_gradient_accumulation_measures_at_optimizer_steps(tmp_path):
