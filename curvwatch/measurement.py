@@ -61,7 +61,7 @@ from curvwatch.operators.sharded import is_sharded
 from curvwatch.precision import matmul_precision, resolve_precision
 from curvwatch.probe import LossFn
 from curvwatch.results import BlockResult, Budget, CurvatureResult
-from curvwatch.solvers.certificate import FD_AGREEMENT_RTOL, certify_top, disagree, richardson
+from curvwatch.solvers.certificate import FD_AGREEMENT_RTOL, certify_top, descending, disagree, richardson
 from curvwatch.solvers.density import slq
 from curvwatch.solvers.lanczos import LanczosResult, lanczos
 from curvwatch.solvers.trace import hutchinson
@@ -320,6 +320,7 @@ class _Measurement:
                 "Budget.max_hvps / max_seconds / overhead",
             ))
             sharp = math.nan
+        uncertified = self._uncertified(eig, pre)
         result = CurvatureResult(
             step=self.step,
             lambda_max=lambda_max,
@@ -349,6 +350,7 @@ class _Measurement:
             critical_sharpness_evals=critical_evals,
             critical_sharpness_seconds=critical_seconds,
             blocks=blocks,
+            uncertified=uncertified,
         )
         new_state = MeasurementState(
             measurements=state.measurements + 1,
@@ -363,6 +365,24 @@ class _Measurement:
         return result, new_state, self.notes
 
     # -- its parts ------------------------------------------------------------------
+    def _uncertified(self, eig: LanczosResult | None, pre: LanczosResult | None) -> tuple[str, ...]:
+        """The eigenvalue fields not certified to ``Budget.tol``; one note says where they go."""
+        unreliable = self.differences_disagree
+        fields = []
+        if eig is not None and (unreliable or not eig.converged):
+            fields += ["lambda_max", "eigenvalues"]
+        if pre is not None and (unreliable or not pre.converged):
+            fields.append("preconditioned_lambda_max")
+        if fields:
+            self.notes.append((
+                "uncertified",
+                f"curvwatch: step {self.step}: {', '.join(fields)} not certified to Budget.tol "
+                f"({self.config.budget.tol:g}): logged under curvature_diagnostics/ (with "
+                "curvature_diagnostics/error_bound), not on the curvature/ curves; this happens when the "
+                "products or seconds run out (raise Budget.max_hvps / overhead) or differences are unreliable",
+            ))
+        return tuple(fields)
+
     def _method(self) -> str | None:
         """The method of this measurement: one forced by the memory plan, else the resolved one."""
         return self.allowance.method or self.resolved
@@ -700,7 +720,7 @@ class _Measurement:
         bounds = None if fine.error_bounds is None else fine.error_bounds.clone()
         if bounds is not None:
             bounds[0] = max(float(bounds[0]), error)
-        return replace(fine, eigenvalues=values, error_bounds=bounds)
+        return descending(replace(fine, eigenvalues=values, error_bounds=bounds))
 
     def _probe_loss(self, operator) -> float:
         """The probe loss at theta, averaged over ranks (a forward of its own where no product formed it)."""

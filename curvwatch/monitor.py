@@ -59,7 +59,7 @@ from curvwatch.operators.sharded import check_supported, is_sharded
 from curvwatch.precision import PRECISIONS, Precision
 from curvwatch.probe import LossFn, batch_length, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult, ThresholdEvent
-from curvwatch.solvers.lanczos import default_max_basis
+from curvwatch.solvers.lanczos import default_max_basis, gap_steps
 from curvwatch.stability import unwrap_optimizer
 
 logger = logging.getLogger("curvwatch")
@@ -529,7 +529,8 @@ class CurvatureMonitor:
 
         The smaller of :attr:`Budget.max_seconds` and the saved-up share of
         training time. A measurement is deferred when the share does not cover
-        the products it needs at least (3 with a warm start, 10 without), unless
+        the products it needs to certify (:func:`~curvwatch.solvers.lanczos.gap_steps`
+        plus one with a warm start, 10 without), unless
         those fit in :attr:`Budget.negligible_seconds`: then it runs, with at
         most that long or the share saved up, whichever is more.
         The first measurement, before a product's cost is known, gets what is
@@ -546,7 +547,7 @@ class CurvatureMonitor:
             # lower bound and a warm start for the next.
             return max(allowance, 1e-9) if cap is None else min(cap, max(allowance, 1e-9))
         warm = self._state.warm is not None or self._state.warm_preconditioned is not None
-        needed = (3 if warm else 10) * per_product
+        needed = (gap_steps(self.top_k) + 1 if warm else max(10, gap_steps(self.top_k))) * per_product
         if needed <= self.budget.negligible_seconds:
             seconds = max(allowance, self.budget.negligible_seconds)
             return seconds if cap is None else min(cap, seconds)

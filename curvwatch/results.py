@@ -162,6 +162,14 @@ class BlockResult:
         }
         return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
+    def tags(self, name: str) -> dict[str, float]:
+        """``{tag: value}`` of :meth:`scalars` for block ``name``.
+
+        Under ``curvature/block/`` when its solves converged, else under
+        ``curvature_diagnostics/block/`` (a lower bound).
+        """
+        return {block_tag(name, k, not self.converged): v for k, v in self.scalars().items()}
+
 
 @dataclass(frozen=True)
 class CurvatureResult:
@@ -216,6 +224,10 @@ class CurvatureResult:
         blocks: ``{name: BlockResult}`` of the blocks measured this time
             (``CurvatureMonitor(blocks=...)``; empty when none were), logged as
             ``curvature/block/<name>/lambda_max`` etc. (:func:`block_tag`).
+        uncertified: the eigenvalue fields not certified to ``Budget.tol``
+            (``"lambda_max"`` with ``"eigenvalues"``, ``"preconditioned_lambda_max"``):
+            lower bounds (products or seconds ran out) or differences found
+            unreliable. :meth:`scalars` logs them under ``curvature_diagnostics/``.
     """
 
     step: int
@@ -247,12 +259,16 @@ class CurvatureResult:
     critical_sharpness_evals: int = 0
     critical_sharpness_seconds: float = 0.0
     blocks: dict[str, BlockResult] = field(default_factory=dict)
+    uncertified: tuple[str, ...] = ()
 
     def scalars(self) -> dict[str, float]:
         """``{tag: value}`` of every finite scalar, as logged.
 
         Tags come from :func:`tag`: cost and diagnostics under
-        ``curvature_diagnostics/``, the rest under ``curvature/``.
+        ``curvature_diagnostics/``, the rest under ``curvature/``; an
+        :attr:`uncertified` eigenvalue goes under ``curvature_diagnostics/``
+        too (its bound is ``curvature_diagnostics/error_bound``), so the main
+        curves hold certified values only.
         """
         values = {
             "lambda_max": self.lambda_max,
@@ -277,9 +293,12 @@ class CurvatureResult:
         }
         for i, value in enumerate(self.eigenvalues, start=1):
             values[f"lambda_{i}"] = value
-        scalars = {tag(k): float(v) for k, v in values.items() if math.isfinite(v)}
+        off_curves = set(self.uncertified)
+        if "eigenvalues" in off_curves:
+            off_curves.update(f"lambda_{i}" for i in range(1, len(self.eigenvalues) + 1))
+        scalars = {tag(k, k in off_curves): float(v) for k, v in values.items() if math.isfinite(v)}
         for name, block in self.blocks.items():
-            scalars.update({block_tag(name, k): v for k, v in block.scalars().items()})
+            scalars.update(block.tags(name))
         return scalars
 
     def to_dict(self) -> dict:
@@ -287,9 +306,12 @@ class CurvatureResult:
         return asdict(self)
 
 
-def tag(name: str) -> str:
-    """The logged tag of a result field: ``curvature/<name>``, or ``curvature_diagnostics/<name>``."""
-    return (DIAGNOSTICS_PREFIX if name in DIAGNOSTICS else TAG_PREFIX) + name
+def tag(name: str, uncertified: bool = False) -> str:
+    """The logged tag of a result field: ``curvature/<name>``, or ``curvature_diagnostics/<name>``.
+
+    Diagnostics, and values not certified to their tolerance, go under ``curvature_diagnostics/``.
+    """
+    return (DIAGNOSTICS_PREFIX if uncertified or name in DIAGNOSTICS else TAG_PREFIX) + name
 
 
 # The ratios that cross 1: the sharpness's and the two early warnings along the update.
@@ -325,6 +347,9 @@ class ThresholdEvent(CurvatureResult):
         return cls(**values, quantity=quantity, ratio=ratio, stable_lr=stable)
 
 
-def block_tag(block: str, name: str) -> str:
-    """The logged tag of a block's value: ``curvature/block/<block>/<name>``."""
-    return f"{TAG_PREFIX}block/{block}/{name}"
+def block_tag(block: str, name: str, uncertified: bool = False) -> str:
+    """The logged tag of a block's value: ``curvature/block/<block>/<name>``.
+
+    ``curvature_diagnostics/block/<block>/<name>`` when not certified.
+    """
+    return f"{DIAGNOSTICS_PREFIX if uncertified else TAG_PREFIX}block/{block}/{name}"

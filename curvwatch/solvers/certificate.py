@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.solvers.lanczos import LanczosResult
 
@@ -21,6 +23,10 @@ def certify_top(operator: CurvatureOperator, eig: LanczosResult) -> LanczosResul
     differences, O(h^2)) at ``y`` is off by only the *square* of that error
     (Parlett 1998, Thm. 11.7.1). One product. The residual becomes
     ``||A y - theta y||`` under the accurate operator.
+
+    Where the accurate value falls below another Ritz value, the pairs are
+    re-sorted (``eigenvalues`` stay descending, ``lambda_max`` their largest) and
+    the result is not converged: the cheap solve's top pair was not the top.
     """
     y = eig.eigenvectors[:, 0]
     ay = operator.matvec(y.contiguous())
@@ -29,7 +35,19 @@ def certify_top(operator: CurvatureOperator, eig: LanczosResult) -> LanczosResul
     values = eig.eigenvalues.clone()
     residuals = eig.residuals.clone()
     values[0], residuals[0] = theta.item(), residual.item()
-    return replace(eig, eigenvalues=values, residuals=residuals)
+    return descending(replace(eig, eigenvalues=values, residuals=residuals))
+
+
+def descending(eig: LanczosResult) -> LanczosResult:
+    """``eig`` with its pairs in descending order; not converged if they were not."""
+    order = torch.argsort(eig.eigenvalues, descending=True, stable=True)
+    if torch.equal(order, torch.arange(len(order))):
+        return eig
+    bounds = None if eig.error_bounds is None else eig.error_bounds[order]
+    return replace(
+        eig, eigenvalues=eig.eigenvalues[order], eigenvectors=eig.eigenvectors[:, order],
+        residuals=eig.residuals[order], error_bounds=bounds, converged=False,
+    )
 
 
 def disagree(central: float, one_sided: float) -> bool:
