@@ -22,7 +22,9 @@ the measurement cannot fit and why.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,13 +46,15 @@ WORKING_VECTORS = {
     "double_backward": 7, "forward_over_reverse": 8, "finite_difference": 5, "forward_difference": 5, "ggn": 7
 }
 
-# One product's activations as a multiple of the training step's (peak minus
-# resident memory). Double backward in TF32 measured 3.8x (GPT-2 124M, fp32
-# training) and 4.8x (355M, bf16-autocast training) on an H200 (benchmarks/
-# results/leave_on_h200.md); a finite difference is one float32 forward and
-# backward: up to twice a bf16 step's activations.
-ACTIVATION_FACTOR = {
-    "double_backward": 5.0, "forward_over_reverse": 5.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0
+# One product's activations as a multiple of the bytes the probe's own forward
+# graph holds (a grad-enabled float32 forward of the probe batch under the
+# measurement guard), until the monitor has measured a product of its own
+# (ActivationGauge). Double backward keeps the forward's graph, the gradient's
+# graph built on it, and the second backward's temporaries; a difference is one
+# forward and backward, whose peak is about the forward's graph plus the
+# gradients being formed.
+PRODUCT_PER_FORWARD = {
+    "double_backward": 4.0, "forward_over_reverse": 4.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0
 }
 
 # Share of the host's available memory a measurement may take.
@@ -133,12 +137,69 @@ def device_allowance(device: torch.device, memory_ratio: float | None, training_
     return float(max(0.0, min(free, memory_ratio * training_peak - allocated)))
 
 
-def activation_bytes(device: torch.device, method: str, training_peak: float | None) -> float:
-    """Estimated activations of one product: a multiple of the step's (CUDA only)."""
-    if device.type != "cuda" or training_peak is None:
-        return 0.0
-    step_activations = max(0.0, training_peak - torch.cuda.memory_allocated(device))
-    return ACTIVATION_FACTOR.get(method, 4.0) * step_activations
+class ActivationGauge:
+    """One product's activation bytes, from what the monitor's own work was measured to take.
+
+    The allocator's lifetime peak counts whatever else ran in the process (an
+    evaluation pass, generation, a second model, an earlier monitor: 153 GiB
+    "of one product's activations" for GPT-2 small on an H200 after another
+    monitor had measured), so it is never read here. Instead:
+
+    1. before the first measurement on CUDA, :meth:`gauge_forward` runs the
+       probe's loss once with grad and reads ``memory_allocated`` after minus
+       before: the bytes its graph holds, ``F``; a product is estimated at
+       :data:`PRODUCT_PER_FORWARD` ``x F``;
+    2. around each measurement (:meth:`start`, :meth:`finish`): where the
+       allocator's peak rose during it, that peak minus what was allocated when
+       it started, less the plan's vectors, is what its products' activations
+       took, and replaces the estimate for that method; where the peak did not
+       rise, the same difference is an upper bound, and lowers a larger estimate.
+
+    On the CPU, and under FSDP (whose forward must be followed by a backward),
+    activations are not counted (0): the host's allowance is half its memory.
+    """
+
+    def __init__(self) -> None:
+        self.forward_bytes: float | None = None
+        self.measured: dict[str, float] = {}
+        self._start: tuple[float, float] | None = None
+
+    def needs_forward(self, device: torch.device) -> bool:
+        """True until the probe's forward has been gauged on a CUDA device."""
+        return device.type == "cuda" and self.forward_bytes is None
+
+    def gauge_forward(self, device: torch.device, forward: Callable[[], Any]) -> None:
+        """Run ``forward()`` (the probe's loss, with grad) once and keep the bytes its graph holds."""
+        before = torch.cuda.memory_allocated(device)
+        loss = forward()
+        self.forward_bytes = float(max(0, torch.cuda.memory_allocated(device) - before))
+        del loss
+
+    def activations(self, method: str) -> float:
+        """Estimated activation bytes of one ``method`` product on the whole probe batch."""
+        if method in self.measured:
+            return self.measured[method]
+        if self.forward_bytes is None:
+            return 0.0
+        return PRODUCT_PER_FORWARD.get(method, 4.0) * self.forward_bytes
+
+    def start(self, device: torch.device) -> None:
+        """Note what is allocated, and the allocator's peak, as a measurement starts."""
+        if device.type == "cuda":
+            self._start = (float(torch.cuda.memory_allocated(device)), float(torch.cuda.max_memory_allocated(device)))
+
+    def finish(self, device: torch.device, method: str, vector_bytes: float, pieces: int) -> None:
+        """Learn from the measurement that just ended: ``vector_bytes`` planned besides activations."""
+        if self._start is None or device.type != "cuda":
+            return
+        allocated, peak_before = self._start
+        self._start = None
+        peak = float(torch.cuda.max_memory_allocated(device))
+        taken = max(0.0, (max(peak, peak_before) - allocated - vector_bytes) * pieces)
+        if peak > peak_before:
+            self.measured[method] = taken
+        elif taken < self.activations(method):
+            self.measured[method] = taken
 
 
 def plan_memory(

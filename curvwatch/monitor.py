@@ -48,7 +48,7 @@ from curvwatch.measurement import (
     affordable_products,
 )
 from curvwatch.measurement import measure as measure_once
-from curvwatch.memory import MemoryPlan, activation_bytes, device_allowance, plan_with_pieces
+from curvwatch.memory import ActivationGauge, MemoryPlan, device_allowance, plan_with_pieces
 from curvwatch.operators.distributed import Reduce
 from curvwatch.operators.factory import (
     CURVATURES,
@@ -402,6 +402,7 @@ class CurvatureMonitor:
         self._cost.start()
         self._training_peak: float | None = None
         self._peak_after_measuring: float | None = None
+        self._gauge = ActivationGauge()  # one product's activations, from our own measurements
         self.last_plan: MemoryPlan | None = None  # where the last measurement put its basis, and why
         self._attached: tuple[Any, Any] | None = None
         self._observe_training_peak(device)
@@ -486,10 +487,14 @@ class CurvatureMonitor:
             mismatch = normalization_mismatch(self.model, self.train_mode)  # before the guard sets modes
             if mismatch is not None and self.optimizer is not None:  # a ratio to compare: say why not
                 self._warn_once("normalization-mode", mismatch)
+            device = next(self.model.parameters()).device
+            method = forced_method or self._ggn_kind or self._state.resolved_method or "double_backward"
+            self._gauge.start(device)
             with measurement_guard(self.model, self.train_mode):
                 result, self._state, notes = measure_once(
                     self._config(), self._state, self.model, self._probe(), step, self.optimizer, allowance
                 )
+            self._gauge.finish(device, method, plan.device_bytes - self._gauge.activations(method) / pieces, pieces)
             for key, message in notes:
                 self._warn_once(key, message)
         except Exception as error:  # noqa: BLE001 - the failure policy
@@ -579,6 +584,9 @@ class CurvatureMonitor:
         params = [p for p in self.model.parameters() if p.requires_grad]
         device = params[0].device
         self._observe_training_peak(device)
+        if self._gauge.needs_forward(device) and not is_sharded(self.model):
+            with measurement_guard(self.model, self.train_mode), torch.enable_grad():
+                self._gauge.gauge_forward(device, lambda: self.loss_fn(self.model, self.batch))
         method = self._ggn_kind or self._state.resolved_method or "double_backward"
         if self.budget.max_memory is not None:  # the user's number replaces the ratio
             allowed = float(self.budget.max_memory)
@@ -594,7 +602,7 @@ class CurvatureMonitor:
             splittable = m in ("finite_difference", "forward_difference") and not is_sharded(self.model)
             return plan_with_pieces(
                 size, params[0].dtype, device, self.top_k, max_basis, m, allowed,
-                activation_bytes(device, m, self._training_peak), self.basis_device,
+                self._gauge.activations(m), self.basis_device,
                 int(examples) if splittable and math.isfinite(examples) else 1,
             )
 

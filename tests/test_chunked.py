@@ -9,7 +9,7 @@ import curvwatch as cw
 import curvwatch.measurement
 import curvwatch.monitor
 from curvwatch.chunked import pieces_of, split_probe
-from curvwatch.memory import WORKING_VECTORS
+from curvwatch.memory import WORKING_VECTORS, ActivationGauge
 from curvwatch.operators.hessian import HessianOperator
 from curvwatch.probe import hf_loss
 
@@ -122,7 +122,7 @@ def test_the_monitor_splits_the_probe_when_one_gradient_would_not_fit(monkeypatc
     x, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
     n = sum(p.numel() for p in model.parameters())
     vector = 8 * n
-    monkeypatch.setattr(curvwatch.monitor, "activation_bytes", lambda device, method, peak: 8 * vector)
+    monkeypatch.setattr(ActivationGauge, "activations", lambda self, method: 8 * vector)
     kwargs = dict(criterion=torch.nn.CrossEntropyLoss(), top_k=1, trace=False, method="finite_difference",
                   budget=cw.Budget(max_hvps=40, overhead=None, max_basis=4, tol=1e-6))
     # the working vectors + a basis of 4 + 8/pieces vectors of activations, with room for 2.5: 4 pieces
