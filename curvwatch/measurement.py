@@ -81,6 +81,17 @@ DIFFERENCE_RTOL = 1e-2
 # Richardson extrapolation; the rounding error grows as 1/h, so not further.
 RICHARDSON_HALVINGS = 3
 
+# method="auto" measures with one-sided differences only where the memory plan
+# says double backward does not fit; where those then disagree with central
+# differences (Adam's P^-1/2 moves low-v coordinates by up to 1e4 times more:
+# one-sided 6.9e8 vs central -3.4e6 at 355M), no reliable product fits.
+UNRELIABLE_DIFFERENCES = (
+    "one-sided and central differences disagree at this state, and double backward does not fit "
+    "in the memory allowed, so no reliable product fits: the measurement is skipped rather than "
+    "logged. Fix: more memory for the measurement (Budget(memory_ratio=...) or max_memory=...), "
+    "a smaller probe batch, or fewer trainable parameters"
+)
+
 # A ratio sharpness/threshold is logged only when the sharpness is known to this
 # relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
 RATIO_MAX_ERROR = 1e-2
@@ -671,6 +682,8 @@ class _Measurement:
                 return extrapolated
             # The finite-difference steps are outside their accurate range here
             # (kinks, strong third-order terms): say so rather than hide it.
+            if self.allowance.method is not None:
+                raise CurvatureError(UNRELIABLE_DIFFERENCES)
             self.notes.append((
                 "fd-disagree",
                 f"curvwatch: step {self.step}: one-sided and central differences disagree "

@@ -115,3 +115,37 @@ def test_an_unconverged_block_is_logged_under_the_diagnostics():
     assert block.tags("fc") == {"curvature_diagnostics/block/fc/lambda_max": 0.0179}
     done = BlockResult(lambda_max=0.2771, hvps=9, converged=True)
     assert done.tags("fc") == {"curvature/block/fc/lambda_max": 0.2771}
+
+
+# -- differences that know when they are wrong ---------------------------------------------------
+class _Kink(torch.nn.Module):
+    """``|w_0| + sum(h_i w_i^2) / 2`` at ``w_0 = 1e-6``: every difference step crosses the kink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1e-6, 0.5, 0.7]))
+
+    def forward(self, _batch):
+        return self.w.abs().sum() + 0.5 * (torch.tensor([1.0, 2.0, 3.0]) * self.w.pow(2)).sum()
+
+
+def _kink_monitor(strict: bool) -> cw.CurvatureMonitor:
+    # 3 float32 parameters: double backward needs (7 + 3) x 12 bytes, one-sided differences (5 + 3) x 12
+    return cw.CurvatureMonitor(_Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,
+                               strict=strict, budget=cw.Budget(max_memory=100, overhead=None))
+
+
+def test_unreliable_differences_where_nothing_exact_fits_are_skipped_not_logged():
+    monitor = _kink_monitor(strict=False)
+    with pytest.warns(cw.CurvatureWarning) as caught:
+        result = monitor.measure(1)
+    messages = [str(w.message) for w in caught]
+    assert result is None and monitor.history == []
+    assert any("double backward would not fit" in m for m in messages), messages
+    assert any("skipped" in m and "no reliable product fits" in m for m in messages), messages
+
+
+def test_unreliable_differences_raise_under_strict():
+    with pytest.raises(cw.CurvatureError, match="no reliable product fits"):
+        with pytest.warns(cw.CurvatureWarning, match="double backward would not fit"):
+            _kink_monitor(strict=True).measure(1)
