@@ -352,3 +352,40 @@ def test_monitor_fisher_with_more_samples_per_example_is_closer_to_the_ggn():
     assert many == pytest.approx(ggn, rel=MC_SLACK / math.sqrt(n * 50))  # 5.7%; one sample: 40%
     with pytest.raises(cw.CurvatureError, match="mc_samples must be a positive integer"):
         _monitor(model, x, y, "fisher", mc_samples=0)
+
+
+# -- a probe batch with NaN or inf (issue 25, item 10) ------------------------------------------------
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", *FISHER_CURVATURES])
+@pytest.mark.parametrize(
+    ("case", "loss"),
+    [("nan input", "nan"), ("inf input", "nan"), ("nan target", "nan"), ("inf target", "inf")],
+)
+def test_non_finite_probe_batch_names_the_loss_like_the_hessian(curvature, case, loss):
+    """Not a linear-algebra error ('linalg.eigh failed', 'probability tensor contains inf, nan')."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
+    bad = float(case.split()[0])
+    if case.endswith("input"):
+        x[3, 1] = bad
+    else:
+        y[5, 0] = bad
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), curvature=curvature, top_k=1,
+                                  trace=False, strict=True)
+    message = rf"^the loss is {loss} on the probe batch; curvature of a non-finite"
+    if case == "inf input" and curvature != "hessian":  # tanh saturates: a finite loss, a NaN Jacobian (0 * inf)
+        message = r"^the probe batch holds NaN/inf \(the loss is 1\.\d+, a saturating layer hides them\)"
+    with pytest.raises(cw.CurvatureError, match=message):
+        monitor.measure(1)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", *FISHER_CURVATURES])
+def test_non_finite_cross_entropy_probe_batch_names_the_loss(curvature):
+    model, x, y = tanh_mlp_ce()
+    x = x.clone()
+    x[0, 0] = math.nan
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.CrossEntropyLoss(), curvature=curvature,
+                                  top_k=1, trace=False, strict=True)
+    with pytest.raises(cw.CurvatureError, match=r"^the loss is nan on the probe batch"):
+        monitor.measure(1)

@@ -75,11 +75,24 @@ def checked_loss(closure: Closure) -> torch.Tensor:
             "do not compute it under torch.no_grad() or from detached outputs"
         )
     if not torch.isfinite(loss.detach()).item():
-        raise CurvatureError(
-            f"the loss is {loss.item()} on the probe batch; curvature of a non-finite "
-            "loss is undefined: check the batch and the model for NaN/inf"
-        )
+        raise CurvatureError(non_finite_loss_message(loss.item()))
     return loss
+
+
+def non_finite_loss_message(loss: float) -> str:
+    """What a measurement says when the probe loss is NaN or inf (every curvature, the same words)."""
+    return (
+        f"the loss is {loss} on the probe batch; curvature of a non-finite "
+        "loss is undefined: check the batch and the model for NaN/inf"
+    )
+
+
+def non_finite_batch_message(loss: float) -> str:
+    """What a measurement says when the probe batch holds NaN/inf that the (finite) loss does not show."""
+    return (
+        f"the probe batch holds NaN/inf (the loss is {loss:.6g}, a saturating layer hides them); its "
+        "curvature is undefined (the Jacobian multiplies inf by 0): check the batch for NaN/inf"
+    )
 
 
 def zeros_for_none(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]):

@@ -18,6 +18,7 @@ at lambda_max 888).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from curvwatch._errors import CurvatureError
 from curvwatch.operators._base import CurvatureOperator
+from curvwatch.operators._closure import non_finite_batch_message, non_finite_loss_message
 from curvwatch.operators.distributed import Reduce, ReducedOperator
 from curvwatch.operators.hessian import METHODS, HessianOperator
 from curvwatch.operators.sharded import (
@@ -32,6 +34,7 @@ from curvwatch.operators.sharded import (
     check_supported,
     is_sharded,
 )
+from curvwatch.probe import tensors_of
 
 MONITOR_METHODS = (*METHODS, "forward_difference")
 
@@ -194,6 +197,40 @@ def _refuse_sharded(model: torch.nn.Module, curvature: str) -> None:
         )
 
 
+def _finite(
+    outputs_fn: Callable[[], torch.Tensor], model: torch.nn.Module, batch: Any, criterion: Any
+) -> Callable[[], torch.Tensor]:
+    """``outputs_fn`` refusing NaN/inf on the probe batch, in the Hessian path's words.
+
+    The output-space operators never form the loss, so NaN/inf in the probe
+    batch or the model would surface later as a linear-algebra error
+    (``linalg.eigh`` failing to converge, ``multinomial`` refusing NaN
+    probabilities). Checked once per operator, on its one forward: the
+    outputs (logits, or an LM's hidden states) and the batch's floating-point
+    tensors are finite. Else the probe loss (one forward more, on the way to
+    the error) goes into the message of
+    :func:`~curvwatch.operators._closure.checked_loss`; an inf input that a
+    saturating layer hides from the loss still leaves NaN in the Jacobian
+    (``0 * inf``), and is named as such.
+
+    Raises:
+        CurvatureError: NaN or inf in the outputs or the probe batch.
+    """
+
+    def checked() -> torch.Tensor:
+        outputs = outputs_fn()
+        bad = [t for t in tensors_of(batch) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if not bad and (not isinstance(outputs, torch.Tensor) or bool(torch.isfinite(outputs.detach()).all())):
+            return outputs
+        with torch.no_grad():
+            loss = float(model(**batch).loss if criterion is None else criterion(model(batch[0]), batch[1]))
+        if not math.isfinite(loss) or not bad:
+            raise CurvatureError(non_finite_loss_message(loss))
+        raise CurvatureError(non_finite_batch_message(loss))
+
+    return checked
+
+
 def _classes_last(model: torch.nn.Module, inputs: Any) -> Callable[[], torch.Tensor]:
     """``model(inputs)`` as cross-entropy logits ``(..., C)``: ``(N, C, d1, ...)`` outputs get the class dim last."""
 
@@ -234,16 +271,17 @@ def build_ggn_operator(
         operator: CurvatureOperator = causal_lm_ggn_operator(
             model, batch, chunk_size=DEFAULT_CHUNK_SIZE, params=params, check=check
         )
+        operator.hidden_fn = _finite(operator.hidden_fn, model, batch, criterion)
     elif isinstance(criterion, torch.nn.CrossEntropyLoss):
         targets = batch[1]
         hard = isinstance(targets, torch.Tensor) and not targets.is_floating_point()
         operator = GGNOperator(
-            _classes_last(model, batch[0]), params, loss="cross_entropy", targets=targets if hard else None,
-            ignore_index=criterion.ignore_index,
+            _finite(_classes_last(model, batch[0]), model, batch, criterion), params, loss="cross_entropy",
+            targets=targets if hard else None, ignore_index=criterion.ignore_index,
         )
     else:  # MSELoss, mean: H_out = 2/numel I whatever the targets
         inputs = batch[0]
-        operator = GGNOperator(lambda: model(inputs), params, loss="mse")
+        operator = GGNOperator(_finite(lambda: model(inputs), model, batch, criterion), params, loss="mse")
     return operator if reduce is None else ReducedOperator(operator, reduce)
 
 
@@ -326,6 +364,7 @@ def build_fisher_operator(
             f"the kind comes from ggn_kind(model, batch, loss_fn, criterion, curvature={curvature!r}). "
             f"{_fix(curvature)}"
         )
+    outputs_fn = _finite(outputs_fn, model, batch, criterion)
     operator: CurvatureOperator
     if empirical:
         operator = EmpiricalFisherOperator(
