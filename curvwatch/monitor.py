@@ -539,7 +539,8 @@ class CurvatureMonitor:
         those fit in :attr:`Budget.negligible_seconds`: then it runs, with at
         most that long or the share saved up, whichever is more.
         The first measurement, before a product's cost is known, gets what is
-        saved up and stops after its first product if that is already spent.
+        saved up or :attr:`Budget.negligible_seconds`, whichever is more, and
+        stops after its first product if that is already spent.
         """
         cap = self.budget.max_seconds
         if self.budget.overhead is None:
@@ -549,8 +550,11 @@ class CurvatureMonitor:
         if math.isnan(per_product):
             # The first measurement learns what a product costs, within the share
             # saved up so far (at least one product): it may end unconverged, as a
-            # lower bound and a warm start for the next.
-            return max(allowance, 1e-9) if cap is None else min(cap, max(allowance, 1e-9))
+            # lower bound and a warm start for the next. Up to negligible_seconds it
+            # runs whatever the share: a model whose products cost milliseconds is
+            # measured in full from the first due step.
+            seconds = max(allowance, self.budget.negligible_seconds, 1e-9)
+            return seconds if cap is None else min(cap, seconds)
         warm = self._state.warm is not None or self._state.warm_preconditioned is not None
         needed = (gap_steps(self.top_k) + 1 if warm else max(10, gap_steps(self.top_k))) * per_product
         if needed <= self.budget.negligible_seconds:

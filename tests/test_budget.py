@@ -245,3 +245,15 @@ def test_the_plan_splits_the_probe_before_it_moves_the_basis_to_the_host():
     plan, pieces = plan_with_pieces(n, torch.float32, cuda, 1, 10, "forward_difference", allowed, activations / 2,
                                     None, 1)
     assert plan.fits and plan.basis_device == "cpu" and pieces == 1
+
+
+def test_the_first_measurement_of_a_model_that_costs_milliseconds_is_made_in_full():
+    """Scheduled at once, with no training time saved up: negligible_seconds covers it, not one product."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    x, y = torch.randn(40, 5, dtype=torch.float64), torch.randn(40, 1, dtype=torch.float64)
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), every=1, top_k=1, trace=False,
+                                  budget=cw.Budget(overhead=0.05))
+    first = monitor.maybe_measure(1)
+    assert first is not None and first.converged and first.hvps > 1
+    assert "curvature/lambda_max" in first.scalars()
