@@ -26,11 +26,15 @@ _RATIO = TAG_PREFIX + "sharpness_ratio"
 _BATCH = TAG_PREFIX + "batch_sharpness"
 _TRACE = TAG_PREFIX + "trace"
 _TRACE_STDERR = TAG_PREFIX + "trace_stderr"
-#: the early warnings, drawn in the ratio panel: (tag, line style, legend label)
+#: the early warnings, drawn in the ratio panel: (tag, colour of a lone run's line, line style,
+#: legend label); with several runs the line takes its run's colour and keeps its style
 _ALONG_UPDATE = (
-    (TAG_PREFIX + "critical_sharpness_ratio", "-.", "critical sharpness / (2/lr)"),
-    (TAG_PREFIX + "update_sharpness_ratio", (0, (1, 1)), "update sharpness / threshold"),
+    (TAG_PREFIX + "critical_sharpness_ratio", "tab:green", "-.", "early warning: critical sharpness / (2/lr)"),
+    (TAG_PREFIX + "update_sharpness_ratio", "tab:orange", (0, (4, 1.5, 1, 1.5, 1, 1.5)),
+     "early warning: update sharpness / threshold"),
 )
+#: a lone run's crossings of the sharpness ratio through 1: direction -> (colour, line style)
+_CROSSING_STYLE = {"up": ("tab:red", ":"), "down": ("tab:gray", ":")}
 #: a ratio panel with values above this switches to a log axis
 _LINEAR_RATIO_MAX = 3.0
 
@@ -157,6 +161,14 @@ def crossings(series: Series) -> list[tuple[int, str]]:
     return out
 
 
+def _crossing_label(series: Series, direction: str, shown: int = 2) -> str:
+    """Legend label of the vertical lines where ``sharpness_ratio`` crosses 1 in ``direction``."""
+    steps = [step for step, d in crossings(series) if d == direction]
+    listed = ", ".join(str(step) for step in steps[:shown]) + (", ..." if len(steps) > shown else "")
+    what = "sharpness reaches the threshold" if direction == "up" else "sharpness falls below it"
+    return f"{what} (step{'s' if len(steps) > 1 else ''} {listed})"
+
+
 def is_curvature_run(series: Series) -> bool:
     """Whether a run has ``curvature/lambda_max`` (or its preconditioned version)."""
     return bool(series.get(_LAMBDA) or series.get(_PRECONDITIONED))
@@ -214,7 +226,11 @@ def build_figure(runs: dict[str, Series], title: str = ""):
     so the edge is the line at 1 even when the learning rate, and with it the
     threshold, changes during a run, and draws the early warnings beside it
     (the critical and the update sharpness over their thresholds, where
-    logged); the third shows sharpness and threshold on a log axis.
+    logged: for one run in their own colours and line styles, for several in
+    the run's colour, each in its line style), and for one run a dotted
+    vertical line, named in the legend, where the sharpness reaches the
+    threshold (red) or falls below it (grey); the third shows sharpness and
+    threshold on a log axis.
 
     Raises:
         ValueError: no run has ``curvature/*`` tags.
@@ -235,7 +251,7 @@ def build_figure(runs: dict[str, Series], title: str = ""):
     colors = {name: cycle(i % cycle.N) if several else "tab:blue" for i, name in enumerate(drawn)}
     has_trace = any(s.get(_TRACE) for s in drawn.values())
     panels = 4 if has_trace else 3
-    fig, axes = plt.subplots(panels, 1, figsize=(8, 2.4 * panels + 0.6), sharex=True)
+    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.4 * panels + 0.6), sharex=True)
     ink = "0.3" if several else "tab:blue"  # legend key colour of the per-run lines
     legend = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "frameon": False,
               "borderaxespad": 0.0}
@@ -266,14 +282,17 @@ def build_figure(runs: dict[str, Series], title: str = ""):
         batch = ratio_series(series, _BATCH) if series.get(_BATCH) else []
         if batch:
             ax.plot(*zip(*batch), color=colors[name], lw=0.9, ls=":")
-        for tag, style, _ in _ALONG_UPDATE:  # the early warnings: ratios along the update
+        for tag, color, style, label in _ALONG_UPDATE:  # the early warnings: ratios along the update
             points = [(s, v) for s, v in series.get(tag, []) if math.isfinite(v)]
             if points:
                 ratios_seen.extend(v for _, v in points)
-                ax.plot(*zip(*points), color=colors[name], lw=0.9, ls=style, alpha=0.8)
+                ax.plot(*zip(*points), color=colors[name] if several else color, lw=1.0, ls=style,
+                        alpha=0.9, label=label)
         if not several:
             for step, direction in crossings(series):
-                ax.axvline(step, color="tab:red" if direction == "up" else "tab:gray", alpha=0.35, lw=0.8)
+                color, style = _CROSSING_STYLE[direction]
+                ax.axvline(step, color=color, ls=style, lw=1.1, alpha=0.8,
+                           label=_crossing_label(series, direction))
     ax.axhline(1.0, color="tab:red", ls="--", lw=1.2)
     finite = [v for v in ratios_seen if math.isfinite(v) and v > 0]
     if finite and max(finite) > _LINEAR_RATIO_MAX:
@@ -286,10 +305,17 @@ def build_figure(runs: dict[str, Series], title: str = ""):
     if any(s.get(_BATCH) for s in drawn.values()):
         handles.append(Line2D([], [], color=ink, lw=0.9, ls=":"))
         labels.append("batch sharpness / threshold")
-    for tag, style, label in _ALONG_UPDATE:
+    for tag, color, style, label in _ALONG_UPDATE:
         if any(s.get(tag) for s in drawn.values()):
-            handles.append(Line2D([], [], color=ink, lw=0.9, ls=style))
+            handles.append(Line2D([], [], color="0.3" if several else color, lw=1.0, ls=style))
             labels.append(label)
+    if not several:  # the vertical lines where the sharpness ratio crosses 1
+        series = next(iter(drawn.values()))
+        for direction in ("up", "down"):
+            if any(d == direction for _, d in crossings(series)):
+                color, style = _CROSSING_STYLE[direction]
+                handles.append(Line2D([], [], color=color, ls=style, lw=1.1, alpha=0.8))
+                labels.append(_crossing_label(series, direction))
     if not ratios_seen:
         labels[0] += " (no threshold logged)"
     ax.legend(handles=handles, labels=labels, **legend)

@@ -159,7 +159,86 @@ def test_the_ratio_panel_draws_the_early_warnings_where_they_are_logged(tmp_path
     assert tuple(s / 100 for s in range(10, 110, 10)) in curves  # critical sharpness / (2/lr)
     assert (0.25,) * 6 in curves  # update sharpness, where logged
     labels = [t.get_text() for t in ratio.get_legend().get_texts()]
-    assert "critical sharpness / (2/lr)" in labels and "update sharpness / threshold" in labels
+    assert "early warning: critical sharpness / (2/lr)" in labels
+    assert "early warning: update sharpness / threshold" in labels
     series = read_run(str(tmp_path / "warn.jsonl"))
     plain = build_figure({"plain": {k: v for k, v in series.items() if "update" not in k and "critical" not in k}})
     assert len(_panel(plain, "sharpness / threshold").get_legend().get_texts()) == 2  # nothing to explain
+
+
+def _legend_entries(ax):
+    """``{label: legend handle}`` of ``ax``'s legend."""
+    legend = ax.get_legend()
+    return {t.get_text(): h for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)}
+
+
+def _looks(line):
+    """What tells a line apart: colour (RGBA) and dash pattern."""
+    from matplotlib.colors import to_rgba
+
+    return to_rgba(line.get_color(), line.get_alpha()), line.get_linestyle()
+
+
+def test_the_vertical_line_where_the_sharpness_reaches_the_threshold_is_named_in_the_legend(tmp_path):
+    """Issue 25, item 14: the demo's picture drew a line at step 170 that no legend explained."""
+    points = [(s, _curvature(s, 0.5 + s / 100, 2.0, 1.0 / s)) for s in range(10, 310, 10)]  # 1 at step 150
+    points += [(s, _curvature(s, 1.0, 2.0, 1.0 / s)) for s in range(310, 350, 10)]  # back below at 310
+    _write_jsonl(tmp_path / "edge.jsonl", points)
+    ratio = _panel(build_figure(read_runs(str(tmp_path / "edge.jsonl"))), "sharpness / threshold")
+    vertical = {line.get_xdata()[0]: line for line in ratio.get_lines()
+                if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2}
+    assert sorted(vertical) == [150, 310]
+    entries = _legend_entries(ratio)
+    up, down = entries["sharpness reaches the threshold (step 150)"], entries["sharpness falls below it (step 310)"]
+    assert _looks(up) == _looks(vertical[150]) and _looks(down) == _looks(vertical[310])
+    assert vertical[150].get_label() == "sharpness reaches the threshold (step 150)"
+    assert _looks(vertical[150]) != _looks(vertical[310])
+    sharpness = next(line for line in ratio.get_lines() if len(line.get_xdata()) > 2)
+    edge = next(line for line in ratio.get_lines() if list(line.get_ydata()) == [1.0, 1.0])
+    assert _looks(vertical[150]) not in (_looks(sharpness), _looks(edge))
+
+
+def test_the_early_warnings_are_drawn_unlike_the_sharpness_and_named_in_the_legend(tmp_path):
+    """Issue 25, item 14: the two early-warning lines were thin lines of the sharpness's own colour."""
+    from matplotlib.colors import to_rgb
+
+    points = []
+    for step in range(10, 110, 10):
+        scalars = _curvature(step, 1.0, 2.0, 1.0 / step)
+        scalars["curvature/critical_sharpness_ratio"] = step / 100
+        scalars["curvature/update_sharpness_ratio"] = step / 200
+        points.append((step, scalars))
+    _write_jsonl(tmp_path / "warn.jsonl", points)
+    ratio = _panel(build_figure(read_runs(str(tmp_path / "warn.jsonl"))), "sharpness / threshold")
+    curves = [line for line in ratio.get_lines() if len(line.get_xdata()) > 2]
+    def drawing(values):
+        return next(line for line in curves if list(line.get_ydata()) == pytest.approx(values))
+
+    steps = range(10, 110, 10)
+    sharpness = drawing([0.5] * 10)
+    critical, update = drawing([s / 100 for s in steps]), drawing([s / 200 for s in steps])
+    colours = {to_rgb(line.get_color()) for line in (sharpness, critical, update)}
+    styles = {line.get_linestyle() for line in (sharpness, critical, update)}
+    assert len(colours) == 3 and len(styles) == 3  # each its own colour and its own dashes
+    entries = _legend_entries(ratio)
+    for line, label in [(sharpness, "sharpness / threshold"), (critical, "early warning: critical sharpness / (2/lr)"),
+                        (update, "early warning: update sharpness / threshold")]:
+        handle = entries[label]
+        assert to_rgb(handle.get_color()) == to_rgb(line.get_color()), label
+        assert handle.get_linestyle() == line.get_linestyle(), label
+
+
+def test_several_runs_keep_their_colours_and_the_early_warnings_their_line_styles(tmp_path):
+    for name, lr in [("a", 1.0), ("b", 2.0)]:
+        points = []
+        for step in range(10, 60, 10):
+            scalars = _curvature(step, 1.0, 2.0 / lr, 1.0 / step)
+            scalars["curvature/critical_sharpness_ratio"] = step / 100
+            scalars["curvature/update_sharpness_ratio"] = step / 200
+            points.append((step, scalars))
+        _write_jsonl(tmp_path / f"{name}.jsonl", points)
+    ratio = _panel(build_figure(read_runs(str(tmp_path))), "sharpness / threshold")
+    curves = [line for line in ratio.get_lines() if len(line.get_xdata()) > 2]
+    assert len(curves) == 6
+    assert len({line.get_color() for line in curves}) == 2  # one colour per run
+    assert len({line.get_linestyle() for line in curves}) == 3  # sharpness, critical, update
