@@ -18,7 +18,8 @@ before it, ``L(theta_s) > 2 min_{s' < s} L(theta_s')``. Both are counted on
 the monitor's axis: step ``s`` means the parameters after ``s`` optimizer
 steps (the loss of ``theta_s`` is the one the forward pass of step ``s + 1``
 computes). The run is deterministic (seeded, one thread; every due step
-measured, ``Budget(overhead=None)``) and takes about 10 s on one CPU thread::
+measured, ``Budget(overhead=None)``); on one CPU thread it took 18-26 s on a
+shared 2-core x86 VM with both cores busy::
 
     python examples/early_warning.py --out docs/early_warning.png
 

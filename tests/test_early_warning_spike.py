@@ -41,7 +41,7 @@ def test_the_early_warning_comes_before_the_loss_spike(spike_run):
     assert w.quantity in ("update_sharpness_ratio", "critical_sharpness_ratio")
     assert w.step < spike  # strictly before
     # the numbers of the committed run (docs/early_warning.png, README "Early warning"): warning at
-    # step 224 (critical sharpness 1.30 x 2/lr at lr 2.99, stable lr 2.30), spike at step 228
+    # step 223 (critical sharpness 1.17 x 2/lr at lr 2.97, stable lr 2.53), spike at step 227
     assert 215 <= w.step <= 230 and 220 <= spike <= 235
     assert spike - w.step >= 2
     assert w.ratio >= 1 and w.stable_lr == pytest.approx(w.lr / w.ratio)
@@ -62,6 +62,25 @@ def test_describe_prints_the_lead(spike_run):
     w = spike_run.warning
     assert text.startswith(f"warning at step {w.step} (lr={w.lr:.3f}, stable lr={w.stable_lr:.3f}), ")
     assert f"loss spike at step {spike_run.spike}: {spike_run.spike - w.step} steps ahead" in text
+
+
+def test_readme_quotes_what_the_script_prints(spike_run):
+    """Issue 25, item 13: the README said warning 224, spike 228, ratio 1.30, stable lr 2.30 where the
+    script printed 223, 227, 1.17, 2.53. Its lines (all but the timing) stand in the README as printed."""
+    readme = (EXAMPLE.parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Early warning", 1)[1].split("\n## ", 1)[0]
+    printed = example.describe(spike_run).splitlines()[:-1]  # the last line: measurements and seconds
+    assert len(printed) == 3
+    for line in printed:
+        assert line in section.splitlines(), line
+    w, spike, edge = spike_run.warning, spike_run.spike, spike_run.sharpness_crossing
+    prose = " ".join(section.split())
+    said = f"comes at step {w.step} (ratio {w.ratio:.2f} at lr {w.lr:.2f}; stable lr, lr / ratio, {w.stable_lr:.2f})"
+    assert said in prose
+    assert f"at step {spike}: **{spike - w.step} steps ahead**" in prose
+    assert f"reached 2/lr at step {edge.step}, {spike - edge.step} steps ahead" in prose
+    update = next(e for e in spike_run.events if e.quantity == "update_sharpness_ratio")
+    assert f"crosses at step {update.step} ({update.ratio:.2f})" in prose
 
 
 def test_plot_writes_a_png(spike_run, tmp_path):
