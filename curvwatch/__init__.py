@@ -10,6 +10,7 @@ from curvwatch.operators import (
     HessianOperator,
     MonteCarloFisherOperator,
     PreconditionedOperator,
+    all_reduce_mean,
 )
 from curvwatch.results import Budget, CurvatureResult, ThresholdEvent
 from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
@@ -47,6 +48,8 @@ __all__ = [
     "HessianOperator",
     "MonteCarloFisherOperator",
     "PreconditionedOperator",
+    # data parallelism: the mean over processes of a product (the monitor's default reduce)
+    "all_reduce_mean",
     # solvers
     "LanczosResult",
     "SpectralDensity",

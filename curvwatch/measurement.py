@@ -367,7 +367,7 @@ class _Measurement:
             measurements=state.measurements + 1,
             warm=warm,
             warm_preconditioned=warm_pre,
-            resolved_method=self.resolved,
+            resolved_method=None if self.resolved is None else str(self.resolved),  # a plain string in checkpoints
             ggn_checked=self.ggn_checked,
             checked=self.checked,
             differences_disagree=self.differences_disagree,
@@ -442,10 +442,9 @@ class _Measurement:
         backward of the probe loss for the output-space operators (GGN,
         Fisher), which form no gradient.
         """
-        at_theta = getattr(operator, "gradient_at_theta", None)  # this rank's: a ReducedOperator reduces products
         with torch.enable_grad():
-            if callable(at_theta):
-                gradient = at_theta()
+            if operator.forms_gradient:  # this rank's: a ReducedOperator reduces products, not its gradient
+                gradient = operator.gradient_at_theta()
             else:
                 loss = self.probe.loss_fn(self.model, self.probe.batch)
                 grads = torch.autograd.grad(loss, self.params, allow_unused=True)
@@ -704,15 +703,12 @@ class _Measurement:
         extrapolated result, or ``None`` (the caller reports the disagreement
         as not converged).
         """
-        differences = certificate
-        while not hasattr(differences, "step_scale") and hasattr(differences, "operator"):
-            differences = differences.operator
-        if not hasattr(differences, "step_scale"):
+        if not certificate.scales_step:
             return None
         steps = [coarse.lambda_max]
         try:
             for halving in range(1, RICHARDSON_HALVINGS + 1):
-                differences.step_scale = 0.5**halving
+                certificate.step_scale = 0.5**halving
                 fine = certify_top(certificate, eig)
                 steps.append(fine.lambda_max)
                 value, error = richardson(steps[-2], steps[-1])
@@ -721,7 +717,7 @@ class _Measurement:
             else:
                 return None
         finally:
-            differences.step_scale = 1.0
+            certificate.step_scale = 1.0
         self.notes.append((
             "fd-extrapolated",
             f"curvwatch: step {self.step}: a sharp state: central differences at 1, 1/2, ... of the usual "

@@ -18,9 +18,11 @@ from typing import Literal
 
 import torch
 
+from curvwatch.names import GGN_CRITERION, GGN_LM_HEAD, Method
+
 Precision = Literal["auto", "fp32", "tf32"]
 PRECISIONS = ("auto", "fp32", "tf32")
-EXACT_METHODS = ("double_backward", "forward_over_reverse", "ggn", "ggn_lm_head")
+EXACT_METHODS = (Method.DOUBLE_BACKWARD, Method.FORWARD_OVER_REVERSE, GGN_CRITERION, GGN_LM_HEAD)
 
 
 #: what products in a dtype other than float32 run in (TF32 only rounds float32 matmuls)

@@ -52,8 +52,7 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from curvwatch import CurvatureError, CurvatureMonitor
-from curvwatch.operators.distributed import all_reduce_mean
+from curvwatch import CurvatureError, CurvatureMonitor, all_reduce_mean
 from curvwatch.probe import first_batch
 
 from ._common import (

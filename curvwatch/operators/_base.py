@@ -21,17 +21,32 @@ class CurvatureOperator:
     counts the products. ``dot`` is the Euclidean inner product (overridden by
     operators whose vectors are shards of a larger vector).
 
+    What an operator can do beyond products is declared by flags, which
+    wrapping operators (:class:`~curvwatch.operators.distributed.ReducedOperator`,
+    :class:`~curvwatch.PreconditionedOperator`) pass on from the operator they
+    wrap, so a caller reads a flag instead of probing for attributes.
+
     Attributes:
         size: length ``n`` of the vectors the operator acts on (local length for
             sharded operators).
         dtype: dtype of the vectors.
         device: device of the vectors.
         matvecs: number of products applied so far.
+        forms_gradient: :meth:`gradient_at_theta` gives the loss's gradient at
+            ``theta`` (a Hessian of a loss: the probe loss's first order,
+            cached by its products), and :attr:`loss` the loss once formed.
+            False for the output-space operators, which never form the loss.
+        scales_step: the products are finite differences whose step is
+            multiplied by :attr:`step_scale` (a Richardson step-down halves it).
+        loss: the loss at ``theta`` once a product formed it, else ``None``.
     """
 
     size: int
     dtype: torch.dtype
     device: torch.device
+    forms_gradient: bool = False
+    scales_step: bool = False
+    loss: float | None = None
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.size = int(size)
@@ -51,6 +66,17 @@ class CurvatureOperator:
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("operators implement _matvec(v) -> A v")
+
+    def gradient_at_theta(self) -> torch.Tensor:
+        """The flat gradient of the loss at ``theta`` (operators with :attr:`forms_gradient` only).
+
+        Raises:
+            NotImplementedError: the operator forms no gradient.
+        """
+        raise NotImplementedError(f"{type(self).__name__} forms no gradient (forms_gradient is False)")
+
+    def release(self) -> None:
+        """Free what the products keep between calls (graphs, caches); nothing here."""
 
     def preconditioned_matvec(self, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
         """Return ``A P^{-1/2} v`` for the flat positive diagonal ``P``; ``v`` is left as it is.

@@ -62,6 +62,22 @@ class ReducedOperator(CurvatureOperator):
         """The mean of a per-process scalar, by ``reduce``."""
         return self.reduce(torch.tensor([value], dtype=self.dtype, device=self.device)).item()
 
+    # what the wrapped operator can do, and its state (gradient, loss, step) passed through
+    forms_gradient = property(lambda self: self.operator.forms_gradient)
+    scales_step = property(lambda self: self.operator.scales_step)
+    loss = property(lambda self: self.operator.loss)
+    step_scale = property(
+        lambda self: self.operator.step_scale, lambda self, scale: setattr(self.operator, "step_scale", scale)
+    )
+
+    def gradient_at_theta(self) -> torch.Tensor:
+        """This rank's gradient at ``theta`` (the wrapped operator's: products are reduced, this is not)."""
+        return self.operator.gradient_at_theta()
+
+    def release(self) -> None:
+        """Free what the wrapped operator keeps."""
+        self.operator.release()
+
     def __getattr__(self, name: str):
-        # loss, gradient, release(), ... of the wrapped operator
+        # anything else of the wrapped operator (its gradient, parameters, ...)
         return getattr(self.__dict__["operator"], name)

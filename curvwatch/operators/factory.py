@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from curvwatch._errors import CurvatureError
+from curvwatch.names import GGN_CRITERION, GGN_LM_HEAD, Curvature, Method
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import non_finite_batch_message, non_finite_loss_message
 from curvwatch.operators.distributed import Reduce, ReducedOperator
-from curvwatch.operators.hessian import METHODS, HessianOperator
+from curvwatch.operators.hessian import HessianOperator
 from curvwatch.operators.sharded import (
     ShardedHessianOperator,
     check_supported,
@@ -36,20 +37,14 @@ from curvwatch.operators.sharded import (
 )
 from curvwatch.probe import tensors_of
 
-MONITOR_METHODS = (*METHODS, "forward_difference")
-
-# ``"fisher"``: the Monte-Carlo (true) Fisher; ``"empirical_fisher"``: the data-label one
-# (:func:`build_fisher_operator`).
-FISHER_CURVATURES = ("fisher", "empirical_fisher")
-
-CURVATURES = ("hessian", "ggn", *FISHER_CURVATURES)
-
-# What ``curvature="ggn"`` runs (and what ``CurvatureResult.method`` reads).
-GGN_CRITERION = "ggn"  # GGNOperator on model(inputs) with a criterion's output Hessian
-GGN_LM_HEAD = "ggn_lm_head"  # chunked, fused LM head of a Hugging Face causal LM
-
-# The output-space curvatures: a known loss of the model outputs, no loss_fn (ggn_kind).
-OUTPUT_CURVATURES = ("ggn", *FISHER_CURVATURES)
+# The choices as tuples (declared in :mod:`curvwatch.names`): the monitor's methods besides
+# ``"auto"``; ``"fisher"``, the Monte-Carlo (true) Fisher, and ``"empirical_fisher"``, the
+# data-label one (:func:`build_fisher_operator`); every curvature; the output-space ones
+# (a known loss of the model outputs, no loss_fn: :func:`ggn_kind`).
+MONITOR_METHODS = Method.chosen()
+FISHER_CURVATURES = Curvature.fishers()
+CURVATURES = tuple(Curvature)
+OUTPUT_CURVATURES = Curvature.output_space()
 
 
 def _fix(curvature: str) -> str:
@@ -63,7 +58,7 @@ def _fix(curvature: str) -> str:
 
 def auto_method(model: torch.nn.Module) -> str:
     """``method="auto"``: central finite differences under FSDP, else double backward."""
-    return "finite_difference" if is_sharded(model) else "double_backward"
+    return Method.FINITE_DIFFERENCE if is_sharded(model) else Method.DOUBLE_BACKWARD
 
 
 def build_operator(
@@ -86,22 +81,22 @@ def build_operator(
         CurvatureError: an exact method under FSDP, or an unsupported setup.
     """
     check_supported(model)
-    forward = method == "forward_difference"
+    forward = method == Method.FORWARD_DIFFERENCE
     scheme = scheme or ("forward" if forward else "central")
     if is_sharded(model):
-        if method not in ("finite_difference", "forward_difference"):
+        if method not in Method.differences():
             raise CurvatureError(
                 f"method={method!r} cannot run under FSDP (autograd cannot differentiate "
                 "through its sharded parameters): use method='auto', 'finite_difference' "
                 "or 'forward_difference'"
             )
         return ShardedHessianOperator(closure, params, module=model, scheme=scheme)
-    base = "finite_difference" if forward else method
+    base = Method.FINITE_DIFFERENCE if forward else method
     operator = HessianOperator(closure, params, base, module=model, scheme=scheme, pieces=pieces)
     return operator if reduce is None else ReducedOperator(operator, reduce)
 
 
-def ggn_kind(model: torch.nn.Module, batch: Any, loss_fn: Any, criterion: Any, curvature: str = "ggn") -> str:
+def ggn_kind(model: torch.nn.Module, batch: Any, loss_fn: Any, criterion: Any, curvature: str = Curvature.GGN) -> str:
     """Which output-space path fits this loss: :data:`GGN_CRITERION` or :data:`GGN_LM_HEAD`.
 
     The GGN needs the loss's Hessian with respect to the model outputs and the
@@ -127,7 +122,7 @@ def ggn_kind(model: torch.nn.Module, batch: Any, loss_fn: Any, criterion: Any, c
     if loss_fn is not None:
         need = (
             "the Gauss-Newton matrix needs the loss's Hessian with respect to the model outputs"
-            if curvature == "ggn"
+            if curvature == Curvature.GGN
             else "the Fisher needs the loss as a likelihood of the model outputs"
         )
         raise CurvatureError(f"{name} cannot take loss_fn=...: {need}. {fix}")
@@ -266,7 +261,7 @@ def build_ggn_operator(
     from curvwatch.operators.ggn import GGNOperator
     from curvwatch.operators.lm_head import DEFAULT_CHUNK_SIZE, causal_lm_ggn_operator
 
-    _refuse_sharded(model, "ggn")
+    _refuse_sharded(model, Curvature.GGN)
     if kind == GGN_LM_HEAD:
         operator: CurvatureOperator = causal_lm_ggn_operator(
             model, batch, chunk_size=DEFAULT_CHUNK_SIZE, params=params, check=check
@@ -324,7 +319,7 @@ def build_fisher_operator(
     """
     from curvwatch.operators.fisher import EmpiricalFisherOperator, MonteCarloFisherOperator
 
-    curvature = "empirical_fisher" if empirical else "fisher"
+    curvature = Curvature.EMPIRICAL_FISHER if empirical else Curvature.FISHER
     _refuse_sharded(model, curvature)
     label_smoothing = 0.0
     if kind == GGN_LM_HEAD:

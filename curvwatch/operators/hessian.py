@@ -29,6 +29,7 @@ import torch
 
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch._flat import flatten, unflatten
+from curvwatch.names import Method
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import (
     NO_SECOND_DERIVATIVE_MSG,
@@ -40,8 +41,7 @@ from curvwatch.operators._closure import (
 )
 from curvwatch.operators._difference import accumulate_gradient, difference_product, scaled_squared_norm
 
-Method = Literal["double_backward", "forward_over_reverse", "finite_difference"]
-METHODS = ("double_backward", "forward_over_reverse", "finite_difference")
+METHODS = Method.hessian()
 
 # Parameter-space step |eps * v| of a finite difference, relative to 1 + rms(theta),
 # as a multiple of machine epsilon's cube root (central) or square root (forward).
@@ -113,11 +113,13 @@ class HessianOperator(CurvatureOperator):
         tensor([2., 8.])
     """
 
+    forms_gradient = True
+
     def __init__(
         self,
         closure: Closure,
         params: Iterable[torch.Tensor],
-        method: Method = "double_backward",
+        method: str = Method.DOUBLE_BACKWARD,
         module: torch.nn.Module | None = None,
         scheme: Literal["central", "forward"] = "central",
         step: float | None = None,
@@ -130,12 +132,12 @@ class HessianOperator(CurvatureOperator):
         if not callable(closure):
             raise CurvatureError("closure must be callable: closure() -> scalar loss")
         self.params = check_params(params)
-        if pieces is not None and method != "finite_difference":
+        if pieces is not None and method != Method.FINITE_DIFFERENCE:
             raise CurvatureError(
                 f"a probe batch split into pieces needs method='finite_difference', got {method!r}: "
                 "the exact methods differentiate one graph of the whole batch"
             )
-        if method == "forward_over_reverse" and module is None:
+        if method == Method.FORWARD_OVER_REVERSE and module is None:
             raise CurvatureError(
                 "method='forward_over_reverse' needs module=<the nn.Module owning the "
                 "parameters> so torch.func can substitute them; or use 'double_backward'"
@@ -143,6 +145,7 @@ class HessianOperator(CurvatureOperator):
         super().__init__(sum(p.numel() for p in self.params), self.params[0].dtype, self.params[0].device)
         self.closure = closure
         self.method = method
+        self.scales_step = method == Method.FINITE_DIFFERENCE
         self.module = module
         self.scheme = scheme
         self.step = step
@@ -266,23 +269,23 @@ class HessianOperator(CurvatureOperator):
         return self._rms
 
     def _preconditioned_matvec(self, v: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
-        if self.method != "finite_difference":
+        if self.method != Method.FINITE_DIFFERENCE:
             return super()._preconditioned_matvec(v, diagonal)
         return self._finite_difference(v, diagonal)
 
     def gradient_at_theta(self) -> torch.Tensor:
         """The flat gradient at the current parameters (computed once, cached)."""
         if self.gradient is None:
-            if self.method == "double_backward":
+            if self.method == Method.DOUBLE_BACKWARD:
                 self._first_order_graph()
             else:
                 self._ensure_base_gradient()
         return self.gradient
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        if self.method == "double_backward":
+        if self.method == Method.DOUBLE_BACKWARD:
             return self._double_backward(v)
-        if self.method == "forward_over_reverse":
+        if self.method == Method.FORWARD_OVER_REVERSE:
             return self._forward_over_reverse(v)
         return self._finite_difference(v)
 

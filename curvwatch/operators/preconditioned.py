@@ -51,3 +51,9 @@ class PreconditionedOperator(CurvatureOperator):
     def any_rank(self, flag: bool) -> bool:
         """True if ``flag`` is true on any process, as the wrapped operator decides."""
         return self.operator.any_rank(flag)
+
+    # the wrapped operator's finite-difference step, scaled through the preconditioning
+    scales_step = property(lambda self: self.operator.scales_step)
+    step_scale = property(
+        lambda self: self.operator.step_scale, lambda self, scale: setattr(self.operator, "step_scale", scale)
+    )

@@ -177,6 +177,9 @@ class ShardedHessianOperator(CurvatureOperator):
         top = curvwatch.lanczos(op, k=2)      # same eigenvalues on every rank
     """
 
+    forms_gradient = True
+    scales_step = True
+
     def __init__(
         self,
         closure: Closure,
