@@ -21,16 +21,10 @@ from benchmarks.models import lm_criterion, loss_fn, restore, snapshot
 from benchmarks.timing import Meter
 from curvwatch import Budget, CurvatureMonitor, GGNOperator, HessianOperator, MonteCarloFisherOperator
 from curvwatch.blocks import resolve_blocks
-from curvwatch.directional import (
-    critical_sharpness,
-    directional_sharpness,
-    next_update_direction,
-    perturbed_loss,
-    update_direction,
-)
+from curvwatch.directional import critical_sharpness, directional_sharpness, perturbed_loss
 from curvwatch.guard import measurement_guard
 from curvwatch.measurement import CRITICAL_MAX_EVALS, CRITICAL_RTOL
-from curvwatch.stability import preconditioner_diagonal
+from curvwatch.optim import next_update_direction, preconditioner_diagonal, update_direction
 
 BLOCKS = "layers"
 

@@ -68,8 +68,8 @@ def main(args: argparse.Namespace | None = None) -> None:
     import curvwatch as cw
     from benchmarks.leave_on import Training
     from curvwatch.chunked import split_probe
+    from curvwatch.optim import preconditioner_diagonal
     from curvwatch.precision import matmul_precision
-    from curvwatch.stability import preconditioner_diagonal
 
     args = parse_args() if args is None else args
     torch.set_num_threads(min(8, os.cpu_count() or 1))

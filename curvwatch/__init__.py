@@ -12,6 +12,7 @@ from curvwatch.operators import (
     PreconditionedOperator,
     all_reduce_mean,
 )
+from curvwatch.optim import Threshold, preconditioner_diagonal, threshold
 from curvwatch.results import Budget, CurvatureResult, ThresholdEvent
 from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
 from curvwatch.solvers import (
@@ -22,7 +23,6 @@ from curvwatch.solvers import (
     lanczos,
     slq,
 )
-from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
 
 __version__ = "0.1.0"
 

@@ -37,14 +37,7 @@ from curvwatch._flat import flatten
 from curvwatch.batch_sharpness import batch_sharpness
 from curvwatch.blocks import block_parameters, lost_block_message
 from curvwatch.chunked import split_probe
-from curvwatch.directional import (
-    critical_sharpness,
-    directional_sharpness,
-    missing_update_reason,
-    next_update_direction,
-    perturbed_loss,
-    update_direction,
-)
+from curvwatch.directional import critical_sharpness, directional_sharpness, perturbed_loss
 from curvwatch.memory import MemoryPlan
 from curvwatch.operators._closure import zeros_for_none
 from curvwatch.operators.distributed import Reduce
@@ -58,6 +51,14 @@ from curvwatch.operators.factory import (
 )
 from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.operators.sharded import is_sharded
+from curvwatch.optim import (
+    Threshold,
+    missing_update_reason,
+    next_update_direction,
+    preconditioner_diagonal,
+    threshold,
+    update_direction,
+)
 from curvwatch.precision import matmul_precision, resolve_precision
 from curvwatch.probe import LossFn
 from curvwatch.results import BlockResult, Budget, CurvatureResult
@@ -65,7 +66,6 @@ from curvwatch.solvers.certificate import FD_AGREEMENT_RTOL, certify_top, descen
 from curvwatch.solvers.density import slq
 from curvwatch.solvers.lanczos import LanczosResult, lanczos
 from curvwatch.solvers.trace import hutchinson
-from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
 
 # Double backward is trusted when u^T H v and v^T H u agree to this (relative to
 # |u| |Hv|): a Hessian is symmetric, while a second derivative with missing terms
@@ -403,7 +403,7 @@ class _Measurement:
         """The optimizer's last update ``u`` (``theta_t = theta_{t-1} - lr u``), or ``None``.
 
         ``None`` without an optimizer, for one whose update is not known
-        (:func:`~curvwatch.directional.update_direction`), before its first
+        (:func:`~curvwatch.optim.update_direction`), before its first
         step, and when the update sharpness is not asked for (the critical
         sharpness searches along the next update instead).
         """
@@ -455,7 +455,7 @@ class _Measurement:
         """``(2 / eta_c, its ratio to 2 / lr, forward passes)`` along ``-u``: a line search, no products.
 
         ``u`` is the step the optimizer would take now from the probe's gradient
-        (:func:`~curvwatch.directional.next_update_direction`), not the last
+        (:func:`~curvwatch.optim.next_update_direction`), not the last
         step: at the edge of stability the last step overshot along the top
         eigenvector, so from where it landed its direction goes uphill at once
         and no ``eta_c`` can be bracketed (seen on the digits demo: 5 values in

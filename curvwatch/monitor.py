@@ -56,11 +56,11 @@ from curvwatch.operators.factory import (
     ggn_kind,
 )
 from curvwatch.operators.sharded import check_supported, is_sharded
+from curvwatch.optim import unwrap_optimizer
 from curvwatch.precision import PRECISIONS, Precision
 from curvwatch.probe import LossFn, batch_length, loss_closure_factory, move_to
 from curvwatch.results import Budget, CurvatureResult, ThresholdEvent
 from curvwatch.solvers.lanczos import default_max_basis, gap_steps
-from curvwatch.stability import unwrap_optimizer
 
 logger = logging.getLogger("curvwatch")
 
@@ -132,7 +132,7 @@ class CurvatureMonitor:
             crossed), ``ratio`` and ``stable_lr`` (``lr / ratio``). A callback
             that raises is one warning (``strict=True`` raises).
         update_sharpness: also measure the curvature along the optimizer's last
-            update ``u`` (:func:`~curvwatch.directional.update_direction`):
+            update ``u`` (:func:`~curvwatch.optim.update_direction`):
             ``u^T H u / u^T u``, for Adam-type optimizers ``u^T H u / u^T P u``
             (``curvature/update_sharpness``), and its ratio to the threshold
             (``curvature/update_sharpness_ratio``; the sharpness's threshold,

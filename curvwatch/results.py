@@ -206,7 +206,7 @@ class CurvatureResult:
             matmul precision), or the model's dtype where it is not float32
             (``"fp64"``, ``"bf16"``, ``"fp16"``).
         update_sharpness: the curvature along the optimizer's last update ``u``
-            (:func:`~curvwatch.directional.update_direction`), one product:
+            (:func:`~curvwatch.optim.update_direction`), one product:
             ``u^T H u / u^T u``, or ``u^T H u / u^T P u`` for Adam-type
             optimizers (NaN: not measured).
         update_sharpness_ratio: ``update_sharpness / threshold`` (the same

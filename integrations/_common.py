@@ -64,9 +64,9 @@ from curvwatch import (
 )
 from curvwatch.loaders import TrainingBatches, loader_batch_size
 from curvwatch.operators import is_sharded  # noqa: F401 - re-exported to the adapters (FSDP detection)
+from curvwatch.optim import unwrap_optimizer
 from curvwatch.probe import process_share  # noqa: F401 - re-exported to the adapters
 from curvwatch.sinks import margin_scalars, write_layout, write_spectrum
-from curvwatch.stability import unwrap_optimizer
 
 Sink = Callable[[CurvatureResult], Any]
 Mean = Callable[[torch.Tensor], torch.Tensor]
@@ -269,7 +269,7 @@ class StepGradients:
 
     The update directions built from the step's gradient (SGD without
     momentum, Nesterov, RMSprop without momentum:
-    :func:`curvwatch.directional.update_direction`) read ``.grad``, which a
+    :func:`curvwatch.optim.update_direction`) read ``.grad``, which a
     framework that clears it between ``optimizer.step()`` and its step-end hook
     (transformers' Trainer: ``model.zero_grad()``) leaves empty. A post-step
     hook on the torch optimizer (applied updates only) keeps references to the

@@ -15,7 +15,7 @@ from torch.func import functional_call, hessian
 
 from curvwatch import Budget, CurvatureError, CurvatureMonitor, CurvatureWarning, JsonlSink, TensorBoardSink
 from curvwatch.blocks import block_parameters, resolve_blocks
-from curvwatch.stability import preconditioner_diagonal
+from curvwatch.optim import preconditioner_diagonal
 from tests._helpers import curves, layouts
 from tests._launch import SCRIPTS, run_ranks
 

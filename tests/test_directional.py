@@ -12,11 +12,10 @@ from curvwatch.directional import (
     critical_sharpness,
     directional_sharpness,
     perturbed_loss,
-    update_direction,
 )
 from curvwatch.operators import DenseOperator
 from curvwatch.operators.factory import build_operator
-from curvwatch.stability import preconditioner_diagonal
+from curvwatch.optim import preconditioner_diagonal, update_direction
 from tests.cases import tanh_mlp_ce
 
 DTYPE = torch.float64
@@ -398,7 +397,7 @@ def test_next_update_direction_is_the_step_the_optimizer_takes(make, steps_befor
     """theta_{t+1} - theta_t == -lr u for u from the gradient the step is then given (state left as it was)."""
     import copy
 
-    from curvwatch.directional import next_update_direction
+    from curvwatch.optim import next_update_direction
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()

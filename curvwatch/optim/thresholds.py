@@ -105,6 +105,37 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
+def check_optimizer(optimizer: Any, model: torch.nn.Module, param_group: int | None = None) -> torch.optim.Optimizer:
+    """The torch optimizer inside ``optimizer``, checked against ``model`` (and ``param_group``).
+
+    Thresholds, the preconditioner and the update are read from the
+    optimizer's entries for the model's parameters: from an optimizer of
+    another model, SGD's ratio came silently from the wrong lr. Checked once,
+    where the optimizer is given, not at every measurement.
+
+    Raises:
+        CurvatureError: not an optimizer; one that holds none of ``model``'s
+            parameters; a ``param_group`` it does not have (not checked when
+            ``None``).
+    """
+    inner = unwrap_optimizer(optimizer)
+    if param_group is not None:
+        groups = len(inner.param_groups)
+        if not isinstance(param_group, int) or isinstance(param_group, bool) or not 0 <= param_group < max(groups, 1):
+            raise CurvatureError(
+                f"param_group={param_group!r} but the optimizer has {groups} parameter group(s): "
+                f"pass an index in 0..{groups - 1}"
+            )
+    held = {id(p) for group in inner.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters()):
+        raise CurvatureError(
+            f"the optimizer ({type(inner).__name__}, {len(held)} parameter tensor(s)) holds none of the "
+            "model's parameters, so its lr and state say nothing about this model: pass the optimizer that "
+            "trains this model (built from model.parameters()), or optimizer=None for no threshold"
+        )
+    return inner
+
+
 def threshold(optimizer, param_group: int = 0) -> Threshold:
     """The edge-of-stability threshold of ``optimizer`` at its current lr.
 
@@ -127,7 +158,7 @@ def threshold(optimizer, param_group: int = 0) -> Threshold:
         )
     group = optimizer.param_groups[param_group]
     name = type(optimizer).__name__
-    lr = _lr(group)
+    lr = group_lr(group)
     if lr is not None and (not lr >= 0 or math.isinf(lr)):
         raise CurvatureError(f"learning rate is {lr}; thresholds need a finite lr >= 0")
     rule = _rule(optimizer, group)
@@ -145,8 +176,8 @@ def threshold(optimizer, param_group: int = 0) -> Threshold:
     return Threshold(value, lr, kind, adaptive, param_group)
 
 
-def _lr(group: dict[str, Any]) -> float | None:
-    """The group's lr as a float, ``None`` when it has none (or not a number)."""
+def group_lr(group: dict[str, Any]) -> float | None:
+    """A parameter group's lr as a float, ``None`` when it has none (or not a number)."""
     lr = group.get("lr")
     if isinstance(lr, torch.Tensor) and lr.numel() == 1:
         return float(lr.item())
