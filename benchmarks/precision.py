@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace | None = None) -> None:
     import curvwatch as cw
     from benchmarks.leave_on import Training
-    from curvwatch.chunked import split_probe
+    from curvwatch.measurement.chunked import split_probe
     from curvwatch.optim import preconditioner_diagonal
     from curvwatch.precision import matmul_precision
 

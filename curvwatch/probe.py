@@ -16,6 +16,7 @@ passed as ``loss_fn``.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -65,6 +66,14 @@ def batch_length(batch: Any) -> int:
     if isinstance(batch, (list, tuple)) and batch:
         return batch_length(batch[0])
     raise CurvatureError(f"cannot find the batch dimension of a {type(batch).__name__}")
+
+
+def known_length(batch: Any) -> float:
+    """Examples in ``batch``; infinity where its batch dimension cannot be told."""
+    try:
+        return batch_length(batch)
+    except CurvatureError:
+        return math.inf
 
 
 def take(batch: Any, index: torch.Tensor) -> Any:

@@ -37,7 +37,7 @@ class Budget:
         tol: relative error bound on each eigenvalue at which Lanczos stops
             (:func:`~curvwatch.lanczos`). Default ``1e-3``.
         overhead: share of training wall-clock time that measuring may add,
-            counted cumulatively (:class:`~curvwatch.cost.OverheadAccount`): a
+            counted cumulatively (:class:`~curvwatch.planning.cost.OverheadAccount`): a
             due measurement that does not fit waits for a later due step, and
             one that runs gets at most the time saved up. Default 0.05 (5%);
             ``None``: no share, measure at every due step within the caps.

@@ -46,7 +46,6 @@ References:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import math
 import warnings
@@ -104,7 +103,7 @@ def check_adapter_arguments(
     own = sorted(set(options) & reserved)
     if own:
         raise CurvatureError(f"{own} are set by the callback; remove them from the options")
-    known = set(inspect.signature(CurvatureMonitor.__init__).parameters) - {"self"} - reserved
+    known = set(CurvatureMonitor.arguments()) - reserved
     unknown = sorted(set(options) - known)
     if unknown:
         raise CurvatureError(f"unknown CurvatureMonitor options {unknown}; choose from {sorted(known)}")

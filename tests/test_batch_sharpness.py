@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import curvwatch as cw
-from curvwatch.batch_sharpness import MIN_BATCHES, batch_sharpness
 from curvwatch.demo import digits_problem
+from curvwatch.measurement.batch_sharpness import MIN_BATCHES, batch_sharpness
 
 
 def test_constant_curvature_stops_at_the_minimum_number_of_batches():

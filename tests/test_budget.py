@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import curvwatch as cw
-import curvwatch.cost
 import curvwatch.monitor
+import curvwatch.planning.cost
 
 
 class FakeClock:
@@ -27,7 +27,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(curvwatch.cost.time, "perf_counter", fake)
+    monkeypatch.setattr(curvwatch.planning.cost.time, "perf_counter", fake)
     monkeypatch.setattr(curvwatch.monitor.time, "perf_counter", fake)
     return fake
 
@@ -188,7 +188,7 @@ def test_measurement_memory_does_not_grow_with_products():
 
 def test_memory_plan_prefers_the_device_then_a_smaller_basis_then_the_host():
     """The plan on the numbers of a 1.56B-parameter model on a 140 GiB GPU (float32 vectors)."""
-    from curvwatch.memory import DEVICE_FILL, GIB, plan_memory
+    from curvwatch.planning.memory import DEVICE_FILL, GIB, plan_memory
 
     n, cuda = 1_556_792_000, torch.device("cuda")
 
@@ -228,7 +228,7 @@ def test_the_plan_splits_the_probe_before_it_moves_the_basis_to_the_host():
     With 2 pieces the basis only fits on the host (read at every product: 825 steps
     there, 2026-12-03); with 4 pieces a basis of 3 fits on the device: the plan takes that.
     """
-    from curvwatch.memory import DEVICE_FILL, GIB, WORKING_VECTORS, plan_with_pieces
+    from curvwatch.planning.memory import DEVICE_FILL, GIB, WORKING_VECTORS, plan_with_pieces
 
     n, cuda = 354_298_880, torch.device("cuda")
     vector = 4 * n

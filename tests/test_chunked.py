@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import curvwatch as cw
-import curvwatch.measurement
+import curvwatch.measurement.source
 import curvwatch.monitor
-from curvwatch.chunked import pieces_of, split_probe
-from curvwatch.memory import WORKING_VECTORS, ActivationGauge
+from curvwatch.measurement.chunked import pieces_of, split_probe
 from curvwatch.operators.hessian import HessianOperator
+from curvwatch.planning.memory import WORKING_VECTORS, ActivationGauge
 from curvwatch.probe import hf_loss
 
 
@@ -137,7 +137,7 @@ def test_the_monitor_splits_the_probe_when_one_gradient_would_not_fit(monkeypatc
         calls.append(pieces)
         return split_probe(model, batch, loss_fn, pieces)
 
-    monkeypatch.setattr(curvwatch.measurement, "split_probe", spy)
+    monkeypatch.setattr(curvwatch.measurement.source, "split_probe", spy)
     plan, method, pieces = tight._plan_memory()
     assert plan.fits and method is None and pieces == 4
     assert roomy._plan_memory()[2] == 1

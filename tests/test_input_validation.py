@@ -123,7 +123,7 @@ def test_a_non_callable_on_threshold_is_refused_at_construction(callback):
 # -- item 9: the memory warning ---------------------------------------------------------
 def test_the_memory_warning_of_a_small_model_gives_bytes_and_no_private_name():
     # before: "(_DoesNotFit: it needs about 0.00 GiB (...) and 0.00 GiB is allowed on cpu"
-    from curvwatch.memory import format_bytes
+    from curvwatch.planning.memory import format_bytes
 
     monitor = _monitor(budget=cw.Budget(overhead=None, max_memory=100))
     with warnings.catch_warnings(record=True) as caught:
@@ -145,7 +145,7 @@ def test_the_memory_warning_of_a_small_model_gives_bytes_and_no_private_name():
      (150 * 2**30, "150 GiB"), (math.inf, "no limit")],
 )
 def test_sizes_are_given_in_the_unit_they_reach(count, text):
-    from curvwatch.memory import format_bytes
+    from curvwatch.planning.memory import format_bytes
 
     assert format_bytes(count) == text
 

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import curvwatch as cw
-from curvwatch.memory import WORKING_VECTORS
+from curvwatch.planning.memory import WORKING_VECTORS
 
 
 class LiveBytes(TorchDispatchMode):

@@ -111,7 +111,7 @@ def test_an_unconverged_sharpness_is_not_logged_as_a_ratio():
 def test_the_measurement_is_a_pure_function_of_config_state_and_model():
     """measure(config, state, ...) twice from the same state gives the same result and state."""
     from curvwatch.measurement import Allowance, measure
-    from curvwatch.memory import MemoryPlan
+    from curvwatch.planning import MemoryPlan
 
     model, x, y, monitor = _setup(top_k=2, trace=True, optimizer=None)
     monitor.measure(1)

@@ -56,9 +56,12 @@ def _fix(curvature: str) -> str:
     )
 
 
-def auto_method(model: torch.nn.Module) -> str:
-    """``method="auto"``: central finite differences under FSDP, else double backward."""
-    return Method.FINITE_DIFFERENCE if is_sharded(model) else Method.DOUBLE_BACKWARD
+def auto_method(model: torch.nn.Module, sharded: bool | None = None) -> str:
+    """``method="auto"``: central finite differences under FSDP, else double backward.
+
+    ``sharded``: whether ``model`` is sharded, where the caller knows (else it is read here).
+    """
+    return Method.FINITE_DIFFERENCE if (is_sharded(model) if sharded is None else sharded) else Method.DOUBLE_BACKWARD
 
 
 def build_operator(
@@ -69,13 +72,16 @@ def build_operator(
     scheme: str | None = None,
     reduce: Reduce | None = None,
     pieces: Sequence[tuple[Callable[[], torch.Tensor], float]] | None = None,
+    *,
+    sharded: bool | None = None,
 ) -> CurvatureOperator:
     """The Hessian operator of ``closure`` for ``method`` (a :data:`MONITOR_METHODS` name).
 
     ``scheme`` overrides the finite-difference scheme (``"central"`` for the
     certificate). Under FSDP the sharded operator reduces itself; otherwise
     ``reduce`` (data parallelism) wraps the operator. ``pieces`` (differences
-    only, not under FSDP): the probe batch split by :func:`curvwatch.chunked.split_probe`.
+    only, not under FSDP): the probe batch split by :func:`curvwatch.measurement.chunked.split_probe`.
+    ``sharded``: whether ``model`` is sharded, where the caller knows (else it is read here).
 
     Raises:
         CurvatureError: an exact method under FSDP, or an unsupported setup.
@@ -83,7 +89,7 @@ def build_operator(
     check_supported(model)
     forward = method == Method.FORWARD_DIFFERENCE
     scheme = scheme or ("forward" if forward else "central")
-    if is_sharded(model):
+    if is_sharded(model) if sharded is None else sharded:
         if method not in Method.differences():
             raise CurvatureError(
                 f"method={method!r} cannot run under FSDP (autograd cannot differentiate "

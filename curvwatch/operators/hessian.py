@@ -92,7 +92,7 @@ class HessianOperator(CurvatureOperator):
         step: finite differences only: the parameter-space step ``|eps v|``;
             default :func:`finite_difference_step`.
         pieces: finite differences only: ``[(closure_i, w_i)]`` with
-            ``closure() == sum_i w_i closure_i()`` (:func:`curvwatch.chunked.split_probe`);
+            ``closure() == sum_i w_i closure_i()`` (:func:`curvwatch.measurement.chunked.split_probe`);
             each gradient is summed over the pieces, so its activations are one
             piece's. ``closure`` is then not called.
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from curvwatch.names import GGN_CRITERION, Method
+
 GIB = float(1 << 30)
 
 # Parameter-sized vectors a measurement holds on the compute device besides the
@@ -43,7 +45,8 @@ GIB = float(1 << 30)
 # output, the preconditioner, the Ritz vector and its graph's own copies: 7
 # (355M on an H200: planned 53.5 GiB, added 48.8 GiB).
 WORKING_VECTORS = {
-    "double_backward": 7, "forward_over_reverse": 8, "finite_difference": 5, "forward_difference": 5, "ggn": 7
+    Method.DOUBLE_BACKWARD: 7, Method.FORWARD_OVER_REVERSE: 8, Method.FINITE_DIFFERENCE: 5,
+    Method.FORWARD_DIFFERENCE: 5, GGN_CRITERION: 7,
 }
 
 # One product's activations as a multiple of the bytes the probe's own forward
@@ -54,7 +57,8 @@ WORKING_VECTORS = {
 # forward and backward, whose peak is about the forward's graph plus the
 # gradients being formed.
 PRODUCT_PER_FORWARD = {
-    "double_backward": 4.0, "forward_over_reverse": 4.0, "finite_difference": 2.0, "forward_difference": 2.0, "ggn": 3.0
+    Method.DOUBLE_BACKWARD: 4.0, Method.FORWARD_OVER_REVERSE: 4.0, Method.FINITE_DIFFERENCE: 2.0,
+    Method.FORWARD_DIFFERENCE: 2.0, GGN_CRITERION: 3.0,
 }
 
 # Share of the host's available memory a measurement may take.
@@ -135,6 +139,33 @@ def device_allowance(device: torch.device, memory_ratio: float | None, training_
     if training_peak is None or memory_ratio is None:
         return float(free)
     return float(max(0.0, min(free, memory_ratio * training_peak - allocated)))
+
+
+class TrainingPeak:
+    """The training step's peak CUDA memory: the largest allocator peak seen that is not the monitor's.
+
+    Read when the monitor is built and before each measurement (:meth:`observe`);
+    a peak that a measurement set (:meth:`measured`) is skipped, and a reset of
+    the allocator's statistics never lowers what was seen. ``None`` off CUDA and
+    until a peak was seen.
+    """
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self._after_measuring: float | None = None
+
+    def observe(self, device: torch.device) -> None:
+        """Take the allocator's peak now, unless a measurement set it."""
+        if device.type != "cuda":
+            return
+        peak = float(torch.cuda.max_memory_allocated(device))
+        if self._after_measuring is None or peak > self._after_measuring:
+            self.value = max(self.value or 0.0, peak)
+
+    def measured(self, device: torch.device) -> None:
+        """Note the allocator's peak as a measurement ends: that one is the monitor's."""
+        if device.type == "cuda":
+            self._after_measuring = float(torch.cuda.max_memory_allocated(device))
 
 
 class ActivationGauge:

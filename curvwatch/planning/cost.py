@@ -19,13 +19,25 @@ per product of the last one). The first measurement, before that is known, gets
 the share saved up so far and at least one product: it may end unconverged (a
 lower bound and a warm start for the next), but it never runs the share over by
 more than one product.
+
+:func:`seconds_allowed` holds the rules that turn the account into the seconds
+of the next measurement (or a deferral), :func:`affordable_products` the
+products those seconds buy.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
+
+from curvwatch.results import Budget
+from curvwatch.solvers.lanczos import gap_steps
+
+logger = logging.getLogger("curvwatch")
+
+Note = tuple[str, str]  # (key, message): the monitor warns once per key
 
 
 @dataclass
@@ -91,3 +103,59 @@ class OverheadAccount:
         self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
         self.seconds_per_product = float(state.get("seconds_per_product", math.nan))
         self.last = time.perf_counter()
+
+
+def seconds_allowed(
+    budget: Budget, account: OverheadAccount, top_k: int, warm: bool, step: int
+) -> tuple[float | None, Note | None]:
+    """Seconds the next scheduled measurement may take (``None``: no limit; <= 0: defer it), and a note.
+
+    The smaller of :attr:`Budget.max_seconds` and the saved-up share of
+    training time. A measurement is deferred when the share does not cover
+    the products it needs to certify (:func:`~curvwatch.solvers.lanczos.gap_steps`
+    plus one with a ``warm`` start, 10 without), unless those fit in
+    :attr:`Budget.negligible_seconds`: then it runs, with at most that long or
+    the share saved up, whichever is more. The first measurement, before a
+    product's cost is known, gets what is saved up or
+    :attr:`Budget.negligible_seconds`, whichever is more, and stops after its
+    first product if that is already spent. A deferral comes with its note
+    (key ``"deferred"``).
+    """
+    cap = budget.max_seconds
+    if budget.overhead is None:
+        return cap, None
+    allowance = account.allowance(budget.overhead)
+    per_product = account.seconds_per_product
+    if math.isnan(per_product):
+        # The first measurement learns what a product costs, within the share
+        # saved up so far (at least one product): it may end unconverged, as a
+        # lower bound and a warm start for the next. Up to negligible_seconds it
+        # runs whatever the share: a model whose products cost milliseconds is
+        # measured in full from the first due step.
+        seconds = max(allowance, budget.negligible_seconds, 1e-9)
+        return (seconds if cap is None else min(cap, seconds)), None
+    needed = (gap_steps(top_k) + 1 if warm else max(10, gap_steps(top_k))) * per_product
+    if needed <= budget.negligible_seconds:
+        seconds = max(allowance, budget.negligible_seconds)
+        return (seconds if cap is None else min(cap, seconds)), None
+    if allowance < needed:
+        logger.info(
+            "curvwatch: step %d: measurement deferred: %.3g s of the %.0f%% share saved up, "
+            "about %.3g s needed", step, max(allowance, 0.0), 100 * budget.overhead, needed,
+        )
+        return 0.0, (
+            "deferred",
+            f"curvwatch: step {step}: measurement deferred to keep monitoring within "
+            f"Budget(overhead={budget.overhead}) of training time (needs about "
+            f"{needed:.3g} s, {max(allowance, 0.0):.3g} s saved up); later due steps measure "
+            "as the share allows. Raise Budget.overhead, or pass Budget(overhead=None) to "
+            "measure at every due step",
+        )
+    return (allowance if cap is None else min(cap, allowance)), None
+
+
+def affordable_products(budget: Budget, top_k: int, seconds: float | None, seconds_per_product: float) -> int:
+    """Products a measurement may apply: ``max_hvps``, fewer when its seconds are short."""
+    if seconds is None or math.isnan(seconds_per_product) or seconds_per_product <= 0:
+        return budget.max_hvps
+    return max(top_k, min(budget.max_hvps, int(seconds / seconds_per_product)))

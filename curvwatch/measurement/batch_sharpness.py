@@ -41,6 +41,7 @@ def batch_sharpness(
     seed: int = 0,
     reduce: Reduce | None = None,
     source: Callable[[], Any] | None = None,
+    sharded: bool | None = None,
 ) -> tuple[float, float, int]:
     """Estimate the batch sharpness and its standard error.
 
@@ -54,7 +55,8 @@ def batch_sharpness(
     under FSDP the sharded operator's gradient and inner products already span
     every rank's share. The operator comes from
     :func:`~curvwatch.operators.factory.build_operator`, so every ``method`` of
-    the monitor works here (finite differences under FSDP).
+    the monitor works here (finite differences under FSDP). ``sharded``: whether
+    ``model`` is sharded, where the caller knows (else it is read here).
 
     Returns:
         ``(mean, stderr, products)``.
@@ -63,7 +65,7 @@ def batch_sharpness(
     if source is None and batch_size > n:
         raise CurvatureError(f"batch_size={batch_size} is larger than the probe batch ({n} examples)")
     generator = torch.Generator().manual_seed(seed)
-    sharded = is_sharded(model)
+    sharded = is_sharded(model) if sharded is None else sharded
     values: list[float] = []
     products = 0
     for _ in range(max_batches):
@@ -71,7 +73,7 @@ def batch_sharpness(
             sub = take(batch, torch.randperm(n, generator=generator)[:batch_size])
         else:
             sub = source()
-        op = build_operator(model, lambda sub=sub: loss_fn(model, sub), params, method)
+        op = build_operator(model, lambda sub=sub: loss_fn(model, sub), params, method, sharded=sharded)
         g = op.gradient_at_theta()
         hg = op.matvec(g)
         value = (op.dot(g, hg) / op.dot(g, g).clamp_min(1e-300)).reshape(1)
