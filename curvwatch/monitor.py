@@ -1,21 +1,14 @@
 """CurvatureMonitor: every ``every`` optimizer steps, measure and log curvature.
 
-One measurement (:meth:`CurvatureMonitor.measure`):
-
-1. plan what it may spend (:mod:`curvwatch.planning`): the share of training
-   time saved up (a scheduled measurement that does not fit waits), the memory
-   allowed, the products they buy;
-2. enter :func:`~curvwatch.guard.measurement_guard` (modes of the training loss:
-   normalization layers as training runs them, dropout off; RNG, buffers,
-   autocast off, math attention);
-3. measure (:func:`curvwatch.measurement.measure`): the update sharpness, the
-   threshold's quantity (preconditioned sharpness for Adam-type optimizers,
-   else the top-``k`` eigenvalues), the trace, the spectrum, batch sharpness,
-   the critical sharpness and the blocks, as the allowance permits;
-4. hand the result to ``on_threshold`` (ratios crossing 1) and the sinks.
-
-Failures inside a measurement are one warning and a skipped point, unless
-``strict=True``. The settings are one :class:`~curvwatch.options.MonitorOptions`.
+One measurement (:meth:`CurvatureMonitor.measure`): plan what it may spend
+(:mod:`curvwatch.planning`: the share of training time saved up, the memory
+allowed, the products they buy); enter :func:`~curvwatch.guard.measurement_guard`
+(modes, RNG, buffers, autocast off, math attention); measure
+(:func:`curvwatch.measurement.measure`); hand the result to ``on_threshold``
+(ratios crossing 1) and the sinks. A failure inside is one warning and a
+skipped point, unless ``strict=True``. The settings are one
+:class:`~curvwatch.options.MonitorOptions`; the monitor keeps the schedule, the
+failure policy, the sinks and the state a checkpoint carries.
 """
 
 from __future__ import annotations
@@ -44,8 +37,9 @@ logger = logging.getLogger("curvwatch")
 
 Sink = Callable[[CurvatureResult], Any]
 
-# What a monitor takes besides its settings (MonitorOptions fields).
-COLLABORATORS = ("model", "batch", "loss_fn", "criterion", "optimizer", "sinks", "on_threshold", "minibatches")
+# Every name the constructor takes: what the monitor works with, then its settings (MonitorOptions fields).
+ARGUMENTS = ("model", "batch", "loss_fn", "criterion", "optimizer", "sinks", "on_threshold", "minibatches",
+             *MonitorOptions.names())
 
 
 class CurvatureMonitor:
@@ -134,11 +128,6 @@ class CurvatureMonitor:
         if options is not None and name in MonitorOptions.names():
             return getattr(options, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @classmethod
-    def arguments(cls) -> tuple[str, ...]:
-        """Every name the constructor takes: the collaborators, then the settings."""
-        return (*COLLABORATORS, *MonitorOptions.names())
 
     # -- scheduling ------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -261,13 +250,8 @@ class CurvatureMonitor:
         """Measurements made so far (the schedule's default step)."""
         return self._state.measurements
 
-    @property
-    def _cost(self) -> Any:
-        return self._planner.account  # the time account (tests read it)
-
-    @property
-    def _gauge(self) -> Any:
-        return self._planner.gauge  # one product's activations (tests read it)
+    _cost = property(lambda self: self._planner.account, doc="The time account.")
+    _gauge = property(lambda self: self._planner.gauge, doc="One product's activations, as measured.")
 
     def _config(self) -> MonitorOptions:
         """What a measurement reads (:func:`curvwatch.measurement.measure`'s ``options``)."""

@@ -45,21 +45,6 @@ class Method(_Name):
     FINITE_DIFFERENCE = "finite_difference"
     FORWARD_DIFFERENCE = "forward_difference"
 
-    @classmethod
-    def hessian(cls) -> tuple[Method, ...]:
-        """What a :class:`~curvwatch.HessianOperator` applies: exact, or central differences."""
-        return (cls.DOUBLE_BACKWARD, cls.FORWARD_OVER_REVERSE, cls.FINITE_DIFFERENCE)
-
-    @classmethod
-    def chosen(cls) -> tuple[Method, ...]:
-        """What ``method="auto"`` can be replaced by: every method but ``AUTO``."""
-        return (*cls.hessian(), cls.FORWARD_DIFFERENCE)
-
-    @classmethod
-    def differences(cls) -> tuple[Method, ...]:
-        """The methods that take differences of first-order gradients."""
-        return (cls.FINITE_DIFFERENCE, cls.FORWARD_DIFFERENCE)
-
 
 class Curvature(_Name):
     """Which curvature matrix is measured (``CurvatureMonitor(curvature=...)``).
@@ -74,15 +59,16 @@ class Curvature(_Name):
     FISHER = "fisher"
     EMPIRICAL_FISHER = "empirical_fisher"
 
-    @classmethod
-    def fishers(cls) -> tuple[Curvature, ...]:
-        """The Fisher curvatures (the Monte-Carlo and the empirical one)."""
-        return (cls.FISHER, cls.EMPIRICAL_FISHER)
 
-    @classmethod
-    def output_space(cls) -> tuple[Curvature, ...]:
-        """The curvatures of a known loss of the model outputs (no ``loss_fn``)."""
-        return (cls.GGN, *cls.fishers())
+# The choices in groups: what a HessianOperator applies (exact, or central differences); what
+# method="auto" can be replaced by (every method but AUTO); the methods that take differences of
+# first-order gradients; the Fisher curvatures; the curvatures of a known loss of the model
+# outputs (no loss_fn).
+HESSIAN_METHODS = (Method.DOUBLE_BACKWARD, Method.FORWARD_OVER_REVERSE, Method.FINITE_DIFFERENCE)
+CHOSEN_METHODS = (*HESSIAN_METHODS, Method.FORWARD_DIFFERENCE)
+DIFFERENCES = (Method.FINITE_DIFFERENCE, Method.FORWARD_DIFFERENCE)
+FISHERS = (Curvature.FISHER, Curvature.EMPIRICAL_FISHER)
+OUTPUT_SPACE = (Curvature.GGN, *FISHERS)
 
 
 # The output-space operator paths (what ``curvature="ggn"`` runs and ``CurvatureResult.method`` reads;

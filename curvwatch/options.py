@@ -25,7 +25,7 @@ import torch
 
 from curvwatch._errors import CurvatureError
 from curvwatch.blocks import check_spec
-from curvwatch.names import Curvature, Method
+from curvwatch.names import CHOSEN_METHODS, Curvature, Method
 from curvwatch.precision import PRECISIONS
 from curvwatch.results import Budget
 
@@ -283,7 +283,7 @@ class MonitorOptions:
     blocks: Any = setting(None, blocks_spec)
     blocks_every: int = setting(1, positive(" (every k-th measurement)"))
     # products
-    method: str = setting(Method.AUTO, one_of(Method.chosen(), also=Method.AUTO))
+    method: str = setting(Method.AUTO, one_of(CHOSEN_METHODS, also=Method.AUTO))
     precision: str = setting("auto", one_of(PRECISIONS))
     basis_device: str | torch.device | None = setting(None, device_or_none)
     seed: int = setting(0, python_int)

@@ -58,6 +58,31 @@ def write_layout(writer: Any, adaptive: bool = False, blocks: bool = False) -> N
     writer.add_custom_scalars(custom_scalars_layout(adaptive, blocks))
 
 
+class ChartLayout:
+    """When a TensorBoard writer gets the custom-scalars layout: one rule for every writer.
+
+    The layout is written at the first result, and again when a result needs
+    another one: the preconditioned sharpness chart once a result has it (an
+    Adam-type optimizer measured before its first step has no preconditioner
+    yet), the block charts once a result has blocks. Once there, they stay.
+    TensorBoard shows the last layout a run wrote; an unchanged layout is never
+    written twice. Used by :class:`TensorBoardSink` and by the framework
+    adapters' logging sink alike.
+    """
+
+    def __init__(self) -> None:
+        self.written: tuple[bool, bool] | None = None  # (adaptive, blocks) of the layout written
+
+    def update(self, writer: Any, result: CurvatureResult) -> None:
+        """Write the layout ``result`` needs with ``writer``, unless it is the one written."""
+        adaptive, blocks = self.written or (False, False)
+        needed = (adaptive or result.preconditioned_lambda_max == result.preconditioned_lambda_max,
+                  blocks or bool(result.blocks))
+        if needed != self.written:
+            write_layout(writer, adaptive=needed[0], blocks=needed[1])
+            self.written = needed
+
+
 def margin_scalars(result: CurvatureResult) -> dict[str, float]:
     """The charts' helper series: ``trace_lower``/``trace_upper`` (+-2 stderr) and the edge at 1."""
     helpers = {}
@@ -82,11 +107,8 @@ class TensorBoardSink:
         spectrum_bins: bins of the ``curvature/spectrum`` histogram (SLQ).
 
     The custom-scalars layout (sharpness overlaid with the threshold) is written
-    at the first result, and again when a result needs another one: the
-    preconditioned sharpness chart once a result has it (an Adam-type
-    optimizer measured before its first step has no preconditioner yet), the
-    block charts once a result has blocks. TensorBoard shows the last layout a
-    run wrote.
+    as :class:`ChartLayout` says: at the first result, and again when a result
+    needs another one (the preconditioned sharpness, blocks).
 
     The legacy Scalars tab lists groups in the order of their first tag, and
     sorts tags treating ``_`` and ``/`` alike: ``curvature`` comes first when
@@ -104,19 +126,11 @@ class TensorBoardSink:
         else:
             self.writer = logdir_or_writer
         self.spectrum_bins = spectrum_bins
-        self._layout: tuple[bool, bool] | None = None  # (adaptive, blocks) of the layout written
+        self._layout = ChartLayout()
 
     def __call__(self, result: CurvatureResult) -> None:
         """Log the scalars of ``result`` (and its spectrum, if any) at its step, then flush."""
-        # once the preconditioned sharpness or the blocks appear, they stay in the layout
-        written = self._layout or (False, False)
-        layout = (
-            written[0] or result.preconditioned_lambda_max == result.preconditioned_lambda_max,
-            written[1] or bool(result.blocks),
-        )
-        if layout != self._layout:
-            write_layout(self.writer, adaptive=layout[0], blocks=layout[1])
-            self._layout = layout
+        self._layout.update(self.writer, result)
         for name, value in {**result.scalars(), **margin_scalars(result)}.items():
             self.writer.add_scalar(name, value, result.step)
         if result.spectrum is not None:

@@ -4,12 +4,17 @@ Each adapter finds what only its framework knows (the model, the probe batch,
 the step, the loggers, the process rank) and hands it to the pieces here, so
 the three behave the same:
 
-* **Options.** :func:`check_adapter_arguments` validates the shared arguments
-  at construction; :func:`batch_sharpness_options` turns ``batch_sharpness=True``
-  into the monitor's ``batch_size`` and ``minibatches`` (read from the plain
-  loader under a framework's wrapper, :func:`unwrap_loader`);
-  :func:`data_parallel_reduce` sets the default ``reduce`` (a mean over
-  processes, unless the model is sharded: the sharded operator reduces itself).
+* **Options.** :class:`CallbackSettings` is the constructor Lightning's and
+  transformers' callbacks share: :func:`check_adapter_arguments` validates the
+  arguments every adapter shares at construction, against the names a
+  :class:`~curvwatch.CurvatureMonitor` takes (``ARGUMENTS``).
+  :func:`build_monitor` builds every adapter's monitor the same way:
+  :func:`batch_sharpness_options` turns ``batch_sharpness=True`` into the
+  monitor's ``batch_size`` and ``minibatches`` (read from the plain loader
+  under a framework's wrapper, :func:`unwrap_loader`), ``reduce`` defaults to
+  the mean over processes (:class:`Processes`; not when the model is sharded:
+  the sharded operator reduces itself), and the sinks are the framework's
+  logging sink and the user's, on process zero.
 * **Processes.** Every process measures (each Hessian-vector product is
   averaged over processes, so all of them run the same solver and hold the same
   result in ``monitor.history``); only process zero writes: the framework's
@@ -36,7 +41,9 @@ the three behave the same:
   :class:`~curvwatch.CurvatureWarning` per target and that point is dropped
   there, training continues; with ``strict=True`` it raises. A TensorBoard
   writer among the targets also gets the custom-scalars chart (sharpness over
-  its threshold; once per writer) and the ``curvature/spectrum`` histogram.
+  its threshold; written as :class:`~curvwatch.sinks.ChartLayout` says, the
+  rule of :class:`~curvwatch.TensorBoardSink` too) and the
+  ``curvature/spectrum`` histogram.
 
 References:
     Cohen, Kaur, Li, Kolter, Talwalkar (2021). Gradient Descent on Neural
@@ -47,11 +54,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -62,13 +68,17 @@ from curvwatch import (
     CurvatureWarning,
 )
 from curvwatch.loaders import TrainingBatches, loader_batch_size
+from curvwatch.monitor import ARGUMENTS
 from curvwatch.operators import is_sharded  # noqa: F401 - re-exported to the adapters (FSDP detection)
 from curvwatch.optim import unwrap_optimizer
-from curvwatch.probe import process_share  # noqa: F401 - re-exported to the adapters
-from curvwatch.sinks import margin_scalars, write_layout, write_spectrum
+from curvwatch.probe import LossFn, process_share  # noqa: F401 - re-exported to the adapters
+from curvwatch.sinks import ChartLayout, margin_scalars, write_spectrum
 
 Sink = Callable[[CurvatureResult], Any]
 Mean = Callable[[torch.Tensor], torch.Tensor]
+
+# CurvatureMonitor arguments the framework callbacks fill in themselves.
+CALLBACK_ARGUMENTS = ("model", "batch", "loss_fn", "criterion", "every", "optimizer")
 
 
 def check_adapter_arguments(
@@ -103,7 +113,7 @@ def check_adapter_arguments(
     own = sorted(set(options) & reserved)
     if own:
         raise CurvatureError(f"{own} are set by the callback; remove them from the options")
-    known = set(CurvatureMonitor.arguments()) - reserved
+    known = set(ARGUMENTS) - reserved
     unknown = sorted(set(options) - known)
     if unknown:
         raise CurvatureError(f"unknown CurvatureMonitor options {unknown}; choose from {sorted(known)}")
@@ -159,10 +169,123 @@ def batch_sharpness_options(
     return added
 
 
-def data_parallel_reduce(options: dict[str, Any], world_size: int, model: torch.nn.Module, mean: Mean) -> None:
-    """Default ``options["reduce"]`` to ``mean`` over processes (data parallel, not sharded)."""
-    if world_size > 1 and not is_sharded(model):
-        options.setdefault("reduce", mean)
+@dataclass(frozen=True)
+class Processes:
+    """The processes a framework runs the model on.
+
+    Attributes:
+        world_size: how many.
+        is_zero: this one writes (the loggers, the user's sinks).
+        mean: the mean of a tensor over them (the default ``reduce``).
+        sharded: the model is sharded over them (FSDP): its operator reduces itself.
+    """
+
+    world_size: int
+    is_zero: bool
+    mean: Mean
+    sharded: bool
+
+
+def build_monitor(
+    model: torch.nn.Module,
+    batch: Any,
+    settings: dict[str, Any],
+    processes: Processes,
+    targets: Callable[[], Iterable[Target]],
+    warn: WarnOnce,
+    *,
+    every: int,
+    loss_fn: LossFn | None,
+    criterion: Callable | None,
+    optimizer: Any,
+    batch_sharpness: str | None = None,
+    loader: Any = None,
+    owner: str = "",
+    transform: Callable[[Any], Any] | None = None,
+    monitor: type[CurvatureMonitor] = CurvatureMonitor,
+) -> CurvatureMonitor:
+    """A framework's monitor: the user's ``settings`` and what every adapter adds to them.
+
+    ``batch_sharpness``: the mini-batches' source (``"train"``, ``"probe"``) when
+    batch sharpness is on (:func:`batch_sharpness_options`, from ``loader``
+    through ``transform``), else ``None``. ``reduce`` defaults to the mean over
+    the processes (not under sharding); the user's ``sinks`` and the logging
+    sink that writes to ``targets`` run on process zero only (:func:`rank_zero_sinks`);
+    ``optimizer`` is the source of thresholds unless ``settings`` name one.
+    """
+    options = dict(settings)
+    if batch_sharpness is not None:
+        options.update(batch_sharpness_options(batch_sharpness, loader, options, owner, transform))
+    if processes.world_size > 1 and not processes.sharded:
+        options.setdefault("reduce", processes.mean)
+    log = LoggingSink(targets, options.get("strict", False), warn)
+    sinks = rank_zero_sinks(options, processes.is_zero, log)
+    options.setdefault("optimizer", optimizer)
+    return monitor(model, batch, loss_fn=loss_fn, criterion=criterion, every=every, sinks=sinks, **options)
+
+
+class CallbackSettings:
+    """The constructor Lightning's and transformers' callbacks share: checked once, kept as given.
+
+    :meth:`_new_monitor` builds the monitor when training starts.
+
+    Args:
+        every: measure after every ``every``-th optimizer step. Default 100.
+        batch: the probe batch; ``None``: the framework's first validation (or
+            evaluation) batch, else its first training batch.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; ``None``: the
+            framework's own loss of the model.
+        criterion: shortcut for ``(inputs, targets)`` batches:
+            ``criterion(model(inputs), targets)``.
+        batch_sharpness: also measure the batch sharpness at the training
+            batch size (an explicit ``batch_size=`` option wins). Default False.
+        batch_sharpness_source: where its mini-batches come from: ``"train"``
+            (default) the training dataloader, ``"probe"`` random subsets of the
+            probe batch.
+        **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`: its
+            settings (:class:`~curvwatch.options.MonitorOptions`: ``top_k``,
+            ``trace``, ``budget``, ``method``, ``train_mode``, ``param_group``,
+            ``seed``, ``batch_size``, ``reduce``, ``strict``, ...) and
+            ``sinks``, ``on_threshold``, ``minibatches``. Extra ``sinks`` run on
+            process zero only, like the loggers.
+
+    Raises:
+        CurvatureError: see :func:`check_adapter_arguments`.
+    """
+
+    monitor: CurvatureMonitor | None = None  # built when training starts
+    _update_lr: UpdateLearningRate | None = None  # the lr of the last update, put back while measuring
+
+    def __init__(
+        self,
+        every: int = 100,
+        batch: Any = None,
+        loss_fn: LossFn | None = None,
+        criterion: Callable | None = None,
+        batch_sharpness: bool = False,
+        batch_sharpness_source: Literal["train", "probe"] = "train",
+        **monitor_options: Any,
+    ) -> None:
+        check_adapter_arguments(
+            every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, CALLBACK_ARGUMENTS
+        )
+        super().__init__()
+        self.every, self.batch, self.loss_fn, self.criterion = every, batch, loss_fn, criterion
+        self.batch_sharpness, self.batch_sharpness_source = batch_sharpness, batch_sharpness_source
+        self.monitor_options = monitor_options
+        self._warn = WarnOnce()
+
+    def _new_monitor(
+        self, model: torch.nn.Module, batch: Any, optimizer: Any, processes: Processes,
+        targets: Callable[[], Iterable[Target]], loss_fn: LossFn | None, loader: Any = None,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> CurvatureMonitor:
+        """The callback's monitor (:func:`build_monitor` with its settings)."""
+        return build_monitor(
+            model, batch, self.monitor_options, processes, targets, self._warn, every=self.every, loss_fn=loss_fn,
+            criterion=self.criterion, optimizer=optimizer, loader=loader, owner=type(self).__name__,
+            batch_sharpness=self.batch_sharpness_source if self.batch_sharpness else None, transform=transform,
+        )
 
 
 def rank_zero_sinks(options: dict[str, Any], is_zero: bool, *own: Sink) -> tuple[Sink, ...]:
@@ -369,7 +492,7 @@ class LoggingSink:
         self.strict = strict
         self.warn = warn if warn is not None else WarnOnce()
         self.spectrum_bins = spectrum_bins
-        self._charted: list[Any] = []  # writers that hold the custom-scalars layout
+        self._layouts: list[tuple[Any, ChartLayout]] = []  # each writer's layout
 
     def __call__(self, result: CurvatureResult) -> None:
         metrics = logged_scalars(result)
@@ -388,10 +511,11 @@ class LoggingSink:
 
     def _write(self, target: Target, metrics: dict[str, float], result: CurvatureResult) -> None:
         writer = target.writer
-        if writer is not None and not any(w is writer for w in self._charted):
-            adaptive = not math.isnan(result.preconditioned_lambda_max)
-            write_layout(writer, adaptive=adaptive, blocks=bool(result.blocks))
-            self._charted.append(writer)
+        if writer is not None:
+            layout = next((layout for w, layout in self._layouts if w is writer), None)
+            if layout is None:
+                self._layouts.append((writer, layout := ChartLayout()))
+            layout.update(writer, result)
         target.log(metrics, result.step)
         if writer is not None:
             if result.spectrum is not None:

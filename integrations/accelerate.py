@@ -79,15 +79,13 @@ from curvwatch.probe import LossFn, loss_closure_factory
 from curvwatch.results import DIAGNOSTICS_PREFIX
 
 from ._common import (
-    LoggingSink,
+    Processes,
     Target,
     WarnOnce,
-    batch_sharpness_options,
+    build_monitor,
     check_adapter_arguments,
-    data_parallel_reduce,
     is_sharded,
     process_share,
-    rank_zero_sinks,
     tensorboard_writer,
     torch_optimizer,
 )
@@ -223,19 +221,16 @@ def watch(
     loss_closure_factory(batch, loss_fn, criterion)  # a bad loss specification raises before the split
     if split_batch:
         batch = process_share(batch, accelerator.process_index, accelerator.num_processes)
-    options = dict(monitor_options)
-    if batch_sharpness:
-        options.update(batch_sharpness_options(batch_sharpness_source, train_dataloader, options, "watch"))
-    data_parallel_reduce(
-        options, accelerator.num_processes, model, lambda t: accelerator.reduce(t, reduction="mean")
+    processes = Processes(
+        accelerator.num_processes, accelerator.is_main_process, lambda t: accelerator.reduce(t, reduction="mean"),
+        sharded,
     )
-    log = LoggingSink(_Trackers(accelerator), options.get("strict", False), WarnOnce())
-    sinks = rank_zero_sinks(options, accelerator.is_main_process, log)
-    options.setdefault("optimizer", inner)
     # the user's loss_fn / criterion as given: the Gauss-Newton and Fisher curvatures
     # read the criterion itself (a wrapped closure would be a loss_fn they cannot take)
-    monitor = _FullPrecisionMonitor(
-        unwrapped, batch, loss_fn=loss_fn, criterion=criterion, every=every, sinks=sinks, **options
+    monitor = build_monitor(
+        unwrapped, batch, monitor_options, processes, _Trackers(accelerator), WarnOnce(), every=every,
+        loss_fn=loss_fn, criterion=criterion, optimizer=inner, loader=train_dataloader, owner="watch",
+        batch_sharpness=batch_sharpness_source if batch_sharpness else None, monitor=_FullPrecisionMonitor,
     )
     if accelerator.is_main_process and not getattr(accelerator, "log_with", None):
         warnings.warn(

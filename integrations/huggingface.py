@@ -39,7 +39,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -52,20 +52,17 @@ from transformers.trainer_callback import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from curvwatch import CurvatureError, CurvatureMonitor, all_reduce_mean
+from curvwatch import CurvatureError, all_reduce_mean
 from curvwatch.probe import first_batch
 
 from ._common import (
-    LoggingSink,
+    CallbackSettings,
+    Processes,
     StepGradients,
     Target,
     UpdateLearningRate,
-    WarnOnce,
-    batch_sharpness_options,
-    check_adapter_arguments,
-    data_parallel_reduce,
+    is_sharded,
     logged_scalars,
-    rank_zero_sinks,
     split_state,
     unwrap_loader,
     writer_target,
@@ -73,8 +70,6 @@ from ._common import (
 
 __all__ = ["CurvatureTrainerCallback"]
 
-# CurvatureMonitor arguments that the callback sets itself.
-_OWN_ARGUMENTS = ("model", "batch", "loss_fn", "criterion", "every", "optimizer")
 # Attention implementations whose backward has a second derivative under the guard.
 _DOUBLE_BACKWARD_ATTENTION = (None, "eager", "sdpa", "paged|eager")
 # How far up the stack the hooks look for the Trainer that called them.
@@ -83,7 +78,7 @@ _MAX_FRAMES = 50
 _NOT_TRACKERS = (TensorBoardCallback, DefaultFlowCallback, ProgressCallback, PrinterCallback)
 
 
-class CurvatureTrainerCallback(TrainerCallback, ExportableState):
+class CurvatureTrainerCallback(CallbackSettings, TrainerCallback, ExportableState):
     r"""Log sharpness, trace and the edge-of-stability ratio from a ``Trainer``.
 
     Every ``every`` optimizer steps (at ``on_step_end`` when
@@ -128,16 +123,11 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
             ``model(**batch).loss``.
         criterion: for ``(inputs, targets)`` batches:
             ``criterion(model(inputs), targets)``.
-        batch_sharpness: also measure the batch sharpness at the training
-            batch size (an explicit ``batch_size=`` option wins). Default False.
-        batch_sharpness_source: where its mini-batches come from: ``"train"``
-            (default) the training dataloader, ``"probe"`` random subsets of the
-            probe batch.
-        **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
-            (``top_k``, ``trace``, ``budget``, ``method``, ``sinks``,
-            ``strict``, ``train_mode``, ``param_group``, ``seed``, ``reduce``,
-            ``basis_device``, ``batch_size``, ``spectrum_every``, ...). Extra
-            ``sinks`` are called on world process zero only.
+        batch_sharpness, batch_sharpness_source, **monitor_options: as for every
+            callback (:class:`~curvwatch.integrations._common.CallbackSettings`):
+            the batch sharpness at the training batch size, and the monitor's
+            settings (``top_k``, ``trace``, ``budget``, ``method``, ...) and
+            extra ``sinks``, which run on world process zero only.
 
     Attributes:
         monitor: the :class:`~curvwatch.CurvatureMonitor` (``None`` before
@@ -182,33 +172,10 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
         CurvatureTrainerCallback(every=100, batch_sharpness=True)
     """
 
-    def __init__(
-        self,
-        every: int = 100,
-        batch: Any = None,
-        loss_fn: Any = None,
-        criterion: Any = None,
-        batch_sharpness: bool = False,
-        batch_sharpness_source: Literal["train", "probe"] = "train",
-        **monitor_options: Any,
-    ) -> None:
-        check_adapter_arguments(
-            every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, _OWN_ARGUMENTS
-        )
-        self.every = every
-        self.batch = batch
-        self.loss_fn = loss_fn
-        self.criterion = criterion
-        self.monitor_options = monitor_options
-        self.batch_sharpness = batch_sharpness
-        self.batch_sharpness_source = batch_sharpness_source
-        self.monitor: CurvatureMonitor | None = None
-        self._resume: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
-        self._trainer: Trainer | None = None
-        self._update_lr: UpdateLearningRate | None = None
-        self._gradients: StepGradients | None = None  # the update's .grad, which zero_grad() clears before on_step_end
-        self._hook: tuple[Any, ...] = ()  # (args, state, control, kwargs) of the hook that is measuring
-        self._warn = WarnOnce()
+    _resume: dict[str, Any] | None = None  # set by the Trainer when it restores callback states
+    _trainer: Trainer | None = None
+    _gradients: StepGradients | None = None  # the update's .grad, which zero_grad() clears before on_step_end
+    _hook: tuple[Any, ...] = ()  # (args, state, control, kwargs) of the hook that is measuring
 
     # -- hooks ------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
@@ -231,16 +198,9 @@ class CurvatureTrainerCallback(TrainerCallback, ExportableState):
         batch = self.batch
         if batch is None:
             batch = _probe_batch(self._trainer, kwargs.get("eval_dataloader"), kwargs.get("train_dataloader"))
-        options = dict(self.monitor_options)
-        data_parallel_reduce(options, args.world_size, model, all_reduce_mean)
-        if self.batch_sharpness:
-            options.update(batch_sharpness_options(
-                self.batch_sharpness_source, kwargs.get("train_dataloader"), options, "CurvatureTrainerCallback"
-            ))
-        log = LoggingSink(self._targets, options.get("strict", False), self._warn)
-        self.monitor = CurvatureMonitor(
-            model, batch, loss_fn=self.loss_fn, criterion=self.criterion, every=self.every,
-            optimizer=optimizer, sinks=rank_zero_sinks(options, state.is_world_process_zero, log), **options,
+        processes = Processes(args.world_size, state.is_world_process_zero, all_reduce_mean, is_sharded(model))
+        self.monitor = self._new_monitor(
+            model, batch, optimizer, processes, self._targets, self.loss_fn, loader=kwargs.get("train_dataloader")
         )
         if state.global_step > 0:  # resuming from a checkpoint
             self._restore(args, state)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -20,19 +20,16 @@ try:
 except ImportError:  # only the older package name is installed
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
-from curvwatch import CurvatureError, CurvatureMonitor, CurvatureWarning
-from curvwatch.probe import LossFn, first_batch
+from curvwatch import CurvatureError, CurvatureWarning
+from curvwatch.probe import first_batch
 
 from ._common import (
-    LoggingSink,
+    CallbackSettings,
+    Processes,
     Target,
     UpdateLearningRate,
-    WarnOnce,
-    batch_sharpness_options,
-    check_adapter_arguments,
-    data_parallel_reduce,
+    is_sharded,
     process_share,
-    rank_zero_sinks,
     tensorboard_writer,
 )
 
@@ -45,11 +42,8 @@ is_param_in_hook_signature = importlib.import_module(
 
 __all__ = ["CurvatureCallback"]
 
-# CurvatureMonitor arguments the callback fills in itself.
-_OWN_ARGUMENTS = {"model", "batch", "loss_fn", "criterion", "every", "optimizer"}
 
-
-class CurvatureCallback(Callback):
+class CurvatureCallback(CallbackSettings, Callback):
     r"""Measure and log the loss curvature every ``every`` optimizer steps.
 
     After every ``every``-th optimizer step (``trainer.global_step``, so
@@ -107,16 +101,11 @@ class CurvatureCallback(Callback):
             ``training_step``.
         criterion: shortcut for ``(inputs, targets)`` batches:
             ``criterion(pl_module(inputs), targets)``.
-        batch_sharpness: also measure the batch sharpness at the training
-            batch size (an explicit ``batch_size=`` option wins). Default False.
-        batch_sharpness_source: where its mini-batches come from: ``"train"``
-            (default) the training dataloader, ``"probe"`` random subsets of the
-            probe batch.
-        **monitor_options: passed to :class:`~curvwatch.CurvatureMonitor`
-            (``top_k``, ``trace``, ``budget``, ``method``, ``train_mode``,
-            ``param_group``, ``seed``, ``batch_size``, ``reduce``, ``sinks``,
-            ``strict``, ...). Extra ``sinks`` run on process zero only, like the
-            loggers.
+        batch_sharpness, batch_sharpness_source, **monitor_options: as for every
+            callback (:class:`~curvwatch.integrations._common.CallbackSettings`):
+            the batch sharpness at the training batch size, and the monitor's
+            settings (``top_k``, ``trace``, ``budget``, ``method``, ...) and
+            extra ``sinks``, which run on process zero only, like the loggers.
 
     Raises:
         CurvatureError: ``every`` is not a positive integer, both ``loss_fn`` and
@@ -144,31 +133,8 @@ class CurvatureCallback(Callback):
         >>> sgd = CurvatureCallback(every=100, batch_sharpness=True)  # mini-batch SGD
     """
 
-    def __init__(
-        self,
-        every: int = 100,
-        batch: Any = None,
-        loss_fn: LossFn | None = None,
-        criterion: Callable | None = None,
-        batch_sharpness: bool = False,
-        batch_sharpness_source: Literal["train", "probe"] = "train",
-        **monitor_options: Any,
-    ) -> None:
-        check_adapter_arguments(
-            every, loss_fn, criterion, batch_sharpness, batch_sharpness_source, monitor_options, _OWN_ARGUMENTS
-        )
-        self.every = every
-        self.batch = batch
-        self.loss_fn = loss_fn
-        self.criterion = criterion
-        self.monitor_options = monitor_options
-        self.batch_sharpness = batch_sharpness
-        self.batch_sharpness_source = batch_sharpness_source
-        self.monitor: CurvatureMonitor | None = None
-        self._last_step: int | None = None
-        self._loaded_state: dict[str, Any] | None = None
-        self._update_lr: UpdateLearningRate | None = None
-        self._warn = WarnOnce()
+    _last_step: int | None = None  # the last global step seen
+    _loaded_state: dict[str, Any] | None = None  # load_state_dict's, applied when training starts
 
     @property
     def state_key(self) -> str:
@@ -197,21 +163,15 @@ class CurvatureCallback(Callback):
                 "the module's training_step steps the optimizer itself, so it cannot be the probe loss"
             )
         loss_fn = self.loss_fn if self.loss_fn is not None or self.criterion is not None else _training_step_loss
-        options = dict(self.monitor_options)
-        data_parallel_reduce(options, trainer.world_size, pl_module, _strategy_mean(trainer))
-        if self.batch_sharpness:
-            loader = trainer.train_dataloader
-            single = None if isinstance(loader, (list, tuple, dict)) else loader  # several: combined batches
-            options.update(batch_sharpness_options(
-                self.batch_sharpness_source, single, options, "CurvatureCallback", trainer.strategy.batch_to_device
-            ))
-        log = LoggingSink(lambda: _logger_targets(trainer), options.get("strict", False), self._warn)
-        sinks = rank_zero_sinks(options, trainer.is_global_zero, log)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self._update_lr = UpdateLearningRate(optimizer) if optimizer is not None else None
-        self.monitor = CurvatureMonitor(
-            pl_module, self._probe_batch(trainer, pl_module), loss_fn=loss_fn, criterion=self.criterion,
-            every=self.every, optimizer=optimizer, sinks=sinks, **options,
+        loader = trainer.train_dataloader if self.batch_sharpness else None
+        mean = _strategy_mean(trainer)
+        processes = Processes(trainer.world_size, trainer.is_global_zero, mean, is_sharded(pl_module))
+        self.monitor = self._new_monitor(
+            pl_module, self._probe_batch(trainer, pl_module), optimizer, processes, lambda: _logger_targets(trainer),
+            loss_fn, loader=None if isinstance(loader, (list, tuple, dict)) else loader,  # several: combined batches
+            transform=trainer.strategy.batch_to_device,
         )
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state["monitor"])

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from curvwatch.measurement.chunked import split_probe
-from curvwatch.names import GGN_LM_HEAD, Curvature, Method
+from curvwatch.names import DIFFERENCES, FISHERS, GGN_LM_HEAD, Curvature, Method
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators.factory import auto_method, build_fisher_operator, build_ggn_operator, build_operator
 
@@ -64,7 +64,7 @@ class OperatorSource:
         """
         params = self.params if params is None else params
         options, probe = self.options, self.probe
-        if probe.output_kind is not None and options.curvature in Curvature.fishers():
+        if probe.output_kind is not None and options.curvature in FISHERS:
             # one fixed matrix per measurement: the Monte-Carlo labels drawn with seed + step
             return build_fisher_operator(
                 self.model, probe.batch, probe.criterion, params, probe.output_kind, options.reduce,
@@ -102,7 +102,7 @@ class OperatorSource:
         kind = self.probe.output_kind
         if kind is None:
             return str(self.method or "")
-        if self.options.curvature in Curvature.fishers():
+        if self.options.curvature in FISHERS:
             return str(self.options.curvature) + ("_lm_head" if kind == GGN_LM_HEAD else "")
         return str(kind)
 
@@ -111,7 +111,7 @@ class OperatorSource:
 
     def _split(self) -> Any:
         """The probe batch in the plan's pieces (differences only), split once; ``None``: whole."""
-        if self.allowance.pieces <= 1 or self.method not in Method.differences():
+        if self.allowance.pieces <= 1 or self.method not in DIFFERENCES:
             return None
         if self._pieces is None:
             self._pieces = split_probe(self.model, self.probe.batch, self.probe.loss_fn, self.allowance.pieces)

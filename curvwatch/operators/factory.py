@@ -25,7 +25,16 @@ from typing import Any
 import torch
 
 from curvwatch._errors import CurvatureError
-from curvwatch.names import GGN_CRITERION, GGN_LM_HEAD, Curvature, Method
+from curvwatch.names import (
+    CHOSEN_METHODS,
+    DIFFERENCES,
+    FISHERS,
+    GGN_CRITERION,
+    GGN_LM_HEAD,
+    OUTPUT_SPACE,
+    Curvature,
+    Method,
+)
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import non_finite_batch_message, non_finite_loss_message
 from curvwatch.operators.distributed import Reduce, ReducedOperator
@@ -41,10 +50,10 @@ from curvwatch.probe import tensors_of
 # ``"auto"``; ``"fisher"``, the Monte-Carlo (true) Fisher, and ``"empirical_fisher"``, the
 # data-label one (:func:`build_fisher_operator`); every curvature; the output-space ones
 # (a known loss of the model outputs, no loss_fn: :func:`ggn_kind`).
-MONITOR_METHODS = Method.chosen()
-FISHER_CURVATURES = Curvature.fishers()
+MONITOR_METHODS = CHOSEN_METHODS
+FISHER_CURVATURES = FISHERS
 CURVATURES = tuple(Curvature)
-OUTPUT_CURVATURES = Curvature.output_space()
+OUTPUT_CURVATURES = OUTPUT_SPACE
 
 
 def _fix(curvature: str) -> str:
@@ -90,7 +99,7 @@ def build_operator(
     forward = method == Method.FORWARD_DIFFERENCE
     scheme = scheme or ("forward" if forward else "central")
     if is_sharded(model) if sharded is None else sharded:
-        if method not in Method.differences():
+        if method not in DIFFERENCES:
             raise CurvatureError(
                 f"method={method!r} cannot run under FSDP (autograd cannot differentiate "
                 "through its sharded parameters): use method='auto', 'finite_difference' "

@@ -29,7 +29,7 @@ import torch
 
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch._flat import flatten, unflatten
-from curvwatch.names import Method
+from curvwatch.names import HESSIAN_METHODS, Method
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import (
     NO_SECOND_DERIVATIVE_MSG,
@@ -41,7 +41,7 @@ from curvwatch.operators._closure import (
 )
 from curvwatch.operators._difference import accumulate_gradient, difference_product, scaled_squared_norm
 
-METHODS = Method.hessian()
+METHODS = HESSIAN_METHODS
 
 # Parameter-space step |eps * v| of a finite difference, relative to 1 + rms(theta),
 # as a multiple of machine epsilon's cube root (central) or square root (forward).

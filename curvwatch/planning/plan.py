@@ -29,7 +29,7 @@ import torch
 from curvwatch._errors import CurvatureError
 from curvwatch._flat import local
 from curvwatch.guard import measurement_guard
-from curvwatch.names import Method
+from curvwatch.names import DIFFERENCES, Method
 from curvwatch.operators.sharded import is_sharded
 from curvwatch.planning.cost import OverheadAccount, affordable_products, seconds_allowed
 from curvwatch.planning.memory import (
@@ -158,7 +158,7 @@ class Planner:
         examples = known_length(probe.batch)
 
         def plan_for(m: str) -> tuple[MemoryPlan, int]:
-            splittable = m in Method.differences() and not sharded and math.isfinite(examples)
+            splittable = m in DIFFERENCES and not sharded and math.isfinite(examples)
             return plan_with_pieces(
                 size, params[0].dtype, device, options.top_k, max_basis, m, allowed,
                 self.gauge.activations(m), options.basis_device, int(examples) if splittable else 1,
