@@ -192,7 +192,24 @@ def critical_sharpness(
         evals += 1
     if not math.isfinite(loss0):
         raise CurvatureError(f"the loss at theta is {loss0}; the line search needs a finite loss")
-    lo, hi, eta = 0.0, math.inf, float(lr)  # lo: no rise (eta = 0 trivially); hi: a rise
+    lo, hi, searched = _bracket(loss_at, loss0, float(lr), max_evals, rtol)
+    evals += searched
+    if lo > 0.0 and hi < math.inf:
+        eta_c = (lo + hi) / 2
+        return CriticalSharpness(2 / eta_c, eta_c, evals, True, (hi - lo) / (2 * lo))
+    bound = lo if hi == math.inf else hi
+    return CriticalSharpness(2 / bound, bound, evals, False)
+
+
+def _bracket(
+    loss_at: Callable[[float], float], loss0: float, eta: float, max_evals: int, rtol: float
+) -> tuple[float, float, int]:
+    """``(lo, hi, evaluations)``: the search of :func:`critical_sharpness` from ``eta``.
+
+    ``lo`` does not raise the loss (``0``: none found), ``hi`` does (``inf``:
+    none found); doubled, halved, then bisected, at most ``max_evals`` times.
+    """
+    lo, hi, evals = 0.0, math.inf, 0  # lo: no rise (eta = 0 trivially); hi: a rise
     for _ in range(max_evals):
         evals += 1
         if float(loss_at(eta)) <= loss0:  # NaN and inf count as a rise
@@ -207,11 +224,7 @@ def critical_sharpness(
             break
         else:
             eta = (lo + hi) / 2
-    if lo > 0.0 and hi < math.inf:
-        eta_c = (lo + hi) / 2
-        return CriticalSharpness(2 / eta_c, eta_c, evals, True, (hi - lo) / (2 * lo))
-    bound = lo if hi == math.inf else hi
-    return CriticalSharpness(2 / bound, bound, evals, False)
+    return lo, hi, evals
 
 
 def perturbed_loss(

@@ -13,6 +13,8 @@ import json
 import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 from curvwatch.results import TAG_PREFIX
 
@@ -239,8 +241,6 @@ def build_figure(runs: dict[str, Series], title: str = ""):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
 
     drawn = {name: s for name, s in runs.items() if is_curvature_run(s)}
     if not drawn:
@@ -248,47 +248,78 @@ def build_figure(runs: dict[str, Series], title: str = ""):
                          f"runs found: {', '.join(runs) or 'none'}")
     several = len(drawn) > 1
     cycle = plt.get_cmap("tab10" if len(drawn) <= 10 else "tab20")
-    colors = {name: cycle(i % cycle.N) if several else "tab:blue" for i, name in enumerate(drawn)}
+    look = _Look(
+        drawn, several, {name: cycle(i % cycle.N) if several else "tab:blue" for i, name in enumerate(drawn)},
+        ink="0.3" if several else "tab:blue",  # legend key colour of the per-run lines
+        legend={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "frameon": False,
+                "borderaxespad": 0.0},
+    )
     has_trace = any(s.get(_TRACE) for s in drawn.values())
     panels = 4 if has_trace else 3
     fig, axes = plt.subplots(panels, 1, figsize=(9, 2.4 * panels + 0.6), sharex=True)
-    ink = "0.3" if several else "tab:blue"  # legend key colour of the per-run lines
-    legend = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "frameon": False,
-              "borderaxespad": 0.0}
+    _loss_panel(axes[0], look, title)
+    _ratio_panel(axes[1], look)
+    _sharpness_panel(axes[2], look)
+    if has_trace:
+        _trace_panel(axes[3], look)
+    axes[-1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    return fig
 
-    ax = axes[0]
+
+@dataclass(frozen=True)
+class _Look:
+    """What every panel of :func:`build_figure` shares: the runs drawn and how."""
+
+    drawn: dict[str, Series]
+    several: bool
+    colors: dict[str, Any]
+    ink: str
+    legend: dict[str, Any]
+
+    def key(self, color: str) -> str:
+        """A legend key's colour: grey where several runs share the line style, else ``color``."""
+        return "0.3" if self.several else color
+
+
+def _loss_panel(ax: Any, look: _Look, title: str) -> None:
+    """The loss of each run (log axis), the title, and the run names for every panel below."""
+    from matplotlib.lines import Line2D
+
     loss_tags = set()
-    for name, series in drawn.items():
+    for name, series in look.drawn.items():
         loss_tag = next((t for t in LOSS_TAGS if series.get(t)), None)
         if loss_tag:
             loss_tags.add(loss_tag)
-            ax.plot(*zip(*series[loss_tag]), color=colors[name] if several else "0.25", lw=1, label=name)
+            ax.plot(*zip(*series[loss_tag]), color=look.colors[name] if look.several else "0.25", lw=1, label=name)
     if loss_tags:
         ax.set_yscale("log")
     ax.set_ylabel("loss" + (f" ({', '.join(sorted(loss_tags))})" if loss_tags else " (not logged)"), fontsize=9)
     heading = f"curvwatch report: {title}" if title else "curvwatch report"
-    ax.set_title(heading + (f" ({len(drawn)} runs)" if several else ""))
-    if several:  # the run names, once, for every panel below
-        ax.legend(handles=[Line2D([], [], color=colors[n], lw=2) for n in drawn], labels=list(drawn),
-                  title="runs", **legend)
+    ax.set_title(heading + (f" ({len(look.drawn)} runs)" if look.several else ""))
+    if look.several:  # the run names, once, for every panel below
+        ax.legend(handles=[Line2D([], [], color=look.colors[n], lw=2) for n in look.drawn], labels=list(look.drawn),
+                  title="runs", **look.legend)
 
-    ax = axes[1]
+
+def _ratio_panel(ax: Any, look: _Look) -> None:
+    """Sharpness / threshold with the edge at 1, the early warnings, and (one run) where it crosses 1."""
     ratios_seen = []
-    for name, series in drawn.items():
+    for name, series in look.drawn.items():
         ratio = ratio_series(series)
         if ratio:
             ratios_seen.extend(v for _, v in ratio)
-            ax.plot(*zip(*ratio), color=colors[name], lw=1.4)
+            ax.plot(*zip(*ratio), color=look.colors[name], lw=1.4)
         batch = ratio_series(series, _BATCH) if series.get(_BATCH) else []
         if batch:
-            ax.plot(*zip(*batch), color=colors[name], lw=0.9, ls=":")
+            ax.plot(*zip(*batch), color=look.colors[name], lw=0.9, ls=":")
         for tag, color, style, label in _ALONG_UPDATE:  # the early warnings: ratios along the update
             points = [(s, v) for s, v in series.get(tag, []) if math.isfinite(v)]
             if points:
                 ratios_seen.extend(v for _, v in points)
-                ax.plot(*zip(*points), color=colors[name] if several else color, lw=1.0, ls=style,
+                ax.plot(*zip(*points), color=look.colors[name] if look.several else color, lw=1.0, ls=style,
                         alpha=0.9, label=label)
-        if not several:
+        if not look.several:
             for step, direction in crossings(series):
                 color, style = _CROSSING_STYLE[direction]
                 ax.axvline(step, color=color, ls=style, lw=1.1, alpha=0.8,
@@ -300,62 +331,76 @@ def build_figure(runs: dict[str, Series], title: str = ""):
     else:
         ax.set_ylim(bottom=0.0)
     ax.set_ylabel("sharpness / threshold", fontsize=9)
-    handles = [Line2D([], [], color=ink, lw=1.4), Line2D([], [], color="tab:red", ls="--", lw=1.2)]
+    handles, labels = _ratio_legend(look)
+    if not ratios_seen:
+        labels[0] += " (no threshold logged)"
+    ax.legend(handles=handles, labels=labels, **look.legend)
+
+
+def _ratio_legend(look: _Look) -> tuple[list[Any], list[str]]:
+    """The second panel's legend keys and labels: the ratio, the edge, and what else is drawn."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=look.ink, lw=1.4), Line2D([], [], color="tab:red", ls="--", lw=1.2)]
     labels = ["sharpness / threshold", "edge of stability (1)"]
-    if any(s.get(_BATCH) for s in drawn.values()):
-        handles.append(Line2D([], [], color=ink, lw=0.9, ls=":"))
+    if any(s.get(_BATCH) for s in look.drawn.values()):
+        handles.append(Line2D([], [], color=look.ink, lw=0.9, ls=":"))
         labels.append("batch sharpness / threshold")
     for tag, color, style, label in _ALONG_UPDATE:
-        if any(s.get(tag) for s in drawn.values()):
-            handles.append(Line2D([], [], color="0.3" if several else color, lw=1.0, ls=style))
+        if any(s.get(tag) for s in look.drawn.values()):
+            handles.append(Line2D([], [], color=look.key(color), lw=1.0, ls=style))
             labels.append(label)
-    if not several:  # the vertical lines where the sharpness ratio crosses 1
-        series = next(iter(drawn.values()))
+    if not look.several:  # the vertical lines where the sharpness ratio crosses 1
+        series = next(iter(look.drawn.values()))
         for direction in ("up", "down"):
             if any(d == direction for _, d in crossings(series)):
                 color, style = _CROSSING_STYLE[direction]
                 handles.append(Line2D([], [], color=color, ls=style, lw=1.1, alpha=0.8))
                 labels.append(_crossing_label(series, direction))
-    if not ratios_seen:
-        labels[0] += " (no threshold logged)"
-    ax.legend(handles=handles, labels=labels, **legend)
+    return handles, labels
 
-    ax = axes[2]
+
+def _sharpness_panel(ax: Any, look: _Look) -> None:
+    """Sharpness and threshold of each run on a log axis."""
+    from matplotlib.lines import Line2D
+
     adaptive = False
-    for name, series in drawn.items():
+    for name, series in look.drawn.items():
         tag, points = sharpness_series(series)
         adaptive |= tag == _PRECONDITIONED
         positive = [(s, v) for s, v in points if v > 0]
         if positive:
-            ax.plot(*zip(*positive), color=colors[name], lw=1.4)
+            ax.plot(*zip(*positive), color=look.colors[name], lw=1.4)
         if series.get(_THRESHOLD):
-            ax.plot(*zip(*series[_THRESHOLD]), color=colors[name] if several else "tab:red", ls="--", lw=1.1)
+            ax.plot(*zip(*series[_THRESHOLD]), color=look.colors[name] if look.several else "tab:red", ls="--",
+                    lw=1.1)
     ax.set_yscale("log")
     ax.set_ylabel("curvature (log)", fontsize=9)
     sharp = "preconditioned sharpness $\\lambda_{max}(P^{-1}H)$" if adaptive else "sharpness $\\lambda_{max}(H)$"
-    if adaptive and any(sharpness_series(s)[0] == _LAMBDA for s in drawn.values()):
+    if adaptive and any(sharpness_series(s)[0] == _LAMBDA for s in look.drawn.values()):
         sharp = "sharpness ($P^{-1}H$ for adaptive optimizers)"
-    ax.legend(handles=[Line2D([], [], color=ink, lw=1.4),
-                       Line2D([], [], color="0.3" if several else "tab:red", ls="--", lw=1.1)],
-              labels=[sharp, "threshold (edge of stability)"], **legend)
+    ax.legend(handles=[Line2D([], [], color=look.ink, lw=1.4),
+                       Line2D([], [], color=look.key("tab:red"), ls="--", lw=1.1)],
+              labels=[sharp, "threshold (edge of stability)"], **look.legend)
 
-    if has_trace:
-        ax = axes[3]
-        for name, series in drawn.items():
-            if not series.get(_TRACE):
-                continue
-            steps, values = zip(*series[_TRACE])
-            color = colors[name] if several else "tab:purple"
-            ax.plot(steps, values, color=color, lw=1.2)
-            if series.get(_TRACE_STDERR):
-                err = dict(series[_TRACE_STDERR])
-                lo = [v - 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
-                hi = [v + 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
-                ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
-        ax.set_ylabel("trace", fontsize=9)
-        ax.legend(handles=[Line2D([], [], color="0.3" if several else "tab:purple", lw=1.2),
-                           Patch(color="0.3" if several else "tab:purple", alpha=0.2)],
-                  labels=["trace (Hutchinson)", "$\\pm$2 standard errors"], **legend)
-    axes[-1].set_xlabel("optimizer step")
-    fig.tight_layout()
-    return fig
+
+def _trace_panel(ax: Any, look: _Look) -> None:
+    """The trace of each run with its band of +-2 standard errors."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    for name, series in look.drawn.items():
+        if not series.get(_TRACE):
+            continue
+        steps, values = zip(*series[_TRACE])
+        color = look.colors[name] if look.several else "tab:purple"
+        ax.plot(steps, values, color=color, lw=1.2)
+        if series.get(_TRACE_STDERR):
+            err = dict(series[_TRACE_STDERR])
+            lo = [v - 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
+            hi = [v + 2 * err.get(s, 0.0) for s, v in zip(steps, values)]
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+    ax.set_ylabel("trace", fontsize=9)
+    ax.legend(handles=[Line2D([], [], color=look.key("tab:purple"), lw=1.2),
+                       Patch(color=look.key("tab:purple"), alpha=0.2)],
+              labels=["trace (Hutchinson)", "$\\pm$2 standard errors"], **look.legend)

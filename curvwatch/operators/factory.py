@@ -336,44 +336,7 @@ def build_fisher_operator(
 
     curvature = Curvature.EMPIRICAL_FISHER if empirical else Curvature.FISHER
     _refuse_sharded(model, curvature)
-    label_smoothing = 0.0
-    if kind == GGN_LM_HEAD:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        ignore_index = -100
-        # logits[:, t] predicts labels[:, t + 1]; the last position predicts nothing
-        targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=ignore_index)[..., 1:]
-
-        def outputs_fn() -> torch.Tensor:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
-                logits = getattr(model(**inputs), "logits", None)
-            if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
-                raise CurvatureError(
-                    f"curvature={curvature!r} needs model(**batch).logits of shape (batch, seq, vocab), "
-                    f"got {type(logits).__name__}; pass curvature='hessian' for this model"
-                )
-            return logits
-
-        loss = "cross_entropy"
-    elif kind == GGN_CRITERION and isinstance(criterion, torch.nn.CrossEntropyLoss):
-        outputs_fn, targets = _classes_last(model, batch[0]), batch[1]
-        if isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.ndim > 2:
-            targets = targets.movedim(1, -1)  # soft targets (N, C, d1, ...) follow the logits
-        loss, ignore_index, label_smoothing = "cross_entropy", criterion.ignore_index, criterion.label_smoothing
-    elif kind == GGN_CRITERION and isinstance(criterion, torch.nn.MSELoss):
-        inputs, targets = batch[0], batch[1]
-
-        def outputs_fn() -> torch.Tensor:
-            return model(inputs)
-
-        loss, ignore_index = "mse", -100
-    else:
-        raise CurvatureError(
-            f"build_fisher_operator got kind={kind!r} with criterion {type(criterion).__name__}: "
-            f"the kind comes from ggn_kind(model, batch, loss_fn, criterion, curvature={curvature!r}). "
-            f"{_fix(curvature)}"
-        )
+    outputs_fn, targets, loss, ignore_index, label_smoothing = _fisher_outputs(model, batch, criterion, kind, curvature)
     outputs_fn = _finite(outputs_fn, model, batch, criterion)
     operator: CurvatureOperator
     if empirical:
@@ -388,3 +351,51 @@ def build_fisher_operator(
             mc_samples=mc_samples, seed=seed,
         )
     return operator if reduce is None else ReducedOperator(operator, reduce)
+
+
+def _fisher_outputs(
+    model: torch.nn.Module, batch: Any, criterion: Any, kind: str, curvature: str
+) -> tuple[Callable[[], torch.Tensor], Any, str, int, float]:
+    """``(outputs_fn, targets, loss, ignore_index, label_smoothing)`` of a Fisher for ``kind``.
+
+    Raises:
+        CurvatureError: a ``kind`` or criterion the Fisher does not know.
+    """
+    if kind == GGN_LM_HEAD:
+        ignore_index = -100
+        # logits[:, t] predicts labels[:, t + 1]; the last position predicts nothing
+        targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=ignore_index)[..., 1:]
+        logits = _lm_logits(model, {k: v for k, v in batch.items() if k != "labels"}, curvature)
+        return logits, targets, "cross_entropy", ignore_index, 0.0
+    if kind == GGN_CRITERION and isinstance(criterion, torch.nn.CrossEntropyLoss):
+        targets = batch[1]
+        if isinstance(targets, torch.Tensor) and targets.is_floating_point() and targets.ndim > 2:
+            targets = targets.movedim(1, -1)  # soft targets (N, C, d1, ...) follow the logits
+        smoothing = criterion.label_smoothing
+        return _classes_last(model, batch[0]), targets, "cross_entropy", criterion.ignore_index, smoothing
+    if kind == GGN_CRITERION and isinstance(criterion, torch.nn.MSELoss):
+        inputs = batch[0]
+        return (lambda: model(inputs)), batch[1], "mse", -100, 0.0
+    raise CurvatureError(
+        f"build_fisher_operator got kind={kind!r} with criterion {type(criterion).__name__}: "
+        f"the kind comes from ggn_kind(model, batch, loss_fn, criterion, curvature={curvature!r}). "
+        f"{_fix(curvature)}"
+    )
+
+
+def _lm_logits(model: torch.nn.Module, inputs: Mapping[str, Any], curvature: str) -> Callable[[], torch.Tensor]:
+    """``model(**inputs).logits`` on the math attention backend (the fused kernels have no double backward)."""
+
+    def logits_fn() -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            logits = getattr(model(**inputs), "logits", None)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+            raise CurvatureError(
+                f"curvature={curvature!r} needs model(**batch).logits of shape (batch, seq, vocab), "
+                f"got {type(logits).__name__}; pass curvature='hessian' for this model"
+            )
+        return logits
+
+    return logits_fn

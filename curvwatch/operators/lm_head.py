@@ -111,13 +111,7 @@ def lm_head_ggn_product(
     Raises:
         CurvatureError: shapes disagree or ``chunk_size < 1``.
     """
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise CurvatureError(
-            f"expected hidden (N, d) and weight (V, d), got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    if chunk_size < 1:
-        raise CurvatureError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    _check_shapes(hidden, weight, chunk_size)
     rows, vocab = hidden.shape[0], weight.shape[0]
     acc = torch.promote_types(hidden.dtype, torch.float32)
     row_w = mean_row_weights(targets, rows, ignore_index, hidden.device, count, dtype=acc)
@@ -145,6 +139,17 @@ def lm_head_ggn_product(
                 g_bias.add_(g.sum(0, dtype=acc))
             del g
     return HeadCotangents(g_hidden, g_weight, g_bias)
+
+
+def _check_shapes(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> None:
+    """Refuse shapes that disagree and a chunk of no tokens (:func:`lm_head_ggn_product`)."""
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise CurvatureError(
+            f"expected hidden (N, d) and weight (V, d), got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if chunk_size < 1:
+        raise CurvatureError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
 
 
 class LMHeadGGNOperator(CurvatureOperator):

@@ -1,4 +1,30 @@
-"""Budgeted Lanczos for the largest algebraic eigenvalues of a symmetric operator."""
+"""Budgeted Lanczos for the largest algebraic eigenvalues of a symmetric operator.
+
+:func:`lanczos` runs thick-restarted Lanczos (Krylov-Schur) with full
+reorthogonalization against a basis of at most ``max_basis`` vectors, so its
+memory does not grow with the number of products, and stops at the first of
+
+* every wanted eigenvalue is within ``tol * |theta_i|`` by the error bound
+  :func:`eigenvalue_error_bounds`, and its residual is at most
+  ``sqrt(tol) * |theta_i|`` (converged). The gap in that bound is read from
+  the Ritz values only once the Krylov space has :func:`gap_steps` vectors;
+  before that only the plain residual bound ``r_i <= tol |theta_i|`` certifies;
+* ``max_matvecs`` products (never exceeded) or ``max_seconds`` elapsed;
+* the Krylov space fills all ``n`` dimensions.
+
+What ``converged`` guarantees: each reported ``theta_i`` is
+within its ``error_bounds[i]`` of an eigenvalue of ``A`` (the residual bound
+holds for any symmetric ``A``; the gap bound holds when no eigenvalue the
+Krylov space has not resolved lies closer to ``theta_i`` than the Ritz gap).
+That the eigenvalue is the ``i``-th largest is probabilistic: an eigenvector
+enters the space through the start vector's component along it (a random
+normal start, or a warm start's 1% random part), amplified by Chebyshev growth
+in the gap. No affordable a-priori bound exists at network sizes (the
+Kuczynski-Wozniakowski bound for a random start, P(miss by eps) <=
+1.648 sqrt(n) exp(-sqrt(eps) (2m - 1)), needs m ~ 120 products for a 1%
+chance at eps = 2e-3 and n = 1e5); ``benchmarks/truth.py`` measures how often a
+certified value misses against an exact reference at trained states.
+"""
 
 from __future__ import annotations
 
@@ -126,30 +152,8 @@ def lanczos(
     Solves ``A y_i = theta_i y_i`` for ``theta_1 >= ... >= theta_k``, the top of
     the spectrum in the *algebraic* order (``which='LA'`` in scipy's ``eigsh``):
     sharpness is the largest eigenvalue even when a negative one is larger in
-    magnitude. Runs thick-restarted Lanczos (Krylov-Schur) with full
-    reorthogonalization against a basis of at most ``max_basis`` vectors, so its
-    memory does not grow with the number of products, and stops at the first of
-
-    * every wanted eigenvalue is within ``tol * |theta_i|`` by the error bound
-      :func:`eigenvalue_error_bounds`, and its residual is at most
-      ``sqrt(tol) * |theta_i|`` (converged). The gap in that bound is read from
-      the Ritz values only once the Krylov space has :func:`gap_steps` vectors;
-      before that only the plain residual bound ``r_i <= tol |theta_i|`` certifies;
-    * ``max_matvecs`` products (never exceeded) or ``max_seconds`` elapsed;
-    * the Krylov space fills all ``n`` dimensions.
-
-    What ``converged`` guarantees: each reported ``theta_i`` is within its
-    ``error_bounds[i]`` of an eigenvalue of ``A`` (the residual bound holds for
-    any symmetric ``A``; the gap bound holds when no eigenvalue the Krylov space
-    has not resolved lies closer to ``theta_i`` than the Ritz gap). That the
-    eigenvalue is the ``i``-th largest is probabilistic: an eigenvector enters
-    the space through the start vector's component along it (a random normal
-    start, or a warm start's 1% random part), amplified by Chebyshev growth in
-    the gap. No affordable a-priori bound exists at network sizes (the
-    Kuczynski-Wozniakowski bound for a random start, P(miss by eps) <=
-    1.648 sqrt(n) exp(-sqrt(eps) (2m - 1)), needs m ~ 120 products for a 1%
-    chance at eps = 2e-3 and n = 1e5); ``benchmarks/truth.py`` measures how often a
-    certified value misses against an exact reference at trained states.
+    magnitude. How it iterates, when it stops and what ``converged`` guarantees
+    are in the module's documentation.
 
     Args:
         operator: any :class:`~curvwatch.operators.CurvatureOperator`.
@@ -185,13 +189,7 @@ def lanczos(
         >>> lanczos(op, k=1).eigenvalues   # 3, not -5: largest algebraic
         tensor([3.], dtype=torch.float64)
     """
-    if k < 1:
-        raise CurvatureError(f"k must be >= 1, got {k}")
-    if max_matvecs < k:
-        raise CurvatureError(f"max_matvecs ({max_matvecs}) must be at least k ({k})")
-    max_basis = default_max_basis(k) if max_basis is None else int(max_basis)
-    if max_basis <= k:
-        raise CurvatureError(f"max_basis ({max_basis}) must exceed k ({k})")
+    max_basis = _checked_basis(k, max_matvecs, max_basis)
     k = min(k, operator.size)
     generator = torch.Generator().manual_seed(seed)
     # the start vector is not held beside the process's normalized copy of it
@@ -203,14 +201,7 @@ def lanczos(
         if process.full:
             process.restart(keep)
         process.step()
-        theta, s, residuals = process.ritz()
-        trusted_gap = process.steps >= min(gap_steps(k), operator.size)
-        bounds = eigenvalue_error_bounds(theta, residuals) if trusted_gap else residuals.clone()
-        top = torch.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1)
-        scale = theta[top].abs()
-        converged = len(top) == k and bool(
-            torch.all(bounds[top] <= tol * scale) and torch.all(residuals[top] <= tol**0.5 * scale)
-        )
+        theta, s, residuals, bounds, top, converged = _ritz_check(process, operator.size, k, tol)
         out_of_time = deadline is not None and operator.any_rank(time.perf_counter() >= deadline)
         if converged or process.steps >= budget or out_of_time:
             break
@@ -223,6 +214,41 @@ def lanczos(
         converged=converged,
         error_bounds=bounds[top].clone(),
     )
+
+
+def _checked_basis(k: int, max_matvecs: int, max_basis: int | None) -> int:
+    """The basis :func:`lanczos` keeps (:func:`default_max_basis` for ``None``), its arguments checked.
+
+    Raises:
+        CurvatureError: ``k < 1``, ``max_matvecs < k`` or ``max_basis <= k``.
+    """
+    if k < 1:
+        raise CurvatureError(f"k must be >= 1, got {k}")
+    if max_matvecs < k:
+        raise CurvatureError(f"max_matvecs ({max_matvecs}) must be at least k ({k})")
+    max_basis = default_max_basis(k) if max_basis is None else int(max_basis)
+    if max_basis <= k:
+        raise CurvatureError(f"max_basis ({max_basis}) must exceed k ({k})")
+    return max_basis
+
+
+def _ritz_check(process: LanczosProcess, size: int, k: int, tol: float):
+    """``(theta, s, residuals, bounds, top, converged)`` after the process's last step.
+
+    The Ritz pairs, their error bounds (the gap bound once the space has
+    :func:`gap_steps` vectors, the residual before), the indices of the ``k``
+    largest, and whether each of those is within ``tol`` (its residual within
+    ``sqrt(tol)``).
+    """
+    theta, s, residuals = process.ritz()
+    trusted_gap = process.steps >= min(gap_steps(k), size)
+    bounds = eigenvalue_error_bounds(theta, residuals) if trusted_gap else residuals.clone()
+    top = torch.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1)
+    scale = theta[top].abs()
+    converged = len(top) == k and bool(
+        torch.all(bounds[top] <= tol * scale) and torch.all(residuals[top] <= tol**0.5 * scale)
+    )
+    return theta, s, residuals, bounds, top, converged
 
 
 def start_vector(
