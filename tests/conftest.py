@@ -11,7 +11,7 @@ def _every_due_step_measures():
 
     ``Budget(overhead=0.05)`` defers measurements by wall-clock time, which on a
     shared 2-core machine would make which steps measure depend on the load.
-    ``tests/test_budget.py`` tests the share with a controlled clock and passes
+    ``tests/planning/test_budget.py`` tests the share with a controlled clock and passes
     ``overhead`` explicitly; scripts run in subprocesses pass ``overhead=None``.
     Session-scoped, so module-scoped fixtures (whole training runs) see it too.
     """

@@ -51,7 +51,7 @@ some dimensions and sharded over the others: every dot product is divided by
 the replication factor), FSDP1 with ``use_orig_params=True`` (the local views
 of the original parameters, including empty ones) or with flat parameters,
 sharding strategies ``FULL_SHARD`` and ``SHARD_GRAD_OP``. All checked on the CPU
-with gloo and two processes (tests/test_distributed.py).
+with gloo and two processes (tests/operators/test_distributed.py).
 
 Limitations: gradient sync must be on (``set_requires_gradient_sync(True)``,
 the default); ranks' shares of the probe batch must be of equal size (FSDP

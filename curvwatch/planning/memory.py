@@ -36,7 +36,7 @@ GIB = float(1 << 30)
 # basis. Finite differences: the saved parameters and the product being formed
 # (both gradients of a difference are accumulated into it a parameter at a
 # time), the cached gradient at theta, the preconditioner diagonal, and one for
-# the Ritz vector and per-tensor temporaries: 5. Counted by tests/test_memory.py
+# the Ritz vector and per-tensor temporaries: 5. Counted by tests/planning/test_memory.py
 # (every tensor a measurement allocates, tracked on the CPU). Until 2026-12-03 a
 # difference also held a flat copy of each gradient, the scaled copy P^{-1/2} v,
 # the second gradient of a central difference, the update direction and the

@@ -1,4 +1,4 @@
-"""Run under ``accelerate launch`` (2 CPU processes) by tests/test_accelerate.py.
+"""Run under ``accelerate launch`` (2 CPU processes) by tests/integrations/test_accelerate.py.
 
 Trains a small MLP for ``--steps`` updates with ``watch(..., every=--every)`` on
 the whole probe batch (each process keeps its half), logging to TensorBoard

@@ -1,4 +1,4 @@
-"""Shared pieces of the ``dist_*.py`` scripts run by tests/test_distributed.py.
+"""Shared pieces of the ``dist_*.py`` scripts run by tests/operators/test_distributed.py.
 
 Every script runs under ``torch.distributed.run --nproc_per_node 2`` on the CPU
 with gloo, writes ``--out/rank{i}.json`` on every rank and, where noted, tensors

@@ -1,6 +1,6 @@
 """Lightning ``strategy="ddp"`` on CPU (2 processes, gloo) with ``CurvatureCallback``.
 
-Run by ``tests/test_lightning.py`` (Lightning re-launches this script for rank 1):
+Run by ``tests/integrations/test_lightning.py`` (Lightning re-launches this script for rank 1):
 
     python tests/ddp_scripts/lightning_ddp.py --out DIR --probe val|batch
 

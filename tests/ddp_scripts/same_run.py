@@ -1,6 +1,6 @@
 """One scripted run under Lightning, transformers or Accelerate (one process, CPU).
 
-Run by ``tests/test_accelerate.py`` once per framework:
+Run by ``tests/integrations/test_accelerate.py`` once per framework:
 
     python tests/ddp_scripts/same_run.py --framework lightning|transformers|accelerate --out DIR
 

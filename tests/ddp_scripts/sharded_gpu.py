@@ -1,4 +1,4 @@
-"""FSDP on CUDA through the three integrations; run by tests/test_sharded_integrations.py (gpu).
+"""FSDP on CUDA through the three integrations; run by tests/integrations/test_sharded_integrations.py (gpu).
 
     torchrun --nproc_per_node N tests/ddp_scripts/sharded_gpu.py --framework F --fsdp V --out DIR
 

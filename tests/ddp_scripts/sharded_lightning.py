@@ -1,6 +1,6 @@
 """Lightning ``ModelParallelStrategy`` (FSDP2) on CPU, 2 processes, with ``CurvatureCallback``.
 
-Run by tests/test_sharded_integrations.py (Lightning re-launches this script for rank 1):
+Run by tests/integrations/test_sharded_integrations.py (Lightning re-launches this script for rank 1):
 
     python tests/ddp_scripts/sharded_lightning.py --out DIR
 

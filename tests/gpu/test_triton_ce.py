@@ -77,7 +77,7 @@ def test_triton_strided_rows_and_auto_choice():
 
 def test_compiled_matches_eager_on_device():
     if INTERPRET and not torch.cuda.is_available():
-        pytest.skip("the compile path is covered on the CPU by tests/test_kernels.py")
+        pytest.skip("the compile path is covered on the CPU by tests/kernels/test_kernels.py")
     z, u, y = _problem(33, 50304, torch.float32, seed=3)
     ref = eager_reference(z, u, y)
     out = cross_entropy_logit_hvp(z, u, y, backend="compile")
@@ -101,7 +101,7 @@ def test_lm_head_product_triton_equals_eager():
 
 def test_causal_lm_fused_ggn_on_device_equals_plain_ggn():
     if not torch.cuda.is_available():
-        pytest.skip("CUDA only (the CPU version is in tests/test_kernels.py)")
+        pytest.skip("CUDA only (the CPU version is in tests/kernels/test_kernels.py)")
     transformers = pytest.importorskip("transformers")
     import curvwatch as cw
     from curvwatch.operators.lm_head import causal_lm_ggn_operator

@@ -2,7 +2,7 @@
 
 Skipped without 2 CUDA devices (the CPU CI); run on a 2-GPU machine with
 ``python -m pytest tests/gpu/test_two_gpus.py``. The same script runs on the CPU
-with gloo in tests/test_distributed.py's spirit; here it is the GPT-2 small shape.
+with gloo in tests/operators/test_distributed.py's spirit; here it is the GPT-2 small shape.
 """
 
 import json

@@ -36,7 +36,7 @@ from tests._helpers import (  # noqa: E402
     wandb_curves,
 )
 
-SCRIPT = Path(__file__).parent / "ddp_scripts" / "accelerate_watch.py"
+SCRIPT = Path(__file__).parents[1] / "ddp_scripts" / "accelerate_watch.py"
 _spec = importlib.util.spec_from_file_location("accelerate_watch", SCRIPT)
 script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(script)
@@ -411,7 +411,7 @@ def test_wandb_keeps_every_point_whatever_step_counter_the_loop_logs_with(tmp_pa
     assert logged["curvature/lambda_max"] == pytest.approx(measured, rel=1e-12)
 
 
-SAME_RUN = Path(__file__).parent / "ddp_scripts" / "same_run.py"
+SAME_RUN = Path(__file__).parents[1] / "ddp_scripts" / "same_run.py"
 # what every framework must log identically (top_overlap from the second measurement on)
 COMPARED = ("lambda_max", "lambda_1", "lambda_2", "trace", "trace_stderr", "threshold", "sharpness_ratio",
             "top_overlap", "hvps")

@@ -34,7 +34,7 @@ from tests._helpers import curves, direct, histogram_steps, sharpness_chart, ste
 LR, MOMENTUM = 0.1, 0.9
 HEAVY_BALL = (2 + 2 * MOMENTUM) / LR  # 38
 STEPS, EVERY = 20, 5
-DDP_SCRIPT = Path(__file__).parent / "ddp_scripts" / "lightning_ddp.py"
+DDP_SCRIPT = Path(__file__).parents[1] / "ddp_scripts" / "lightning_ddp.py"
 
 
 class Classifier(pl.LightningModule):

@@ -16,7 +16,7 @@ import curvwatch as cw
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.slow  # two training runs, about 18 s on one thread
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "early_warning.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "early_warning.py"
 _spec = importlib.util.spec_from_file_location("early_warning_example", EXAMPLE)
 example = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = example  # dataclasses look their module up there
