@@ -13,6 +13,7 @@ from curvwatch.operators import (
     all_reduce_mean,
 )
 from curvwatch.optim import Threshold, preconditioner_diagonal, threshold
+from curvwatch.options import MonitorOptions
 from curvwatch.results import Budget, CurvatureResult, ThresholdEvent
 from curvwatch.sinks import JsonlSink, MemorySink, TensorBoardSink
 from curvwatch.solvers import (
@@ -31,6 +32,7 @@ __all__ = [
     "Budget",
     "CurvatureMonitor",
     "CurvatureResult",
+    "MonitorOptions",
     "ThresholdEvent",
     # sinks
     "JsonlSink",
