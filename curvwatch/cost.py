@@ -10,7 +10,9 @@ between measurements) and of measuring, and allows the next measurement
 
 seconds: a cumulative budget, so a measurement that came in under its share
 leaves the rest to the next one, and one that could not fit waits (is
-deferred) until enough training has passed. The share it reports,
+deferred) until enough training has passed. A small fixed allowance per run
+(``Budget.negligible_seconds``) comes on top: the first measurements of a model
+whose products cost milliseconds are made in full. The share it reports,
 ``T_measure / T_train``, is what ``curvature_diagnostics/overhead`` logs: the time
 monitoring added to training, as a fraction.
 
@@ -56,9 +58,14 @@ class OverheadAccount:
             self.training_seconds += now - self.last
         self.last = now
 
-    def allowance(self, overhead: float) -> float:
-        """Seconds the next measurement may take: ``overhead * T_train - T_measure``."""
-        return overhead * self.training_seconds - self.measuring_seconds
+    def allowance(self, overhead: float, fixed: float = 0.0) -> float:
+        """Seconds the next measurement may take: ``overhead * T_train + fixed - T_measure``.
+
+        ``fixed`` is the run's allowance beyond the share (``Budget.negligible_seconds``):
+        measuring never takes more than ``overhead * T_train + fixed`` in all (plus
+        the product that crosses a measurement's deadline).
+        """
+        return overhead * self.training_seconds + fixed - self.measuring_seconds
 
     def measured(self, seconds: float, products: int, other_seconds: float = 0.0) -> None:
         """Charge a measurement of ``seconds`` and ``products`` products.

@@ -63,7 +63,7 @@ from curvwatch.probe import LossFn
 from curvwatch.results import BlockResult, Budget, CurvatureResult
 from curvwatch.solvers.certificate import FD_AGREEMENT_RTOL, certify_top, descending, disagree, richardson
 from curvwatch.solvers.density import slq
-from curvwatch.solvers.lanczos import LanczosResult, lanczos
+from curvwatch.solvers.lanczos import LanczosResult, gap_steps, lanczos
 from curvwatch.solvers.trace import hutchinson
 from curvwatch.stability import Threshold, preconditioner_diagonal, threshold
 
@@ -264,7 +264,8 @@ class _Measurement:
                 # the device copy is not read again: rebinding both names (first holds the same
                 # vector) frees it, one vector less during the solve below
                 pre = first = replace(pre, eigenvectors=warm_pre)
-                if products - spent() >= config.top_k and not self._past():
+                # the raw top-k only where its products can certify it (else it is noise off the curves)
+                if products - spent() >= gap_steps(config.top_k) and not self._past():
                     eig = self._lanczos(operator, config.top_k, products - spent(), warm, self.seed)
                     eig = self._certified(eig, certificate)
             else:

@@ -512,10 +512,20 @@ class CurvatureMonitor:
             return None
         finally:
             self._note_peak()
-        self._cost.measured(time.perf_counter() - started, result.hvps, result.critical_sharpness_seconds)
-        result = replace(result, overhead=self._cost.share, seconds=time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        share = (self._cost.measuring_seconds + elapsed) / max(self._cost.training_seconds, 1e-300)
+        result = replace(result, overhead=share, seconds=elapsed)
         self.history.append(result)
         self._crossings_of(result)
+        self._log(result)
+        # every second is charged, the sinks' too; the product's cost is learned without
+        # them and without the line search
+        total = time.perf_counter() - started
+        self._cost.measured(total, result.hvps, result.critical_sharpness_seconds + total - elapsed)
+        return result
+
+    def _log(self, result: CurvatureResult) -> None:
+        """Hand ``result`` to every sink; a failing sink is dropped with one warning."""
         for sink in self.sinks:
             try:
                 sink(result)
@@ -527,39 +537,36 @@ class CurvatureMonitor:
                     f"curvwatch: sink {sink!r} failed ({type(error).__name__}: {error}); its "
                     "results are dropped, training continues",
                 )
-        return result
 
     def _seconds_allowed(self, step: int) -> float | None:
         """Seconds this measurement may take (``None``: no limit; <= 0: defer it).
 
-        The smaller of :attr:`Budget.max_seconds` and the saved-up share of
-        training time. A measurement is deferred when the share does not cover
-        the products it needs to certify (:func:`~curvwatch.solvers.lanczos.gap_steps`
-        plus one with a warm start, 10 without), unless
-        those fit in :attr:`Budget.negligible_seconds`: then it runs, with at
-        most that long or the share saved up, whichever is more.
-        The first measurement, before a product's cost is known, gets what is
-        saved up or :attr:`Budget.negligible_seconds`, whichever is more, and
-        stops after its first product if that is already spent.
+        The smaller of :attr:`Budget.max_seconds` and what is saved up: the
+        share of training time plus the run's fixed allowance
+        (:attr:`Budget.negligible_seconds`), less what measuring took so far. A
+        measurement is deferred when that does not cover the products it needs
+        to certify (:func:`~curvwatch.solvers.lanczos.gap_steps` plus one with a
+        warm start, 10 without). The first measurement, before a product's cost
+        is known, gets what is saved up and stops after its first product if
+        that is already spent.
         """
         cap = self.budget.max_seconds
         if self.budget.overhead is None:
             return cap
-        allowance = self._cost.allowance(self.budget.overhead)
+        allowance = self._cost.allowance(self.budget.overhead, self.budget.negligible_seconds)
         per_product = self._cost.seconds_per_product
         if math.isnan(per_product):
-            # The first measurement learns what a product costs, within the share
-            # saved up so far (at least one product): it may end unconverged, as a
-            # lower bound and a warm start for the next. Up to negligible_seconds it
-            # runs whatever the share: a model whose products cost milliseconds is
+            # The first measurement learns what a product costs, within what is saved
+            # up (at least one product): it may end unconverged, as a lower bound and
+            # a warm start for the next. The fixed allowance (negligible_seconds) is
+            # part of what is saved up: a model whose products cost milliseconds is
             # measured in full from the first due step.
-            seconds = max(allowance, self.budget.negligible_seconds, 1e-9)
+            seconds = max(allowance, 1e-9)
             return seconds if cap is None else min(cap, seconds)
         warm = self._state.warm is not None or self._state.warm_preconditioned is not None
-        needed = (gap_steps(self.top_k) + 1 if warm else max(10, gap_steps(self.top_k))) * per_product
-        if needed <= self.budget.negligible_seconds:
-            seconds = max(allowance, self.budget.negligible_seconds)
-            return seconds if cap is None else min(cap, seconds)
+        # the threshold's quantity: one preconditioned eigenvalue for Adam-type optimizers
+        k = 1 if self._state.warm_preconditioned is not None else self.top_k
+        needed = (gap_steps(k) + 1 if warm else max(10, gap_steps(k))) * per_product
         if allowance < needed:
             logger.info(
                 "curvwatch: step %d: measurement deferred: %.3g s of the %.0f%% share saved up, "
