@@ -117,7 +117,6 @@ def test_gpt2_tiny_case_compares_blocks_and_writes_json(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 22 certificate")
 def test_issue22_tiny_gpt2_measure1_certified_or_flagged():
     """Issue 22: the warm measure(1) certified 12.902 (2 products) where the top eigenvalue is 13.164."""
     out = truth.issue_case(tol=1e-3)
