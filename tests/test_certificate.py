@@ -12,6 +12,7 @@ from curvwatch.results import BlockResult
 from curvwatch.solvers.certificate import certify_top
 from curvwatch.solvers.lanczos import gap_steps
 from tests._helpers import curves
+from tests.cases import Kink
 
 # The top of a tiny GPT-2's Hessian at initialization (issue 22): two eigenvalues 2.4% apart.
 TOP = (13.164, 12.850, 12.015, 11.761)
@@ -118,20 +119,9 @@ def test_an_unconverged_block_is_logged_under_the_diagnostics():
 
 
 # -- differences that know when they are wrong ---------------------------------------------------
-class _Kink(torch.nn.Module):
-    """``|w_0| + sum(h_i w_i^2) / 2`` at ``w_0 = 1e-6``: every difference step crosses the kink."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([1e-6, 0.5, 0.7]))
-
-    def forward(self, _batch):
-        return self.w.abs().sum() + 0.5 * (torch.tensor([1.0, 2.0, 3.0]) * self.w.pow(2)).sum()
-
-
 def _kink_monitor(strict: bool) -> cw.CurvatureMonitor:
     # 3 float32 parameters: double backward needs (7 + 3) x 12 bytes, one-sided differences (5 + 3) x 12
-    return cw.CurvatureMonitor(_Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,
+    return cw.CurvatureMonitor(Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,
                                strict=strict, budget=cw.Budget(max_memory=100, overhead=None))
 
 
