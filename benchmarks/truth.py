@@ -566,20 +566,24 @@ def compare_result(r: cw.CurvatureResult, ref: dict[str, Any], tol: float, slack
     adaptive = math.isfinite(r.preconditioned_lambda_max)
     logged = r.scalars()  # what the sinks write: tags under curvature/ are the curves
     comparisons, flags = [], []
-    converged = bool(r.converged)
+    # per quantity: certified unless the result names it uncertified (CurvatureResult.uncertified)
+    off = set(getattr(r, "uncertified", ()) or ())
+    raw_ok = bool(r.converged) if not hasattr(r, "uncertified") else "lambda_max" not in off
+    pre_ok = bool(r.converged) if not hasattr(r, "uncertified") else "preconditioned_lambda_max" not in off
+    converged = pre_ok if adaptive else raw_ok  # the threshold's quantity
 
     def on_curves(name: str) -> bool:
         return name in logged and name.startswith("curvature/")
 
     # the top-k and lambda_max; error_bound is the threshold's quantity's (lambda_max without Adam)
     lm_bound = r.error_bound if not adaptive else tol
-    comparisons.append(compare_value("lambda_max", r.lambda_max, converged, lm_bound, ref["raw"], 0, tol, slack))
+    comparisons.append(compare_value("lambda_max", r.lambda_max, raw_ok, lm_bound, ref["raw"], 0, tol, slack))
     for i, value in enumerate(r.eigenvalues):
         bound = lm_bound if i == 0 else tol
-        comparisons.append(compare_value(f"lambda_{i + 1}", value, converged, bound, ref["raw"], i, tol, slack))
+        comparisons.append(compare_value(f"lambda_{i + 1}", value, raw_ok, bound, ref["raw"], i, tol, slack))
     if adaptive or "preconditioned" in ref:
         comparisons.append(compare_value(
-            "preconditioned_lambda_max", r.preconditioned_lambda_max, converged, r.error_bound,
+            "preconditioned_lambda_max", r.preconditioned_lambda_max, pre_ok, r.error_bound,
             ref.get("preconditioned"), 0, tol, slack,
         ))
     for name, block in r.blocks.items():

@@ -92,8 +92,9 @@ UNRELIABLE_DIFFERENCES = (
     "a smaller probe batch, or fewer trainable parameters"
 )
 
-# A ratio sharpness/threshold is logged only when the sharpness is known to this
-# relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
+# A ratio sharpness/threshold is logged only when the sharpness is certified
+# (Budget.tol) and known to this relative accuracy (its Lanczos error bound);
+# otherwise it is a lower bound.
 RATIO_MAX_ERROR = 1e-2
 
 # The critical sharpness's line search: forward passes at eta > 0 (one more at
@@ -321,13 +322,13 @@ class _Measurement:
             # an adaptive threshold (38/lr for Adam) is in preconditioned units: the raw
             # lambda_max over it is no ratio at all (the "no-state" note says why)
             sharp = math.nan
-        if not uses_batch_sharpness and threshold_solve.relative_error_bound > RATIO_MAX_ERROR:
+        if not uses_batch_sharpness and not _certified_to(threshold_solve, RATIO_MAX_ERROR):
             # a Ritz value that has not converged is only a lower bound of the
             # sharpness: no ratio (and no crossing) from it; error_bound says why
             self.notes.append((
                 "unconverged",
-                f"curvwatch: step {self.step}: the threshold's eigenvalue is not within "
-                f"{RATIO_MAX_ERROR:.0%} (error bound {threshold_solve.relative_error_bound:.2g}) after "
+                f"curvwatch: step {self.step}: the threshold's eigenvalue is not certified to "
+                f"Budget.tol (error bound {threshold_solve.relative_error_bound:.2g}) after "
                 f"{hvps} products: it is a lower bound, logged without a sharpness ratio. Raise "
                 "Budget.max_hvps / max_seconds / overhead",
             ))
@@ -828,7 +829,7 @@ class _Measurement:
             operator.release()
         sharp = pre if adaptive else eig
         ratio = math.nan
-        if limit is not None and sharp is not None and sharp.relative_error_bound <= RATIO_MAX_ERROR:
+        if limit is not None and sharp is not None and _certified_to(sharp, RATIO_MAX_ERROR):
             ratio = sharp.lambda_max / limit.value
         solves = [s for s in (pre, eig) if s is not None]
         result = BlockResult(
@@ -850,6 +851,11 @@ def affordable_products(budget: Budget, top_k: int, seconds: float | None, secon
 
 class _OutOfTime(Exception):
     """The critical sharpness's line search reached the measurement's deadline."""
+
+
+def _certified_to(solve: LanczosResult, error: float) -> bool:
+    """``solve`` converged (to ``Budget.tol``) with a relative error bound of at most ``error``."""
+    return solve.converged and solve.relative_error_bound <= error
 
 
 def _adaptive(limit: Threshold | None) -> bool:
