@@ -261,10 +261,10 @@ class _Measurement:
             if diagonal is not None:
                 pre_certificate = PreconditionedOperator(certificate, diagonal) if certificate else None
                 pre = self._certified(first, pre_certificate)
-                warm_pre = _kept(pre.eigenvectors)
+                warm_pre = _warm_start(pre)
                 # the device copy is not read again: rebinding both names (first holds the same
                 # vector) frees it, one vector less during the solve below
-                pre = first = replace(pre, eigenvectors=warm_pre)
+                pre = first = replace(pre, eigenvectors=warm_pre[:, :1], guard=None)
                 # the raw top-k only where its products can certify it (else it is noise off the curves)
                 if products - spent() >= gap_steps(config.top_k) and not self._past():
                     eig = self._lanczos(operator, config.top_k, products - spent(), warm, self.seed)
@@ -274,7 +274,9 @@ class _Measurement:
             overlap = math.nan
             if eig is not None:
                 overlap = _overlap(warm, eig.eigenvectors, operator.dot)
-                warm = _kept(eig.eigenvectors)
+                warm = _warm_start(eig)
+                if warm.device == eig.eigenvectors.device:  # on the CPU: one copy, not two
+                    eig = replace(eig, eigenvectors=warm[:, : eig.eigenvectors.shape[1]], guard=None)
             threshold_solve = pre if pre is not None else eig
             if eig is not None and self._should_check("finite_difference") and products - spent() >= 1:
                 self._check_differences(operator, eig)
@@ -819,11 +821,11 @@ class _Measurement:
                     PreconditionedOperator(operator, diagonal), 1, left, _fitting(warm_pre, operator), seed + 1
                 )
                 pre = self._certified(pre, PreconditionedOperator(certificate, diagonal) if certificate else None)
-                warm_pre = _kept(pre.eigenvectors)
+                warm_pre = _warm_start(pre)
             if left - spent() >= 1 and not self._past():
                 eig = self._lanczos(operator, 1, left - spent(), _fitting(warm_eig, operator), seed)
                 eig = self._certified(eig, certificate)
-                warm_eig = _kept(eig.eigenvectors)
+                warm_eig = _warm_start(eig)
         finally:
             used = spent()
             operator.release()
@@ -877,6 +879,14 @@ def _kept(vectors: torch.Tensor) -> torch.Tensor:
     # rounded on the device, then copied: half the bytes over the link and no
     # conversion on the host (on an H200 at 355M, .to("cpu", bfloat16) took 1.1 s)
     return vectors.to(torch.bfloat16).to("cpu")
+
+
+def _warm_start(eig: LanczosResult) -> torch.Tensor:
+    """The next warm start: the Ritz vectors :func:`_kept`, and the solve's guard column beside them."""
+    vectors = _kept(eig.eigenvectors)
+    if eig.guard is None:
+        return vectors
+    return torch.cat([vectors, eig.guard[:, None].to(vectors.dtype)], dim=1)
 
 
 def _fitting(warm: torch.Tensor | None, operator) -> torch.Tensor | None:

@@ -139,3 +139,23 @@ def test_unreliable_differences_raise_under_strict():
     with pytest.raises(cw.CurvatureError, match="no reliable product fits"):
         with pytest.warns(cw.CurvatureWarning, match="double backward would not fit"):
             _kink_monitor(strict=True).measure(1)
+
+
+def test_a_warm_start_sees_the_eigenvalue_that_overtook_the_top():
+    """Between two measurements the second eigenvalue rises past the first (9.5 -> 10.6 over 10):
+    from the old top vector alone Lanczos certifies 10; with the guard column it finds 10.6."""
+    n = 2000
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    bulk = torch.linspace(-1.0, 4.0, n - 3, dtype=torch.float64)
+    before = torch.cat([torch.tensor([10.0, 9.5, 8.0], dtype=torch.float64), bulk])
+    after = before.clone()
+    after[1] = 10.6
+    first = cw.lanczos(cw.DenseOperator((q * before) @ q.T), k=1, tol=1e-6, max_matvecs=200, seed=0)
+    assert first.converged and first.guard is not None
+    operator = cw.DenseOperator((q * after) @ q.T)
+    carried = torch.stack([first.eigenvectors[:, 0], first.guard], dim=1)  # what a monitor keeps
+    warm = cw.lanczos(operator, k=1, tol=1e-3, max_matvecs=60, v0=carried, seed=1)
+    assert warm.converged and warm.lambda_max == pytest.approx(10.6, rel=1e-3)
+    blind = cw.lanczos(operator, k=1, tol=1e-3, max_matvecs=60, v0=first.eigenvectors, seed=1)
+    assert blind.lambda_max < 10.6 * (1 - 1e-2)  # the old vector alone: the new top unseen
