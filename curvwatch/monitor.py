@@ -202,13 +202,16 @@ class CurvatureMonitor:
         finally:
             planner.done()
         seconds = time.perf_counter() - started
-        share = planner.charge(seconds, result.hvps, result.critical_sharpness_seconds)
-        result = replace(result, overhead=share, seconds=seconds)
+        result = replace(result, overhead=planner.share_after(seconds), seconds=seconds)
         self.history.append(result)
         self._crossings_of(result)
         for sink in self.sinks:
             dropped = "its results are dropped, training continues"
             self._guarded(f"sink {id(sink)}", sink, result, f"sink {sink!r}", dropped)
+        # every second is charged, the sinks' too; the product's cost is learned without
+        # them and without the line search
+        total = time.perf_counter() - started
+        planner.charge(total, result.hvps, result.critical_sharpness_seconds + total - seconds)
         return result
 
     def _measure_within(self, step: int, allowance: Allowance) -> CurvatureResult:

@@ -51,11 +51,12 @@ class Budget:
             starts (overrides ``memory_ratio``; on the CPU the default is half
             the available memory). ``None``: the default; ``float("inf")``: no
             limit of the user's (on CUDA, what is free on the device).
-        negligible_seconds: a measurement whose minimal products (at the learned
-            cost of one) fit in this many seconds runs at every due step, with
-            at most this long or the share saved up, whichever is more: small
-            models on a CPU, where a measurement costs milliseconds. Default
-            0.25 s; 0 applies the share to all.
+        negligible_seconds: a fixed allowance per run beyond the share: measuring
+            takes at most ``overhead`` of the training time plus this many seconds
+            in all (every second counted: products, checks, certificates, line
+            searches, host copies, sinks). It lets the first measurements of a model
+            whose products cost milliseconds be made in full. Default 0.05 s; 0
+            holds measuring to the share alone.
         max_basis: Lanczos basis vectors kept (memory: this many parameter-sized
             vectors); ``None``: ``max(10, 2 top_k + 2)``, fewer where memory is short.
             A monitor needs more than ``top_k`` (its constructor says so).
@@ -74,7 +75,7 @@ class Budget:
     memory_ratio: float | None = None
     max_memory: float | None = None
     max_basis: int | None = None
-    negligible_seconds: float = 0.25
+    negligible_seconds: float = 0.05
 
     def __post_init__(self) -> None:
         self._check_types()

@@ -147,3 +147,14 @@ def assert_same_training(run, reference) -> None:
         assert torch.equal(p.grad, q.grad)
         for k, v in opt.state[p].items():
             assert torch.equal(v, ref_opt.state[q][k])
+
+
+class Kink(torch.nn.Module):
+    """``|w_0| + sum(h_i w_i^2) / 2`` at ``w_0 = 1e-6``, ``h = (1, 2, 3)``: every difference step crosses the kink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1e-6, 0.5, 0.7]))
+
+    def forward(self, _batch):
+        return self.w.abs().sum() + 0.5 * (torch.tensor([1.0, 2.0, 3.0]) * self.w.pow(2)).sum()

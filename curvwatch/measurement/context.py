@@ -29,8 +29,9 @@ from curvwatch.solvers.lanczos import LanczosResult, lanczos
 
 Note = tuple[str, str]  # (key, message): the monitor warns once per key
 
-# A ratio sharpness/threshold is logged only when the sharpness is known to this
-# relative accuracy (its Lanczos error bound); otherwise it is a lower bound.
+# A ratio sharpness/threshold is logged only when the sharpness is certified
+# (Budget.tol) and known to this relative accuracy (its Lanczos error bound);
+# otherwise it is a lower bound.
 RATIO_MAX_ERROR = 1e-2
 
 
@@ -205,6 +206,11 @@ class Context:
         )
 
 
+def certified_to(solve: LanczosResult, error: float) -> bool:
+    """``solve`` converged (to ``Budget.tol``) with a relative error bound of at most ``error``."""
+    return solve.converged and solve.relative_error_bound <= error
+
+
 def adaptive(limit: Threshold | None) -> bool:
     """True when ``limit`` compares against a preconditioned sharpness."""
     return limit is not None and limit.adaptive
@@ -224,6 +230,14 @@ def kept(vectors: torch.Tensor) -> torch.Tensor:
     # rounded on the device, then copied: half the bytes over the link and no
     # conversion on the host (on an H200 at 355M, .to("cpu", bfloat16) took 1.1 s)
     return vectors.to(torch.bfloat16).to("cpu")
+
+
+def warm_start(eig: LanczosResult) -> torch.Tensor:
+    """The next warm start: the Ritz vectors :func:`kept`, and the solve's guard column beside them."""
+    vectors = kept(eig.eigenvectors)
+    if eig.guard is None:
+        return vectors
+    return torch.cat([vectors, eig.guard[:, None].to(vectors.dtype)], dim=1)
 
 
 def fitting(warm: torch.Tensor | None, operator: CurvatureOperator) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from curvwatch.measurement.context import RATIO_MAX_ERROR, Context, MeasurementState, Note, adaptive
+from curvwatch.measurement.context import RATIO_MAX_ERROR, Context, MeasurementState, Note, adaptive, certified_to
 from curvwatch.optim import Threshold
 from curvwatch.results import BlockResult, CurvatureResult
 from curvwatch.solvers.lanczos import LanczosResult
@@ -113,13 +113,13 @@ def _sharpness(ctx: Context, got: Measured) -> float:
         # an adaptive threshold (38/lr for Adam) is in preconditioned units: the raw
         # lambda_max over it is no ratio at all (the "no-state" note says why)
         sharp = NAN
-    if not batch and solve.relative_error_bound > RATIO_MAX_ERROR:
+    if not batch and not certified_to(solve, RATIO_MAX_ERROR):
         # a Ritz value that has not converged is only a lower bound of the
         # sharpness: no ratio (and no crossing) from it; error_bound says why
         ctx.note(
             "unconverged",
-            f"curvwatch: step {ctx.step}: the threshold's eigenvalue is not within "
-            f"{RATIO_MAX_ERROR:.0%} (error bound {solve.relative_error_bound:.2g}) after "
+            f"curvwatch: step {ctx.step}: the threshold's eigenvalue is not certified to "
+            f"Budget.tol (error bound {solve.relative_error_bound:.2g}) after "
             f"{got.hvps} products: it is a lower bound, logged without a sharpness ratio. Raise "
             "Budget.max_hvps / max_seconds / overhead",
         )

@@ -17,7 +17,7 @@ import torch
 from curvwatch._errors import CurvatureError
 from curvwatch.blocks import block_parameters, lost_block_message
 from curvwatch.measurement.checks import certified
-from curvwatch.measurement.context import RATIO_MAX_ERROR, Context, adaptive, fitting, kept
+from curvwatch.measurement.context import RATIO_MAX_ERROR, Context, adaptive, certified_to, fitting, warm_start
 from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.optim import Threshold, preconditioner_diagonal
 from curvwatch.results import BlockResult
@@ -85,17 +85,17 @@ def _block(
             preconditioned = PreconditionedOperator(operator, diagonal)
             pre = ctx.lanczos(preconditioned, 1, left, fitting(warm_pre, operator), seed + 1)
             pre = certified(ctx, pre, PreconditionedOperator(certificate, diagonal) if certificate else None)
-            warm_pre = kept(pre.eigenvectors)
+            warm_pre = warm_start(pre)
         if left - spent() >= 1 and not ctx.past():
             eig = ctx.lanczos(operator, 1, left - spent(), fitting(warm_eig, operator), seed)
             eig = certified(ctx, eig, certificate)
-            warm_eig = kept(eig.eigenvectors)
+            warm_eig = warm_start(eig)
     finally:
         used = spent()
         operator.release()
     sharp = pre if adaptive(limit) else eig
     ratio = math.nan
-    if limit is not None and sharp is not None and sharp.relative_error_bound <= RATIO_MAX_ERROR:
+    if limit is not None and sharp is not None and certified_to(sharp, RATIO_MAX_ERROR):
         ratio = sharp.lambda_max / limit.value
     solves = [s for s in (pre, eig) if s is not None]
     result = BlockResult(

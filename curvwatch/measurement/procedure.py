@@ -38,7 +38,7 @@ import torch
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch.measurement import checks, early_warnings
 from curvwatch.measurement.batch_sharpness import batch_sharpness
-from curvwatch.measurement.context import Context, MeasurementState, Note, Probe, fitting, kept, overlap
+from curvwatch.measurement.context import Context, MeasurementState, Note, Probe, fitting, overlap, warm_start
 from curvwatch.measurement.outcome import Measured, outcome
 from curvwatch.measurement.per_block import measure_blocks
 from curvwatch.names import Method
@@ -49,7 +49,7 @@ from curvwatch.planning import Allowance
 from curvwatch.precision import matmul_precision, resolve_precision
 from curvwatch.results import CurvatureResult
 from curvwatch.solvers.density import slq
-from curvwatch.solvers.lanczos import LanczosResult
+from curvwatch.solvers.lanczos import LanczosResult, gap_steps
 from curvwatch.solvers.trace import hutchinson
 
 
@@ -175,19 +175,22 @@ def eigen_solves(ctx: Context, got: Measured, first: LanczosResult) -> None:
     if got.diagonal is not None:
         pre_certificate = PreconditionedOperator(certificate, got.diagonal) if certificate else None
         pre = checks.certified(ctx, first, pre_certificate)
-        got.warm_pre = kept(pre.eigenvectors)
-        got.pre = replace(pre, eigenvectors=got.warm_pre)
+        got.warm_pre = warm_start(pre)
+        got.pre = replace(pre, eigenvectors=got.warm_pre[:, :1], guard=None)
         # the device copy is not read again: dropping both names (first holds the same
         # vector) frees it, one vector less during the solve below
         del first, pre
-        if ctx.left() >= top_k and not ctx.past():
+        # the raw top-k only where its products can certify it (else it is noise off the curves)
+        if ctx.left() >= gap_steps(top_k) and not ctx.past():
             eig = ctx.lanczos(operator, top_k, ctx.left(), got.warm, ctx.seed)
             got.eig = checks.certified(ctx, eig, certificate)
     else:
         got.eig = checks.certified(ctx, first, certificate)
     if got.eig is not None:
         got.overlap = overlap(got.warm, got.eig.eigenvectors, operator.dot)
-        got.warm = kept(got.eig.eigenvectors)
+        got.warm = warm_start(got.eig)
+        if got.warm.device == got.eig.eigenvectors.device:  # on the CPU: one copy, not two
+            got.eig = replace(got.eig, eigenvectors=got.warm[:, : got.eig.eigenvectors.shape[1]], guard=None)
 
 
 def trace(ctx: Context, deflation: LanczosResult | None) -> tuple[float, float]:

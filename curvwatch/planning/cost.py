@@ -10,7 +10,9 @@ between measurements) and of measuring, and allows the next measurement
 
 seconds: a cumulative budget, so a measurement that came in under its share
 leaves the rest to the next one, and one that could not fit waits (is
-deferred) until enough training has passed. The share it reports,
+deferred) until enough training has passed. A small fixed allowance per run
+(``Budget.negligible_seconds``) comes on top: the first measurements of a model
+whose products cost milliseconds are made in full. The share it reports,
 ``T_measure / T_train``, is what ``curvature_diagnostics/overhead`` logs: the time
 monitoring added to training, as a fraction.
 
@@ -68,9 +70,14 @@ class OverheadAccount:
             self.training_seconds += now - self.last
         self.last = now
 
-    def allowance(self, overhead: float) -> float:
-        """Seconds the next measurement may take: ``overhead * T_train - T_measure``."""
-        return overhead * self.training_seconds - self.measuring_seconds
+    def allowance(self, overhead: float, fixed: float = 0.0) -> float:
+        """Seconds the next measurement may take: ``overhead * T_train + fixed - T_measure``.
+
+        ``fixed`` is the run's allowance beyond the share (``Budget.negligible_seconds``):
+        measuring never takes more than ``overhead * T_train + fixed`` in all (plus
+        the product that crosses a measurement's deadline).
+        """
+        return overhead * self.training_seconds + fixed - self.measuring_seconds
 
     def measured(self, seconds: float, products: int, other_seconds: float = 0.0) -> None:
         """Charge a measurement of ``seconds`` and ``products`` products.
@@ -106,38 +113,35 @@ class OverheadAccount:
 
 
 def seconds_allowed(
-    budget: Budget, account: OverheadAccount, top_k: int, warm: bool, step: int
+    budget: Budget, account: OverheadAccount, k: int, warm: bool, step: int
 ) -> tuple[float | None, Note | None]:
     """Seconds the next scheduled measurement may take (``None``: no limit; <= 0: defer it), and a note.
 
-    The smaller of :attr:`Budget.max_seconds` and the saved-up share of
-    training time. A measurement is deferred when the share does not cover
-    the products it needs to certify (:func:`~curvwatch.solvers.lanczos.gap_steps`
-    plus one with a ``warm`` start, 10 without), unless those fit in
-    :attr:`Budget.negligible_seconds`: then it runs, with at most that long or
-    the share saved up, whichever is more. The first measurement, before a
-    product's cost is known, gets what is saved up or
-    :attr:`Budget.negligible_seconds`, whichever is more, and stops after its
-    first product if that is already spent. A deferral comes with its note
-    (key ``"deferred"``).
+    The smaller of :attr:`Budget.max_seconds` and what is saved up: the
+    share of training time plus the run's fixed allowance
+    (:attr:`Budget.negligible_seconds`), less what measuring took so far. A
+    measurement is deferred when that does not cover the products it needs
+    to certify its ``k`` eigenvalues (the threshold's quantity: 1 preconditioned
+    eigenvalue for Adam-type optimizers, else ``top_k``;
+    :func:`~curvwatch.solvers.lanczos.gap_steps` plus one with a ``warm``
+    start, 10 without). The first measurement, before a product's cost is
+    known, gets what is saved up and stops after its first product if that is
+    already spent. A deferral comes with its note (key ``"deferred"``).
     """
     cap = budget.max_seconds
     if budget.overhead is None:
         return cap, None
-    allowance = account.allowance(budget.overhead)
+    allowance = account.allowance(budget.overhead, budget.negligible_seconds)
     per_product = account.seconds_per_product
     if math.isnan(per_product):
-        # The first measurement learns what a product costs, within the share
-        # saved up so far (at least one product): it may end unconverged, as a
-        # lower bound and a warm start for the next. Up to negligible_seconds it
-        # runs whatever the share: a model whose products cost milliseconds is
+        # The first measurement learns what a product costs, within what is saved
+        # up (at least one product): it may end unconverged, as a lower bound and
+        # a warm start for the next. The fixed allowance (negligible_seconds) is
+        # part of what is saved up: a model whose products cost milliseconds is
         # measured in full from the first due step.
-        seconds = max(allowance, budget.negligible_seconds, 1e-9)
+        seconds = max(allowance, 1e-9)
         return (seconds if cap is None else min(cap, seconds)), None
-    needed = (gap_steps(top_k) + 1 if warm else max(10, gap_steps(top_k))) * per_product
-    if needed <= budget.negligible_seconds:
-        seconds = max(allowance, budget.negligible_seconds)
-        return (seconds if cap is None else min(cap, seconds)), None
+    needed = (gap_steps(k) + 1 if warm else max(10, gap_steps(k))) * per_product
     if allowance < needed:
         logger.info(
             "curvwatch: step %d: measurement deferred: %.3g s of the %.0f%% share saved up, "

@@ -5,8 +5,8 @@ product's activations as measured, the training step's peak memory) and turns it
 into an :class:`Allowance` before each measurement (:meth:`Planner.plan`):
 
 1. seconds: :func:`~curvwatch.planning.cost.seconds_allowed` for a scheduled
-   measurement (a share of training time; a measurement that does not fit is
-   deferred), :attr:`Budget.max_seconds` for one asked for directly;
+   measurement (a share of training time plus a small fixed allowance per run;
+   a measurement that does not fit is deferred), :attr:`Budget.max_seconds` for one asked for directly;
 2. memory: where the Lanczos basis goes and whether the probe batch is split
    (:mod:`curvwatch.planning.memory`), and, under ``method="auto"``, one-sided
    differences where double backward would not fit but they would;
@@ -113,7 +113,9 @@ class Planner:
         seconds = options.budget.max_seconds
         if scheduled:
             warm = state.warm is not None or state.warm_preconditioned is not None
-            seconds, note = seconds_allowed(options.budget, self.account, options.top_k, warm, step)
+            # the threshold's quantity: one preconditioned eigenvalue for Adam-type optimizers
+            k = 1 if state.warm_preconditioned is not None else options.top_k
+            seconds, note = seconds_allowed(options.budget, self.account, k, warm, step)
             if note is not None:
                 warn(*note)
         if seconds is not None and seconds <= 0:
@@ -188,8 +190,11 @@ class Planner:
             self.peak.measured(self._under_way)
             self._under_way = None
 
-    def charge(self, seconds: float, products: int, other_seconds: float = 0.0) -> float:
-        """Charge a measurement to the time account; return the share measuring has taken so far."""
+    def share_after(self, seconds: float) -> float:
+        """The share of training time measuring will have taken once ``seconds`` more are charged."""
+        return (self.account.measuring_seconds + seconds) / max(self.account.training_seconds, 1e-300)
+
+    def charge(self, seconds: float, products: int, other_seconds: float = 0.0) -> None:
+        """Charge a measurement to the time account (``other_seconds`` of it no product's)."""
         self.account.measured(seconds, products, other_seconds)
-        return self.account.share
 

@@ -172,6 +172,24 @@ class LanczosProcess:
             # the copies back into host memory are asynchronous: complete before the basis is read or freed
             torch.cuda.current_stream(device).synchronize()
 
+    def combine_on_host(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """``V @ coefficients`` for one column, formed a block at a time and kept on the host.
+
+        On the CPU in the operator's dtype; from a GPU in bfloat16 (a warm start's
+        precision), so the device holds only a block of it at a time.
+        """
+        op = self.operator
+        cuda = op.device.type == "cuda"
+        out = torch.empty(op.size, dtype=torch.bfloat16 if cuda else op.dtype)
+        c = coefficients.to(device=op.device, dtype=op.dtype)
+        n = self.basis[0].shape[0]
+        block = min(1 << max(18, (max(1, n // (8 * len(self.basis)))).bit_length() - 1), _host.HOST_CHUNK)
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            rows = torch.stack([q[a:b].to(op.device, non_blocking=True) for q in self.basis])  # (m, block)
+            out[a:b].copy_(c @ rows)
+        return out
+
     def combine(self, coefficients: torch.Tensor) -> torch.Tensor:
         """``V @ coefficients`` on the operator's device: ``(n, j)`` Ritz vectors."""
         op = self.operator

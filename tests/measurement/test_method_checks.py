@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import curvwatch as cw
-from tests.cases import dense_hessian
+from tests.cases import Kink, dense_hessian
 
 
 class _TanhOnce(torch.autograd.Function):
@@ -227,15 +227,6 @@ def test_richardson_removes_the_h_squared_term():
 
 def test_a_kink_does_not_settle_under_the_step_down_and_is_reported_not_converged():
     """``|w|`` at ``w = 1e-6``: every step crosses the kink, so halving it never settles (H = diag(1, 2, 3))."""
-
-    class Kink(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.tensor([1e-6, 0.5, 0.7]))
-
-        def forward(self, _batch):
-            return self.w.abs().sum() + 0.5 * (torch.tensor([1.0, 2.0, 3.0]) * self.w.pow(2)).sum()
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = cw.CurvatureMonitor(Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,

@@ -257,3 +257,34 @@ def test_the_first_measurement_of_a_model_that_costs_milliseconds_is_made_in_ful
     first = monitor.maybe_measure(1)
     assert first is not None and first.converged and first.hvps > 1
     assert "curvature/lambda_max" in first.scalars()
+
+
+def test_the_share_is_a_contract_on_every_second_sinks_included(clock):
+    """Steps of 1 s, forwards of 0.01 s, a sink that takes 0.2 s: measuring, sinks included,
+    stays within 5% of training time plus the fixed allowance (and one measurement's overshoot)."""
+    model = _model_with_forward_cost(clock, 0.01)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def slow_sink(result):
+        clock.now += 0.2
+
+    budget = cw.Budget(overhead=0.05, negligible_seconds=0.1)
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), every=10, top_k=1, trace=False,
+                                  optimizer=opt, budget=budget, sinks=(slow_sink,))
+    training = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, 301):
+            clock.now += 1.0 - 0.01
+            training += 1.0
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            monitor.maybe_measure(step)
+    measured = monitor.history
+    assert len(measured) >= 3
+    # the sinks' 0.2 s each is charged: without it the account would read 0.2 s a measurement less
+    assert monitor._cost.measuring_seconds >= sum(r.seconds for r in measured) + 0.2 * len(measured) - 1e-9
+    worst_measurement = max(r.seconds for r in measured) + 0.2
+    assert monitor._cost.measuring_seconds <= 0.05 * training + 0.1 + worst_measurement

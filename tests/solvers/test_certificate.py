@@ -12,6 +12,7 @@ from curvwatch.results import BlockResult
 from curvwatch.solvers.certificate import certify_top
 from curvwatch.solvers.lanczos import gap_steps
 from tests._helpers import curves
+from tests.cases import Kink
 
 # The top of a tiny GPT-2's Hessian at initialization (issue 22): two eigenvalues 2.4% apart.
 TOP = (13.164, 12.850, 12.015, 11.761)
@@ -118,20 +119,9 @@ def test_an_unconverged_block_is_logged_under_the_diagnostics():
 
 
 # -- differences that know when they are wrong ---------------------------------------------------
-class _Kink(torch.nn.Module):
-    """``|w_0| + sum(h_i w_i^2) / 2`` at ``w_0 = 1e-6``: every difference step crosses the kink."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.tensor([1e-6, 0.5, 0.7]))
-
-    def forward(self, _batch):
-        return self.w.abs().sum() + 0.5 * (torch.tensor([1.0, 2.0, 3.0]) * self.w.pow(2)).sum()
-
-
 def _kink_monitor(strict: bool) -> cw.CurvatureMonitor:
     # 3 float32 parameters: double backward needs (7 + 3) x 12 bytes, one-sided differences (5 + 3) x 12
-    return cw.CurvatureMonitor(_Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,
+    return cw.CurvatureMonitor(Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,
                                strict=strict, budget=cw.Budget(max_memory=100, overhead=None))
 
 
@@ -149,3 +139,23 @@ def test_unreliable_differences_raise_under_strict():
     with pytest.raises(cw.CurvatureError, match="no reliable product fits"):
         with pytest.warns(cw.CurvatureWarning, match="double backward would not fit"):
             _kink_monitor(strict=True).measure(1)
+
+
+def test_a_warm_start_sees_the_eigenvalue_that_overtook_the_top():
+    """Between two measurements the second eigenvalue rises past the first (9.5 -> 10.6 over 10):
+    from the old top vector alone Lanczos certifies 10; with the guard column it finds 10.6."""
+    n = 2000
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    bulk = torch.linspace(-1.0, 4.0, n - 3, dtype=torch.float64)
+    before = torch.cat([torch.tensor([10.0, 9.5, 8.0], dtype=torch.float64), bulk])
+    after = before.clone()
+    after[1] = 10.6
+    first = cw.lanczos(cw.DenseOperator((q * before) @ q.T), k=1, tol=1e-6, max_matvecs=200, seed=0)
+    assert first.converged and first.guard is not None
+    operator = cw.DenseOperator((q * after) @ q.T)
+    carried = torch.stack([first.eigenvectors[:, 0], first.guard], dim=1)  # what a monitor keeps
+    warm = cw.lanczos(operator, k=1, tol=1e-3, max_matvecs=60, v0=carried, seed=1)
+    assert warm.converged and warm.lambda_max == pytest.approx(10.6, rel=1e-3)
+    blind = cw.lanczos(operator, k=1, tol=1e-3, max_matvecs=60, v0=first.eigenvectors, seed=1)
+    assert blind.lambda_max < 10.6 * (1 - 1e-2)  # the old vector alone: the new top unseen
