@@ -79,6 +79,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.truth import BigramLanguage  # noqa: E402
 from curvwatch._flat import flatten  # noqa: E402
 from curvwatch.directional import critical_sharpness, directional_sharpness, perturbed_loss  # noqa: E402
 from curvwatch.operators.hessian import HessianOperator  # noqa: E402
@@ -192,33 +193,6 @@ MODELS = {
         batches=4,
     ),
 }
-
-
-class BigramLanguage:
-    """A fixed random sparse bigram language over ``tokens`` of a ``vocab``-token vocabulary.
-
-    Each token has ``successors`` successors drawn once from a Zipf distribution over the language
-    (some tokens frequent, many rare), taken with probabilities ``2^-j``; first tokens are Zipf too.
-    """
-
-    def __init__(self, vocab: int, tokens: int | None, successors: int = 8, seed: int = 1234) -> None:
-        tokens = vocab if tokens is None else min(tokens, vocab)
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randperm(vocab, generator=g)[:tokens]
-        self.zipf = 1.0 / torch.arange(1, tokens + 1, dtype=torch.float64)
-        self.table = torch.multinomial(self.zipf, tokens * successors, replacement=True, generator=g).view(
-            tokens, successors
-        )
-        self.probs = 0.5 ** torch.arange(successors, dtype=torch.float64)
-        self.probs /= self.probs.sum()
-
-    def sample(self, batch: int, seq: int, generator: torch.Generator) -> torch.Tensor:
-        state = torch.empty(batch, seq, dtype=torch.long)
-        state[:, 0] = torch.multinomial(self.zipf, batch, replacement=True, generator=generator)
-        picks = torch.multinomial(self.probs, batch * seq, replacement=True, generator=generator).view(batch, seq)
-        for t in range(1, seq):
-            state[:, t] = self.table[state[:, t - 1], picks[:, t]]
-        return self.ids[state]
 
 
 @dataclass
