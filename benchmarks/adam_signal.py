@@ -24,6 +24,10 @@ a ratio to its threshold (``38/lr`` at beta1 = 0.9, ``(2 + 2 b1) / ((1 - b1) lr)
   coordinate would see at most doubles its second moment. Outside that set the step is near its
   bound ``lr (1 - b1) / sqrt(1 - b2)`` and ``v`` follows the gradient, so the frozen-``P``
   analysis (and with it 38/lr) does not describe the coordinate;
+* ``h_headline``: what the monitor logs as ``preconditioned_lambda_max`` since issue 23: (b) on
+  the linear set of :mod:`curvwatch.optim.linearization`, ``v_hat_i' <= 2 v_hat_i`` with the
+  bias correction (the same set as (b) to 0.2 % of its bound at ``beta2 = 0.999`` after 25 steps;
+  wider where beta2 is small);
 * ``c_batch``: Adam's batch sharpness on the next ``K`` training batches,
   ``E_B[w_B^T H_B w_B / w_B^T P'_B w_B]``, ``w_B = g_B / P'_B`` and ``P'_B`` the preconditioner
   Adam would use on that batch (``v`` updated with ``g_B^2``): one product per batch;
@@ -85,11 +89,13 @@ from curvwatch.directional import critical_sharpness, directional_sharpness, per
 from curvwatch.operators.hessian import HessianOperator  # noqa: E402
 from curvwatch.operators.preconditioned import PreconditionedOperator  # noqa: E402
 from curvwatch.optim import next_update_direction, preconditioner_diagonal, update_direction  # noqa: E402
+from curvwatch.optim.linearization import restrict_to_linear_  # noqa: E402
 from curvwatch.solvers.lanczos import lanczos  # noqa: E402
 
 SIGNALS = (
     "a_precond",
     "b_restricted",
+    "h_headline",
     "c_batch",
     "c0_batch_stale",
     "d_update",
@@ -437,7 +443,18 @@ def measure(
     )
     values["b_restricted"] = b.lambda_max
     out["b_error_bound"] = b.relative_error_bound
+    P_h = P.clone()
+    out["h_excluded_fraction"] = restrict_to_linear_(P_h, o, params, g) / P_h.numel()
+    h = lanczos(
+        PreconditionedOperator(op, P_h), k=1, tol=args.tol, max_matvecs=matvecs, v0=warm.get("h"), seed=step + 2
+    )
+    values["h_headline"] = h.lambda_max
+    out["h_error_bound"] = h.relative_error_bound
     warm["a"], warm["b"] = a.eigenvectors.detach().clone(), b.eigenvectors.detach().clone()
+    warm["h"] = h.eigenvectors.detach().clone()
+    if args.headline_only:  # (a), (b) and the monitor's headline only
+        op.release()
+        return _finish(out, values, adam_threshold, gd_threshold, started)
     u = update_direction(o, params)
     values["d_update"] = directional_sharpness(op, u, P)
     out["probe_loss"] = op.loss
@@ -482,6 +499,12 @@ def measure(
     values["c_batch"] = sum(cs) / len(cs)
     values["c0_batch_stale"] = sum(c0s) / len(c0s)
     out["c_batch_values"], out["c0_batch_values"] = cs, c0s
+    return _finish(out, values, adam_threshold, gd_threshold, started)
+
+
+def _finish(out: dict, values: dict, adam_threshold: float, gd_threshold: float, started: float) -> dict:
+    """Every signal (NaN: not computed) and its ratio to its threshold."""
+    values = {k: values.get(k, math.nan) for k in SIGNALS}
     out["values"] = values
     out["ratios"] = {k: val / (gd_threshold if k in GD_THRESHOLD else adam_threshold) for k, val in values.items()}
     out["ratios"].update({f"{k}@2/lr": values[k] / gd_threshold for k in ALSO_GD})
@@ -791,6 +814,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--spike-margin", type=float, default=0.5, help="nats above the 50-step low")
     parser.add_argument("--out", default="benchmarks/results/adam_signal_cpu.json")
     parser.add_argument("--quick", action="store_true", help="a smoke test: a few steps of everything")
+    parser.add_argument(
+        "--headline-only",
+        action="store_true",
+        help="only (a), (b) and the monitor's headline (h): no training batches, no line search",
+    )
     parser.add_argument("--merge", action="store_true", help="keep the other runs already in --out")
     parser.add_argument("--plot", default=None, help="only draw --out's runs into this PNG (no training)")
     return parser.parse_args(argv)

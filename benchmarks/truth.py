@@ -16,7 +16,9 @@ is compared with an exact reference at the same state:
 * ``curvwatch.lanczos(HessianOperator(closure, params, method="double_backward"), k=top_k + 2,
   tol=1e-8, max_matvecs=300, seed=123)`` from a cold random start (GPU: tol 1e-6, 200 products),
   and the same on ``PreconditionedOperator(H, P)`` with ``P = sqrt(v_hat) + eps`` read from the
-  optimizer (``curvwatch.preconditioner_diagonal``) for the preconditioned value; each block on the
+  optimizer (``curvwatch.preconditioner_diagonal``), restricted to Adam's linear set from the
+  reference's own probe gradient (``curvwatch.optim.linearization``, the monitor's headline since
+  issue 23; ``preconditioned_full``: on every coordinate) for the preconditioned value; each block on the
   Hessian restricted to its parameters;
 * on small models (``--dense-max`` parameters) also the eigenvalues of the dense Hessian from
   ``torch.func`` (reverse over reverse), and at the first measurement of a case a second cold
@@ -78,6 +80,7 @@ import torch  # noqa: E402
 
 import curvwatch as cw  # noqa: E402
 from curvwatch.blocks import block_parameters  # noqa: E402
+from curvwatch.optim.linearization import restrict_to_linear_  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # cases
@@ -436,10 +439,14 @@ def reference(
         out["loss"] = op.loss
         if second_seed:  # an independent cold start: the reference checked against itself
             out["raw_second_seed"] = lanczos_reference(op, top_k + 2, cfg, seed=cfg.seed + 1000)
-        if diagonal is not None:
-            pre_op = cw.PreconditionedOperator(op, diagonal.to(cfg.dtype))
-            out["preconditioned"] = lanczos_reference(pre_op, 3, cfg)
-            del pre_op
+        if diagonal is not None:  # the monitor's headline: on Adam's linear set (issue 23); then all of P
+            whole = diagonal.to(cfg.dtype)
+            diagonal = whole.clone()
+            removed = restrict_to_linear_(diagonal, optimizer, live_params, op.gradient_at_theta())
+            out["excluded_fraction"] = removed / diagonal.numel()
+            out["preconditioned"] = lanczos_reference(cw.PreconditionedOperator(op, diagonal), 3, cfg)
+            out["preconditioned_full"] = lanczos_reference(cw.PreconditionedOperator(op, whole), 3, cfg)
+            del whole
         op.release()
         del op
         if sum(p.numel() for p in params) <= cfg.dense_max:
@@ -453,6 +460,8 @@ def reference(
                 entry["raw"] = lanczos_reference(bop, 3, cfg)
                 bdiag = cw.preconditioner_diagonal(optimizer, live_blocks[name]) if optimizer is not None else None
                 if bdiag is not None:
+                    bdiag = bdiag.to(cfg.dtype)
+                    restrict_to_linear_(bdiag, optimizer, live_blocks[name], bop.gradient_at_theta())
                     entry["preconditioned"] = lanczos_reference(
                         cw.PreconditionedOperator(bop, bdiag.to(cfg.dtype)), 3, cfg
                     )
@@ -812,6 +821,10 @@ def print_measurement(case: str, entry: dict[str, Any]) -> None:
             f"{'converged' if raw.get('converged') else 'NOT converged'})")
     if pre:
         head += f"; preconditioned {pre['eigenvalues'][0]:.6g} ({pre['matvecs']} products)"
+        full = ref.get("preconditioned_full")
+        if full:
+            head += (f" on the linear set ({ref['excluded_fraction']:.3g} of the coordinates left out), "
+                     f"{full['eigenvalues'][0]:.6g} on all")
     if entry.get("reference_checks"):
         head += f"; checks {({k: f'{v:.1e}' for k, v in entry['reference_checks'].items()})}"
     if raw:

@@ -15,7 +15,7 @@ TAG_PREFIX = "curvature/"
 DIAGNOSTICS_PREFIX = "curvature_diagnostics/"
 DIAGNOSTICS = (
     "hvps", "seconds", "converged", "error_bound", "overhead", "trace_lower", "trace_upper", "edge",
-    "critical_sharpness_evals",
+    "critical_sharpness_evals", "full_preconditioned_lambda_max", "excluded_fraction",
 )
 
 
@@ -188,7 +188,16 @@ class CurvatureResult:
             sharpness for adaptive optimizers and the batch sharpness for
             mini-batch SGD when measured.
         preconditioned_lambda_max: ``lambda_max(P^-1 H)`` for Adam-type
-            optimizers (NaN otherwise).
+            optimizers on the coordinates where their frozen-preconditioner
+            linearization holds (:mod:`curvwatch.optim.linearization`; NaN
+            for other optimizers): what :attr:`sharpness_ratio` compares with
+            the threshold.
+        full_preconditioned_lambda_max: the same on every coordinate (a
+            diagnostic; NaN unless measured with the products left and
+            certified to ``Budget.tol``). At least ``preconditioned_lambda_max``
+            (Cauchy interlacing), equal to it where nothing was left out.
+        excluded_fraction: the fraction of coordinates left out of the
+            linear set (NaN for other optimizers).
         hvps: products spent.
         seconds: wall-clock seconds spent.
         converged: every Lanczos solve met its tolerance.
@@ -261,6 +270,8 @@ class CurvatureResult:
     critical_sharpness_seconds: float = 0.0
     blocks: dict[str, BlockResult] = field(default_factory=dict)
     uncertified: tuple[str, ...] = ()
+    full_preconditioned_lambda_max: float = math.nan
+    excluded_fraction: float = math.nan
 
     def scalars(self) -> dict[str, float]:
         """``{tag: value}`` of every finite scalar, as logged.
@@ -291,6 +302,8 @@ class CurvatureResult:
             "critical_sharpness": self.critical_sharpness,
             "critical_sharpness_ratio": self.critical_sharpness_ratio,
             "critical_sharpness_evals": float(self.critical_sharpness_evals or math.nan),
+            "full_preconditioned_lambda_max": self.full_preconditioned_lambda_max,
+            "excluded_fraction": self.excluded_fraction,
         }
         for i, value in enumerate(self.eigenvalues, start=1):
             values[f"lambda_{i}"] = value

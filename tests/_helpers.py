@@ -227,3 +227,24 @@ def wandb_curves(rows: list[dict[str, Any]], x: str) -> Curves:
 def finite(values: dict[int, float]) -> bool:
     """Every value finite."""
     return all(math.isfinite(v) for v in values.values())
+
+
+def adam_linear_diagonal(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], gradient: torch.Tensor
+) -> torch.Tensor:
+    """Adam's ``P = sqrt(v_hat) + eps`` with ``P_i^-1/2 = 0`` off its linear set, written out for tests.
+
+    The set (curvwatch.optim.linearization): ``v_hat_i' <= 2 v_hat_i`` after the gradient enters,
+    i.e. ``beta2 v + (1 - beta2) g^2 <= 2 v (1 - beta2^(t+1)) / (1 - beta2^t)``.
+    """
+    pieces, offset = [], 0
+    for p in params:
+        state, group = optimizer.state[p], next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+        beta2, t = group["betas"][1], float(state["step"])
+        v = state["exp_avg_sq"].reshape(-1).double()
+        g = gradient[offset : offset + p.numel()].double()
+        offset += p.numel()
+        linear = beta2 * v + (1 - beta2) * g**2 <= 2 * v * (1 - beta2 ** (t + 1)) / (1 - beta2**t)
+        P = (v / (1 - beta2**t)).sqrt() + group["eps"]
+        pieces.append(torch.where(linear, P, torch.full_like(P, math.inf)))
+    return torch.cat(pieces)

@@ -58,10 +58,16 @@ def test_batchnorm_model_is_stable_under_the_default(caplog):
     assert r.sharpness_ratio < 1 and not events
 
 
-def test_eval_mode_shows_the_spurious_crossing(caplog):
-    """Running statistics make the bias before BatchNorm matter, where Adam's v ~ 0: P^-1 ~ 1/eps."""
+def test_eval_mode_spurious_curvature_stays_off_the_headline(caplog):
+    """Running statistics make the bias before BatchNorm matter, where Adam's v ~ 0: P^-1 ~ 1/eps.
+
+    Those coordinates are not on Adam's linear set (a gradient where v ~ 0 sets P anew), so the
+    ratio and the events leave them out; the unrestricted diagnostic shows the spurious value.
+    """
     r, events = _measure_bn_adamw(caplog, train_mode=False)
-    assert r.sharpness_ratio > 10 and any("crossed" in e for e in events)
+    assert r.full_preconditioned_lambda_max / r.threshold > 10
+    assert r.sharpness_ratio < 1 and not events
+    assert 0 < r.excluded_fraction < 0.2
 
 
 def test_batchnorm_auto_equals_train_mode_without_dropout(caplog):
@@ -106,7 +112,8 @@ def test_eval_normalization_against_train_mode_statistics_warns_once(how, fix):
         monitor = _bn_monitor(model, opt, probe, train_mode=False)
     with pytest.warns(cw.CurvatureWarning, match=r"BatchNorm1d '1'.*eval mode.*train mode.*not comparable.*" + fix):
         result = monitor.measure(50)
-    assert result.sharpness_ratio > 10 and result.converged  # the value itself is what eval mode gives
+    # the value eval mode gives, off Adam's linear set: the unrestricted diagnostic, not the ratio
+    assert result.full_preconditioned_lambda_max / result.threshold > 10 and result.converged
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         monitor.measure(51)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -71,18 +72,21 @@ def update_sharpness(
     return directional_sharpness(operator, u, diagonal)
 
 
-def probe_gradient(ctx: Context, operator: CurvatureOperator) -> torch.Tensor:
-    """The probe loss's flat gradient at theta (the mean over ranks under data parallelism).
+def probe_gradient(
+    ctx: Context, operator: CurvatureOperator, params: Sequence[torch.Tensor] | None = None, keep: bool = True
+) -> torch.Tensor:
+    """The probe loss's flat gradient at theta for ``params`` (default: all measured; mean over ranks).
 
     The Hessian operator's own (cached by its products; under differences
     summed over the probe's pieces, so it fits where they fit); one
     backward of the probe loss for the output-space operators (GGN,
-    Fisher), which form no gradient.
+    Fisher), which form no gradient. ``operator`` is over ``params``;
+    ``keep=False``: the operator caches it only where its products need it.
     """
-    probe, params = ctx.probe, ctx.source.params
+    probe, params = ctx.probe, ctx.source.params if params is None else params
     with torch.enable_grad():
         if operator.forms_gradient:  # this rank's: a ReducedOperator reduces products, not its gradient
-            gradient = operator.gradient_at_theta()
+            gradient = operator.gradient_at_theta(keep)
         else:
             loss = probe.loss_fn(ctx.model, probe.batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)

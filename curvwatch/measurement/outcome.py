@@ -32,6 +32,8 @@ class Measured:
     precision: str = "fp32"
     update: float = NAN
     pre: LanczosResult | None = None
+    full_pre: LanczosResult | None = None
+    excluded: float | None = None
     eig: LanczosResult | None = None
     warm: torch.Tensor | None = None
     warm_pre: torch.Tensor | None = None
@@ -72,6 +74,8 @@ def _result(ctx: Context, got: Measured) -> CurvatureResult:
         threshold=value,
         sharpness_ratio=sharp / value if limit else NAN,
         preconditioned_lambda_max=pre.lambda_max if pre is not None else NAN,
+        full_preconditioned_lambda_max=_full_preconditioned(got),
+        excluded_fraction=NAN if got.excluded is None else got.excluded,
         hvps=got.hvps,
         seconds=ctx.clock.elapsed(),
         converged=_converged(ctx, got),
@@ -93,6 +97,14 @@ def _result(ctx: Context, got: Measured) -> CurvatureResult:
         blocks=got.blocks,
         uncertified=_uncertified(ctx, eig, pre),
     )
+
+
+def _full_preconditioned(got: Measured) -> float:
+    """The unrestricted preconditioned sharpness where certified (the restricted one where nothing was left out)."""
+    if got.excluded == 0 and got.pre is not None and got.pre.converged:
+        return got.pre.lambda_max
+    full = got.full_pre
+    return full.lambda_max if full is not None and full.converged else NAN
 
 
 def _converged(ctx: Context, got: Measured) -> bool:

@@ -18,8 +18,10 @@ from curvwatch._errors import CurvatureError
 from curvwatch.blocks import block_parameters, lost_block_message
 from curvwatch.measurement.checks import certified
 from curvwatch.measurement.context import RATIO_MAX_ERROR, Context, adaptive, certified_to, fitting, warm_start
+from curvwatch.measurement.early_warnings import probe_gradient
 from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.optim import Threshold, preconditioner_diagonal
+from curvwatch.optim.linearization import restrict_to_linear_
 from curvwatch.results import BlockResult
 
 Warm = tuple[torch.Tensor | None, torch.Tensor | None]  # a block's last Ritz vectors: (raw, preconditioned)
@@ -81,7 +83,8 @@ def _block(
     pre = eig = None
     try:
         diagonal = preconditioner_diagonal(ctx.optimizer, params) if adaptive(limit) else None
-        if diagonal is not None:
+        if diagonal is not None:  # on the block's linear set, as the global one
+            restrict_to_linear_(diagonal, ctx.optimizer, params, probe_gradient(ctx, operator, params, keep=False))
             preconditioned = PreconditionedOperator(operator, diagonal)
             pre = ctx.lanczos(preconditioned, 1, left, fitting(warm_pre, operator), seed + 1)
             pre = certified(ctx, pre, PreconditionedOperator(certificate, diagonal) if certificate else None)

@@ -10,10 +10,13 @@ over one :class:`~curvwatch.measurement.context.Context`:
    update sharpness (one product along the optimizer's last update ``u``,
    :mod:`curvwatch.measurement.early_warnings`) comes first;
 3. measure the threshold's quantity first: the preconditioned sharpness for
-   Adam-type optimizers, else the top-``k`` eigenvalues (warm-started Lanczos,
-   certified by a central difference under one-sided differences);
+   Adam-type optimizers, on the coordinates where Adam's linearization holds
+   (:mod:`curvwatch.optim.linearization`), else the top-``k`` eigenvalues
+   (warm-started Lanczos, certified by a central difference under one-sided
+   differences);
 4. then, as the allowance permits: the raw top-``k`` (adaptive optimizers), the
-   deflated Hutchinson trace, the SLQ spectrum, the batch sharpness; the
+   deflated Hutchinson trace, the SLQ spectrum, the batch sharpness, the
+   unrestricted preconditioned sharpness (adaptive optimizers, a diagnostic); the
    critical sharpness by a line search; with ``blocks=``, each block's
    lambda_max (:mod:`curvwatch.measurement.per_block`) with the products left;
 5. return the frozen :class:`~curvwatch.CurvatureResult`, the new
@@ -45,6 +48,7 @@ from curvwatch.names import Method
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators.preconditioned import PreconditionedOperator
 from curvwatch.optim import Threshold, preconditioner_diagonal, threshold
+from curvwatch.optim.linearization import restrict_to_linear_, unbounded_step_note
 from curvwatch.planning import Allowance
 from curvwatch.precision import matmul_precision, resolve_precision
 from curvwatch.results import CurvatureResult
@@ -87,6 +91,7 @@ def measure(
         got.trace = trace(ctx, got.eig)
         got.spectrum = spectrum(ctx)
         got.batch = batch_sharpness_of(ctx)
+        got.full_pre = full_preconditioned(ctx, got)
         got.hvps = ctx.spent() + got.batch[2]
         got.loss = probe_loss(ctx)
         ctx.operator.release()
@@ -109,6 +114,9 @@ def read_threshold(ctx: Context) -> Threshold | None:
     limit = threshold(ctx.optimizer, ctx.options.param_group)
     if limit.note:  # no rule for this optimizer, or no lr: NaN threshold, said once
         ctx.note(f"threshold-note {limit.rule}", f"curvwatch: {limit.note}")
+    unbounded = unbounded_step_note(ctx.optimizer, ctx.options.param_group)
+    if unbounded:
+        ctx.note("unbounded-step", f"curvwatch: {unbounded}")
     return limit
 
 
@@ -139,6 +147,7 @@ def threshold_quantity(ctx: Context, got: Measured, operator: CurvatureOperator)
         checks.check_symmetry(ctx, operator)
         reserve = 1 if checks.should_check(ctx, Method.FINITE_DIFFERENCE) else 0  # for the check of differences
         got.update = early_warnings.update_sharpness(ctx, operator, got.limit, got.diagonal, ctx.left() - reserve)
+        restrict_to_linear(ctx, got, operator)
         first = first_solve(ctx, got.diagonal, ctx.left() - reserve)
     except CurvatureError as error:
         if ctx.probe.output_kind is not None or ctx.options.method != Method.AUTO or not isinstance(
@@ -152,10 +161,26 @@ def threshold_quantity(ctx: Context, got: Measured, operator: CurvatureOperator)
         got.precision = resolve_precision(
             ctx.options.precision, Method.FINITE_DIFFERENCE, operator.device, operator.dtype
         )
-        got.update = early_warnings.update_sharpness(ctx, operator, got.limit, got.diagonal, ctx.left())
+        if got.excluded is None:  # P is still whole
+            got.update = early_warnings.update_sharpness(ctx, operator, got.limit, got.diagonal, ctx.left())
+        restrict_to_linear(ctx, got, operator)
         first = first_solve(ctx, got.diagonal, ctx.left())
     ctx.certificate = ctx.source.certificate()
     return first
+
+
+def restrict_to_linear(ctx: Context, got: Measured, operator: CurvatureOperator) -> None:
+    """Remove from Adam's ``P`` the coordinates where its frozen linearization fails (once, in place).
+
+    The set is read from the probe gradient (:mod:`curvwatch.optim.linearization`);
+    ``got.excluded`` is the fraction of coordinates removed. The update
+    sharpness, measured before, used the whole ``P``: the update moves every coordinate.
+    """
+    if got.diagonal is None or got.excluded is not None:
+        return
+    gradient = early_warnings.probe_gradient(ctx, operator, keep=False)
+    removed = restrict_to_linear_(got.diagonal, ctx.optimizer, ctx.source.params, gradient)
+    got.excluded = removed / max(got.diagonal.numel(), 1)
 
 
 def first_solve(ctx: Context, diagonal: torch.Tensor | None, products: int) -> LanczosResult:
@@ -191,6 +216,22 @@ def eigen_solves(ctx: Context, got: Measured, first: LanczosResult) -> None:
         got.warm = warm_start(got.eig)
         if got.warm.device == got.eig.eigenvectors.device:  # on the CPU: one copy, not two
             got.eig = replace(got.eig, eigenvectors=got.warm[:, : got.eig.eigenvectors.shape[1]], guard=None)
+
+
+def full_preconditioned(ctx: Context, got: Measured) -> LanczosResult | None:
+    """The unrestricted ``lambda_max(P^-1/2 H P^-1/2)``, a diagnostic, with the products left (cold).
+
+    Only where the linear set left coordinates out (else it is the threshold
+    solve's value) and where its products can certify it. The restricted
+    ``P`` is dropped first: one diagonal on the device at a time.
+    """
+    if not got.excluded or ctx.left() < gap_steps(1) or ctx.past():
+        return None
+    got.diagonal = None
+    got.diagonal = whole = preconditioner_diagonal(ctx.optimizer, ctx.source.params)
+    solve = ctx.lanczos(PreconditionedOperator(ctx.operator, whole), 1, ctx.left(), None, ctx.seed + 5)
+    certificate = PreconditionedOperator(ctx.certificate, whole) if ctx.certificate else None
+    return replace(checks.certified(ctx, solve, certificate), eigenvectors=solve.eigenvectors[:, :0], guard=None)
 
 
 def trace(ctx: Context, deflation: LanczosResult | None) -> tuple[float, float]:

@@ -67,8 +67,10 @@ class CurvatureOperator:
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("operators implement _matvec(v) -> A v")
 
-    def gradient_at_theta(self) -> torch.Tensor:
+    def gradient_at_theta(self, keep: bool = True) -> torch.Tensor:
         """The flat gradient of the loss at ``theta`` (operators with :attr:`forms_gradient` only).
+
+        ``keep``: cache it for the products (``False``: where they do not need it, do not).
 
         Raises:
             NotImplementedError: the operator forms no gradient.

@@ -70,9 +70,9 @@ class ReducedOperator(CurvatureOperator):
         lambda self: self.operator.step_scale, lambda self, scale: setattr(self.operator, "step_scale", scale)
     )
 
-    def gradient_at_theta(self) -> torch.Tensor:
+    def gradient_at_theta(self, keep: bool = True) -> torch.Tensor:
         """This rank's gradient at ``theta`` (the wrapped operator's: products are reduced, this is not)."""
-        return self.operator.gradient_at_theta()
+        return self.operator.gradient_at_theta(keep)
 
     def release(self) -> None:
         """Free what the wrapped operator keeps."""

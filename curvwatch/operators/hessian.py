@@ -273,11 +273,19 @@ class HessianOperator(CurvatureOperator):
             return super()._preconditioned_matvec(v, diagonal)
         return self._finite_difference(v, diagonal)
 
-    def gradient_at_theta(self) -> torch.Tensor:
-        """The flat gradient at the current parameters (computed once, cached)."""
+    def gradient_at_theta(self, keep: bool = True) -> torch.Tensor:
+        """The flat gradient at the current parameters (computed once, cached).
+
+        ``keep=False``: not cached where the products do not hold it anyway
+        (central differences), so it is freed with the caller's last reference.
+        """
         if self.gradient is None:
             if self.method == Method.DOUBLE_BACKWARD:
                 self._first_order_graph()
+            elif not keep and self.scheme != "forward":
+                gradient = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+                self.loss = self._accumulate(gradient).item()
+                return gradient
             else:
                 self._ensure_base_gradient()
         return self.gradient

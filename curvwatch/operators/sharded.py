@@ -294,11 +294,17 @@ class ShardedHessianOperator(CurvatureOperator):
             total.div_(self._world)
         return total.item()
 
-    def gradient_at_theta(self) -> torch.Tensor:
-        """Local shard of the probe gradient at the current parameters (cached)."""
+    def gradient_at_theta(self, keep: bool = True) -> torch.Tensor:
+        """Local shard of the probe gradient at the current parameters (cached).
+
+        ``keep=False``: not cached where central differences do not hold it anyway.
+        """
         if self.gradient is None:
             g, loss = self._gradient()
-            self.gradient, self.loss = g, self._mean_loss(loss)
+            self.loss = self._mean_loss(loss)
+            if not keep and self.scheme != "forward":
+                return g
+            self.gradient = g
         return self.gradient
 
     # -- products -------------------------------------------------------------------

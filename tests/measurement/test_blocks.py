@@ -15,8 +15,7 @@ from torch.func import functional_call, hessian
 
 from curvwatch import Budget, CurvatureError, CurvatureMonitor, CurvatureWarning, JsonlSink, TensorBoardSink
 from curvwatch.blocks import block_parameters, resolve_blocks
-from curvwatch.optim import preconditioner_diagonal
-from tests._helpers import curves, layouts
+from tests._helpers import adam_linear_diagonal, curves, layouts
 from tests._launch import SCRIPTS, run_ranks
 
 BIG = Budget(max_hvps=400, trace_hvps=0, tol=1e-7, overhead=None)
@@ -131,9 +130,14 @@ def test_adam_block_preconditioned_sharpness_and_ratio():
     spec = {"first": "0.*", "last": "4.*"}
     result = _monitor(model, batch, optimizer=opt, blocks=spec).measure(3)
     dense, _ = _dense_hessian(model, batch)
+    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+    excluded = 0
     for name, params in block_parameters(model, spec).items():
         idx = _index(model, resolve_blocks(model, spec)[name])
-        inv_sqrt = preconditioner_diagonal(opt, params).rsqrt()
+        gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+        linear = adam_linear_diagonal(opt, params, gradient)  # P, and inf off Adam's linear set
+        excluded += int(linear.isinf().sum())
+        inv_sqrt = linear.rsqrt()
         exact = torch.linalg.eigvalsh(inv_sqrt[:, None] * dense[idx][:, idx] * inv_sqrt[None, :])[-1].item()
         block = result.blocks[name]
         assert block.preconditioned_lambda_max == pytest.approx(exact, rel=1e-6), name
@@ -141,6 +145,7 @@ def test_adam_block_preconditioned_sharpness_and_ratio():
         assert block.lambda_max == pytest.approx(
             torch.linalg.eigvalsh(dense[idx][:, idx])[-1].item(), rel=1e-6
         )
+    assert excluded > 0  # 3 steps in, the set leaves coordinates out: the restriction is tested
 
 
 def test_finite_differences_give_the_block_values_of_double_backward():
