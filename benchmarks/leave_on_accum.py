@@ -21,15 +21,18 @@ configuration (``--accum``), deep copies of that state:
 
 Each monitor is ``CurvatureMonitor(model, probe, optimizer=opt, every=...)`` with the default
 ``Budget`` (a 5% share plus 0.05 s per run; ``--overhead`` changes the share) and a JSONL sink,
-attached in ``side`` mode. Reported per configuration and probe: the overhead, the monitor's
-own account (``result.overhead``), measurements made / due and per 1,000 steps, how many were
-certified (``converged``, the threshold's eigenvalue not in ``uncertified`` and a finite
-``sharpness_ratio``), and the last measurement against a float32 reference at the end state
-(exact double backward, no TF32, math attention, eval mode, Lanczos to ``--ref-tol``, outside
-every timed region): ``preconditioned_lambda_max`` = lambda_max(P^-1/2 H P^-1/2) with ``P`` from
-:func:`reference_diagonal` (one place to change), and ``lambda_max``. Peak CUDA memory per
-phase, the card, the versions and the commit go into ``--out`` (JSON, rewritten after every
-phase, so a run cut short keeps what it measured); a table is printed at the end.
+attached in ``side`` mode. Reported per configuration and probe: the overhead, the monitor's own
+account (measuring / training seconds; ``result.overhead`` at its last), measurements made / due
+and per 1,000 steps, how many were certified (``converged``, the threshold's eigenvalue not in
+``uncertified`` and a finite ``sharpness_ratio``), and the last measurement against a float32
+reference at the state it measured (a host snapshot of the parameters, optimizer state and
+gradients taken right after that step, untimed and kept out of the monitors' accounts; put back
+once the run is over): exact double backward, no TF32, math attention, eval mode, Lanczos to
+``--ref-tol``, outside every timed region, for ``preconditioned_lambda_max`` = lambda_max(P^-1/2
+H P^-1/2) with ``P`` from :func:`reference_diagonal` (one place to change), and ``lambda_max``.
+Peak CUDA memory per phase, the card, the versions and the commit go into ``--out`` (JSON,
+rewritten after every phase, so a run cut short keeps what it measured); a table is printed at
+the end.
 
 Expected wall time is printed at the start (from ``--est-*``: a 355M bf16 micro-step of 4 x 512
 on an H100 is 65-75 ms) and again after the warm-up from the measured micro-step; ``--deadline``
@@ -140,8 +143,11 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * min(1.0, (step + 1) / max(args.lr_warmup, 1))
 
 
-def train_step(model, opt, batches: list[torch.Tensor], lr: float, args) -> torch.Tensor:
-    """One optimizer step over ``batches`` (gradient accumulation); the mean loss (on the device)."""
+def train_step(model, opt, batches: list[torch.Tensor], lr: float, args, marks: list | None = None) -> torch.Tensor:
+    """One optimizer step over ``batches`` (gradient accumulation); the mean loss (on the device).
+
+    ``marks``: a list to append the (synced) time between the micro-batches and the optimizer step to.
+    """
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
@@ -151,6 +157,9 @@ def train_step(model, opt, batches: list[torch.Tensor], lr: float, args) -> torc
             loss = model(input_ids=ids, labels=ids).loss / len(batches)
         loss.backward()
         total += loss.detach()
+    if marks is not None:
+        sync(batches[0].device)
+        marks.append(time.perf_counter())
     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
     opt.step()  # an attached monitor measures here
     return total
@@ -186,26 +195,28 @@ def warm_up(args, data: Data, device: torch.device) -> tuple[torch.nn.Module, An
     model = build_model(args.model, device)
     opt = make_optimizer(model, args)
     reset_peak(device)
-    losses, started, micro = [], time.perf_counter(), []
+    losses, started, micro, update = [], time.perf_counter(), [], []
     for s in range(args.warmup_steps):
-        timed = s >= args.warmup_steps - 10  # the last steps' micro-step time (warm allocator)
-        if timed:
+        marks = [] if s >= args.warmup_steps - 10 else None  # the last steps' times (warm allocator)
+        if marks is not None:
             sync(device)
         t = time.perf_counter()
-        loss = train_step(model, opt, data.step(s, args.warmup_accum), lr_at(s, args), args)
+        loss = train_step(model, opt, data.step(s, args.warmup_accum), lr_at(s, args), args, marks)
         if s % 10 == 0 or s == args.warmup_steps - 1:
             losses.append((s + 1, float(loss)))  # a sync, every 10 steps
-        if timed:
+        if marks is not None:
             sync(device)
-            micro.append((time.perf_counter() - t) / args.warmup_accum)
+            micro.append((marks[0] - t) / args.warmup_accum)
+            update.append(time.perf_counter() - marks[0])
     sync(device)
-    micro_s = sorted(micro)[len(micro) // 2] if micro else math.nan
+    micro_s, update_s = _median(micro), _median(update)
     out = {"steps": args.warmup_steps, "accum": args.warmup_accum, "seconds": time.perf_counter() - started,
-           "micro_step_s": micro_s, "losses": losses, "step_peak_gib": peak_gib(device),
+           "micro_step_s": micro_s, "update_s": update_s, "losses": losses, "step_peak_gib": peak_gib(device),
            "resident_gib": allocated_gib(device), "params": sum(p.numel() for p in model.parameters())}
     print(f"[warm-up] {args.warmup_steps} steps of {args.warmup_accum} x {args.rows}x{args.seq} in "
-          f"{out['seconds']:.1f} s; loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}; micro-step (incl. its "
-          f"share of the optimizer step) {micro_s * 1e3:.1f} ms; peak {_g(out['step_peak_gib'])} GiB", flush=True)
+          f"{out['seconds']:.1f} s; loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}; micro-step (forward and "
+          f"backward) {micro_s * 1e3:.1f} ms, clipping + AdamW {update_s * 1e3:.1f} ms; peak "
+          f"{_g(out['step_peak_gib'])} GiB", flush=True)
     return model, opt, out
 
 
@@ -269,18 +280,17 @@ def reference(model: torch.nn.Module, opt: torch.optim.Optimizer, probe: dict, a
             for p in params:
                 p.grad = None
         op = cw.HessianOperator(closure, params, method="double_backward")
-        solves = (("preconditioned", lambda: cw.PreconditionedOperator(op, diagonal)), ("raw", lambda: op))
-        for name, make in solves:  # the threshold's quantity first
-            if name == "preconditioned" and diagonal is None:
-                continue
+        solves = {"raw": op} if diagonal is None else {"preconditioned": cw.PreconditionedOperator(op, diagonal),
+                                                       "raw": op}  # the threshold's quantity first
+        for name, solved in solves.items():
             try:
-                out[name] = lanczos_reference(make(), args.ref_k, cfg)
+                out[name] = lanczos_reference(solved, args.ref_k, cfg)
             except torch.cuda.OutOfMemoryError as error:  # report and go on
                 out[name] = {"error": f"OutOfMemoryError: {str(error)[:200]}"}
                 free_memory(device)
         out["loss"] = op.loss
         op.release()
-        del op, diagonal
+        del op, diagonal, solves
     free_memory(device)
     out["seconds"] = time.perf_counter() - started
     out["peak_gib"] = peak_gib(device)
@@ -339,16 +349,46 @@ def monitor_summary(mon: cw.CurvatureMonitor, steps: int, every: int, walls: dic
     }
 
 
-def compare_last(summary: dict, ref: dict, end_step: int) -> None:
-    """The last measurement against the reference at the end state (same state when it was at ``end_step``)."""
+def compare_last(summary: dict, ref: dict, ref_step: int) -> None:
+    """The last measurement against the reference taken at step ``ref_step`` (the same state when equal)."""
     last = summary["measurements"][-1] if summary["measurements"] else None
-    summary["reference"] = ref
+    summary["reference"] = {**ref, "step": ref_step}
     summary["last"] = None if last is None else {
-        "step": last["step"], "same_state": last["step"] == end_step, "certified": last["certified"],
+        "step": last["step"], "same_state": last["step"] == ref_step, "certified": last["certified"],
         "preconditioned_rel_error": rel_error(last["preconditioned_lambda_max"], ref.get("preconditioned")),
         "lambda_rel_error": rel_error(last["lambda_max"], ref.get("raw")),
         "reference_converged": {k: ref[k].get("converged") for k in ("preconditioned", "raw") if k in ref},
     }
+
+
+def _host(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str, Any]:
+    """The state a measurement saw, on the host: parameters, optimizer state, gradients (for its reference)."""
+    return {"step": step, "model": _host(model.state_dict()), "opt": _host(opt.state_dict()),
+            "grads": [None if p.grad is None else _host(p.grad) for p in model.parameters()]}
+
+
+def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, snap: dict[str, Any]) -> None:
+    """Put :func:`snapshot`'s state back (the run is over; the reference is taken there)."""
+    model.load_state_dict(snap["model"])
+    opt.load_state_dict(snap["opt"])
+    for p, g in zip(model.parameters(), snap["grads"]):
+        p.grad = None if g is None else g.to(p.device)
+
+
+def pause(monitors: list[cw.CurvatureMonitor], seconds: float) -> None:
+    """Keep ``seconds`` of work that is neither training nor measuring out of every monitor's account."""
+    for mon in monitors:
+        mon._cost.last += seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +414,7 @@ def side_by_side(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_d
               for label, (model, opt) in zip(labels, copies_of(warm, len(labels), release))]
     free_memory(device)
     reset_peak(device)
+    resident = allocated_gib(device)
     for c, p in zip(copies[1:], args.probes):
         c["monitor"] = make_monitor(c["model"], c["opt"], data.probes[p], cfg.every, args, sink_dir,
                                     f"A{cfg.accum}_{c['label']}")
@@ -402,11 +443,14 @@ def side_by_side(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_d
                 c["times"].append(elapsed)
                 if s % 10 == 0 or s == cfg.steps - 1:
                     c["losses"].append((s + 1, float(loss)))
+                pause([o["monitor"] for o in monitored if o is not c], elapsed)  # another copy's step
                 if "monitor" in c and len(c["monitor"].history) > before:
-                    c["walls"][c["monitor"].history[-1].step] = elapsed
-                for other in monitored:  # another copy's step is not this run's training time
-                    if other is not c:
-                        other["monitor"]._cost.last += elapsed
+                    c["walls"][s + 1] = elapsed
+                    c.pop("snapshot", None)
+                    if s + 1 < cfg.steps:  # the state it measured, for the reference (untimed)
+                        t = time.perf_counter()
+                        c["snapshot"] = snapshot(c["model"], c["opt"], s + 1)
+                        pause([o["monitor"] for o in monitored], time.perf_counter() - t)
             done = s + 1
             step_s = copies[0]["times"][-1]
     bare = copies[0]
@@ -415,7 +459,7 @@ def side_by_side(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_d
         "timing": "side by side: bare and monitored copies interleaved step by step in one process "
                   "(wall clock of every step incl. measurements and sinks)",
         "bare_seconds": bare["seconds"], "bare_median_step_s": _median(bare["times"]),
-        "bare_losses": bare["losses"], "peak_gib": peak_gib(device),
+        "bare_losses": bare["losses"], "resident_gib": resident, "peak_gib": peak_gib(device),
         "warnings": sorted({str(w.message)[:300] for w in caught}), "probes": {},
     }
     for c, p in zip(monitored, args.probes):
@@ -437,9 +481,13 @@ def side_by_side(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_d
     del bare["model"], bare["opt"], copies[0]
     free_memory(device)
     for c, p in sorted(zip(monitored, args.probes), key=lambda cp: cp[1]):  # the small probe's reference first
+        snap = c.pop("snapshot", None)
         if args.ref_hvps:
-            compare_last(out["probes"][str(p)], reference(c["model"], c["opt"], data.probes[p], args), done)
-        del c["model"], c["opt"]
+            if snap is not None:  # at the last measurement's state, not the end's
+                restore(c["model"], c["opt"], snap)
+            ref_step = done if snap is None else snap["step"]
+            compare_last(out["probes"][str(p)], reference(c["model"], c["opt"], data.probes[p], args), ref_step)
+        del c["model"], c["opt"], snap
         free_memory(device)
     return out
 
@@ -450,10 +498,12 @@ def account_run(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_di
     ((model, opt),) = copies_of(warm, 1, release)
     free_memory(device)
     reset_peak(device)
+    resident = allocated_gib(device)
     monitors = {p: make_monitor(model, opt, data.probes[p], cfg.every, args, sink_dir, f"A{cfg.accum}_probe_{p}")
                 for p in args.probes}
     measuring = {p: 0.0 for p in args.probes}
     walls: dict[int, dict[int, float]] = {p: {} for p in args.probes}
+    snaps: dict[int, dict[str, Any]] = {}
     training, times, losses, done = 0.0, [], [], 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -477,18 +527,20 @@ def account_run(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_di
                 sync(device)
                 spent = time.perf_counter() - t
                 measuring[p] += spent
+                pause([o for o in monitors.values() if o is not mon], spent)  # another monitor's measurement
                 if result is not None:
                     walls[p][s + 1] = spent
-                for other in monitors.values():  # another monitor's measurement is not training
-                    if other is not mon:
-                        other._cost.last += spent
+                    t = time.perf_counter()  # the state it measured, for the reference (untimed)
+                    snaps[p] = snapshot(model, opt, s + 1)
+                    pause(list(monitors.values()), time.perf_counter() - t)
             done = s + 1
     out: dict[str, Any] = {
         **asdict(cfg), "tokens_per_step": cfg.accum * args.rows * args.seq, "steps_run": done, "note": _note(cfg),
         "timing": "account, not side by side: one run; the monitor's measured seconds (maybe_measure after "
                   "each opt.step(), sinks included) against the run's measured training seconds",
         "training_seconds": training, "median_step_s": _median(times), "losses": losses,
-        "peak_gib": peak_gib(device), "warnings": sorted({str(w.message)[:300] for w in caught}), "probes": {},
+        "resident_gib": resident, "peak_gib": peak_gib(device),
+        "warnings": sorted({str(w.message)[:300] for w in caught}), "probes": {},
     }
     for p, mon in monitors.items():
         summary = monitor_summary(mon, done, cfg.every, walls[p])
@@ -498,10 +550,15 @@ def account_run(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_di
     del monitors
     free_memory(device)
     if args.ref_hvps:
-        probes = sorted(args.probes)
-        for p in probes:  # the optimizer state is dropped at the last one
-            compare_last(out["probes"][str(p)], reference(model, opt, data.probes[p], args, p == probes[-1]), done)
-    del model, opt
+        probes, state = sorted(args.probes), done
+        for p in probes:  # each at its last measurement's state; the optimizer state is dropped at the last one
+            snap = snaps.pop(p, None)
+            if snap is not None and snap["step"] != state:
+                restore(model, opt, snap)
+                state = snap["step"]
+            compare_last(out["probes"][str(p)], reference(model, opt, data.probes[p], args, p == probes[-1]), state)
+            del snap
+    del model, opt, snaps
     free_memory(device)
     return out
 
@@ -511,14 +568,15 @@ def account_run(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_di
 # --------------------------------------------------------------------------------------------
 
 
-def estimate(configs: list[Config], args, micro_s: float) -> dict[str, Any]:
-    """Expected seconds of each configuration from one micro-step's seconds (and the --est-* factors)."""
+def estimate(configs: list[Config], args, micro_s: float, update_s: float | None = None) -> dict[str, Any]:
+    """Expected seconds of each configuration from one micro-step's and one update's seconds (--est-* factors)."""
+    update_s = args.est_opt_s if update_s is None or not math.isfinite(update_s) else update_s
     hvp = {p: args.est_hvp_x * micro_s * p / args.rows for p in args.probes}
     ref_product = {p: args.est_ref_x * micro_s * p / args.rows for p in args.probes}
-    out: dict[str, Any] = {"micro_step_s": micro_s, "configs": {}}
-    out["warmup_s"] = args.warmup_steps * (args.warmup_accum * micro_s + args.est_opt_s)
+    out: dict[str, Any] = {"micro_step_s": micro_s, "update_s": update_s, "configs": {}}
+    out["warmup_s"] = args.warmup_steps * (args.warmup_accum * micro_s + update_s)
     for cfg in configs:
-        step = cfg.accum * micro_s + args.est_opt_s
+        step = cfg.accum * micro_s + update_s
         copies = 1 + len(args.probes) if cfg.mode == "side" else 1
         train = copies * cfg.steps * step
         due = cfg.steps // cfg.every
@@ -533,8 +591,8 @@ def estimate(configs: list[Config], args, micro_s: float) -> dict[str, Any]:
 
 
 def print_estimate(est: dict, when: str) -> None:
-    print(f"[estimate, {when}] micro-step {est['micro_step_s'] * 1e3:.0f} ms; warm-up {est['warmup_s']:.0f} s",
-          flush=True)
+    print(f"[estimate, {when}] micro-step {est['micro_step_s'] * 1e3:.0f} ms, update {est['update_s'] * 1e3:.0f} ms; "
+          f"warm-up {est['warmup_s']:.0f} s", flush=True)
     for name, c in est["configs"].items():
         print(f"  {name:<4} {c['mode']:<7} {c['steps']} steps, every {c['every']}: step {c['step_s']:.3f} s, "
               f"training {c['train_s']:.0f} s + monitor {c['monitor_s']:.0f} s + reference <= "
@@ -568,7 +626,7 @@ def table(out: dict[str, Any]) -> str:
     lines.append("overhead: side = T_monitored / T_bare - 1 (interleaved); account = monitor seconds / training "
                  "seconds of the same run (not side by side). own acct: the monitor's own account (measuring / "
                  "training seconds) at the end. "
-                 "last*: not at the end state")
+                 "last*: the reference is not at the last measurement's state")
     return "\n".join(lines)
 
 
@@ -710,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warm_model, warm_opt, out["warmup"] = warm_up(args, data, device)
     warm = [warm_model, warm_opt]
     del warm_model, warm_opt
-    est = estimate(configs, args, out["warmup"]["micro_step_s"])
+    est = estimate(configs, args, out["warmup"]["micro_step_s"], out["warmup"]["update_s"])
     print_estimate(est, "from the warm-up's micro-step")
     out["estimate_after_warmup"] = est
     write_json(path, out)
@@ -736,7 +794,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _print_run(run: dict) -> None:
+    print(f"[A={run['accum']}] {run['steps_run']} steps in {run['seconds']:.0f} s; GPU resident "
+          f"{_g(run['resident_gib'])} GiB, peak {_g(run['peak_gib'])} GiB", flush=True)
     for p, s in run["probes"].items():
+        shown = [f"{m['step']}:{m['hvps']}p/{m['seconds']:.2f}s/{'cert' if m['certified'] else 'uncert'}"
+                 for m in s["measurements"]]
+        print(f"[A={run['accum']} probe {p}] measurements (step:products/seconds): {' '.join(shown) or '-'}",
+              flush=True)
         ref = s.get("reference") or {}
         print(f"[A={run['accum']} probe {p}] made {s['made']}/{s['due']}, certified {s['certified']}; "
               + (f"overhead {_pct(s['overhead'])}" if "overhead" in s else

@@ -77,6 +77,9 @@ def test_quick_smoke_run_writes_both_timings(tmp_path):
             assert 0 <= probe["certified"] <= probe["made"] <= probe["due"] == run["steps"] // run["every"]
             ref = probe["reference"]
             assert ref["preconditioned"]["converged"] and ref["raw"]["converged"]
+            if probe["made"]:  # the reference is taken at the state the last measurement saw
+                assert probe["last"]["same_state"] and ref["step"] == probe["measurements"][-1]["step"]
+                assert probe["last"]["preconditioned_rel_error"] is not None
     assert {"bare_seconds", "overhead"} <= set(side) | set(side["probes"]["4"])
     assert {"training_seconds"} <= set(account) and "share_of_training" in account["probes"]["4"]
     assert "side by side" in side["timing"] and "not side by side" in account["timing"]
