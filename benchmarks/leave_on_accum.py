@@ -482,7 +482,7 @@ def side_by_side(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_d
     free_memory(device)
     for c, p in sorted(zip(monitored, args.probes), key=lambda cp: cp[1]):  # the small probe's reference first
         snap = c.pop("snapshot", None)
-        if args.ref_hvps:
+        if args.ref_hvps and out["probes"][str(p)]["made"]:  # no measurement, nothing to compare
             if snap is not None:  # at the last measurement's state, not the end's
                 restore(c["model"], c["opt"], snap)
             ref_step = done if snap is None else snap["step"]
@@ -549,8 +549,9 @@ def account_run(cfg: Config, warm: list, data: Data, args, clock: Clock, sink_di
         out["probes"][str(p)] = summary
     del monitors
     free_memory(device)
-    if args.ref_hvps:
-        probes, state = sorted(args.probes), done
+    probes = sorted(p for p in args.probes if out["probes"][str(p)]["made"])  # no measurement, no reference
+    if args.ref_hvps and probes:
+        state = done
         for p in probes:  # each at its last measurement's state; the optimizer state is dropped at the last one
             snap = snaps.pop(p, None)
             if snap is not None and snap["step"] != state:
@@ -573,7 +574,11 @@ def estimate(configs: list[Config], args, micro_s: float, update_s: float | None
     update_s = args.est_opt_s if update_s is None or not math.isfinite(update_s) else update_s
     hvp = {p: args.est_hvp_x * micro_s * p / args.rows for p in args.probes}
     ref_product = {p: args.est_ref_x * micro_s * p / args.rows for p in args.probes}
-    out: dict[str, Any] = {"micro_step_s": micro_s, "update_s": update_s, "configs": {}}
+    spec = MODELS[args.model]
+    params = (12 * spec["n_layer"] * spec["n_embd"] ** 2
+              + (spec["vocab_size"] + spec["n_positions"]) * spec["n_embd"])
+    host_copy = 16 * params / (args.est_host_gbps * 1e9)  # parameters, AdamW state, gradients
+    out: dict[str, Any] = {"micro_step_s": micro_s, "update_s": update_s, "params": params, "configs": {}}
     out["warmup_s"] = args.warmup_steps * (args.warmup_accum * micro_s + update_s)
     for cfg in configs:
         step = cfg.accum * micro_s + update_s
@@ -583,6 +588,7 @@ def estimate(configs: list[Config], args, micro_s: float, update_s: float | None
         # each monitor: its share of its own training time, at most every due step's full budget
         monitor = sum(min(args.overhead * cfg.steps * step + 0.05, due * 70 * hvp[p]) for p in args.probes)
         ref = sum(2 * args.ref_hvps * ref_product[p] for p in args.probes) if args.ref_hvps else 0.0
+        ref += len(args.probes) * (due + 1) * host_copy  # host snapshots, and one put back per probe
         out["configs"][f"A{cfg.accum}"] = {"mode": cfg.mode, "steps": cfg.steps, "every": cfg.every,
                                            "step_s": step, "train_s": train, "monitor_s": monitor,
                                            "reference_s_at_most": ref, "total_s": train + monitor + ref}
@@ -718,6 +724,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--est-hvp-x", type=float, default=2.5, help="a monitor product, in micro-steps")
     p.add_argument("--est-ref-x", type=float, default=5.0, help="a float32 reference product, in micro-steps")
     p.add_argument("--est-startup-s", type=float, default=30.0, help="imports, model, tokens")
+    p.add_argument("--est-host-gbps", type=float, default=4.0, help="device-to-host copies (snapshots), GB/s")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/leave_on_accum_<device>.json)")
     args = p.parse_args(argv)
     q = args.quick
