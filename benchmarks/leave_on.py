@@ -19,6 +19,9 @@ Usage (one H200)::
     python benchmarks/leave_on.py --sizes 124M,355M --out $OUT
     python benchmarks/leave_on.py --sizes 1.5B --out $OUT
     python benchmarks/leave_on.py --sizes tiny --device cpu   # a smoke run
+
+At the tokens per step people train with (gradient accumulation, 16k and 131k tokens per
+step, a trained state, bare and monitored copies interleaved): benchmarks/leave_on_accum.py.
 """
 
 from __future__ import annotations
