@@ -78,6 +78,7 @@ from benchmarks.truth import (  # noqa: E402
     reference_model,
     write_json,
 )
+from curvwatch.optim.linearization import restrict_to_linear_  # noqa: E402
 
 STARTED = time.perf_counter()
 
@@ -240,13 +241,13 @@ def copies_of(warm: list, n: int, release: bool) -> list[tuple[torch.nn.Module, 
 def reference_diagonal(opt: torch.optim.Optimizer, params: list[torch.Tensor], grad: torch.Tensor):
     """The diagonal ``P`` of the reference's preconditioned sharpness lambda_max(P^-1/2 H P^-1/2).
 
-    Today Adam's ``sqrt(v_hat) + eps`` as the monitor reads it. ``grad`` is the flat float32
-    gradient of the probe loss at this state (the last training step's accumulated, clipped
-    gradient is still in each ``p.grad``): what a coordinate mask may need. Change the
-    reference's quantity here, in one place.
+    Adam's ``sqrt(v_hat) + eps`` on its linear set, as the monitor's headline reads it
+    (:mod:`curvwatch.optim.linearization`): ``P_i^-1/2 = 0`` where ``grad``, the flat float32
+    gradient of the probe loss at this state, would more than double ``v_hat_i``.
     """
-    del grad  # unused until the quantity is restricted to a coordinate mask
-    return cw.preconditioner_diagonal(opt, params)
+    diagonal = cw.preconditioner_diagonal(opt, params)
+    restrict_to_linear_(diagonal, opt, params, grad)
+    return diagonal
 
 
 def reference(model: torch.nn.Module, opt: torch.optim.Optimizer, probe: dict, args,
