@@ -12,10 +12,11 @@ over one :class:`~curvwatch.measurement.context.Context`:
 3. measure the threshold's quantity first: the preconditioned sharpness for
    Adam-type optimizers, else the top-``k`` eigenvalues (warm-started Lanczos,
    certified by a central difference under one-sided differences);
-4. then, as the allowance permits: the raw top-``k`` (adaptive optimizers), the
-   deflated Hutchinson trace, the SLQ spectrum, the batch sharpness; the
-   critical sharpness by a line search; with ``blocks=``, each block's
-   lambda_max (:mod:`curvwatch.measurement.per_block`) with the products left;
+4. then, as the allowance permits: the raw top-``k`` (adaptive optimizers); the
+   batch sharpness; within the share proper (:attr:`~curvwatch.planning.Allowance.extra_seconds`)
+   the deflated Hutchinson trace, the SLQ spectrum, the critical sharpness by a
+   line search and, with ``blocks=``, each block's lambda_max
+   (:mod:`curvwatch.measurement.per_block`) with the products left;
 5. return the frozen :class:`~curvwatch.CurvatureResult`, the new
    :class:`~curvwatch.measurement.context.MeasurementState` (warm starts,
    resolved method) and the notes to warn about once
@@ -95,8 +96,7 @@ def measure(
         started = time.perf_counter()
         got.critical = early_warnings.critical_sharpness(ctx, got.limit, ctx.operator)
         got.critical_seconds = time.perf_counter() - started
-        left = max(allowance.products - got.hvps, 0)
-        got.blocks, got.block_warm, block_products = measure_blocks(ctx, got.limit, left)
+        got.blocks, got.block_warm, block_products = measure_blocks(ctx, got.limit, max(ctx.extra_left() - got.batch[2], 0))
         got.hvps += block_products
     return outcome(ctx, got)
 
@@ -195,8 +195,8 @@ def eigen_solves(ctx: Context, got: Measured, first: LanczosResult) -> None:
 
 def trace(ctx: Context, deflation: LanczosResult | None) -> tuple[float, float]:
     """Hutchinson's trace and its standard error, deflated by the Ritz vectors (NaN: not measured)."""
-    left, probes = ctx.left(), ctx.options.budget.trace_hvps
-    if not ctx.options.trace or probes <= 0 or left < min(2, probes) or ctx.past():
+    left, probes = ctx.extra_left(), ctx.options.budget.trace_hvps
+    if not ctx.options.trace or probes <= 0 or left < min(2, probes) or ctx.extra_past():
         return math.nan, math.nan
     estimate = hutchinson(ctx.operator, min(probes, left), seed=ctx.seed + 2, deflation=deflation)
     return estimate.estimate, estimate.stderr
@@ -207,8 +207,8 @@ def spectrum(ctx: Context) -> tuple[tuple[float, ...], tuple[float, ...]] | None
     every, operator = ctx.options.spectrum_every, ctx.operator
     if not every or ctx.state.measurements % every != 0:
         return None
-    steps = min(30, operator.size, ctx.left() // 2)  # two probes
-    if steps < min(5, operator.size) or ctx.past():
+    steps = min(30, operator.size, ctx.extra_left() // 2)  # two probes
+    if steps < min(5, operator.size) or ctx.extra_past():
         return None
     density = slq(operator, num_probes=2, num_steps=steps, seed=ctx.seed + 3)
     weights = density.weights / density.weights.shape[0]
