@@ -34,6 +34,13 @@ Note = tuple[str, str]  # (key, message): the monitor warns once per key
 # otherwise it is a lower bound.
 RATIO_MAX_ERROR = 1e-2
 
+# The raw top-k of an Adam-type measurement (beside the threshold's preconditioned
+# solve) is begun only where the products left cover this many times its
+# gap_steps(top_k): a warm top-2 solve on the digits MLP certified in 6-11 products
+# (gap_steps(2) = 6), and one cut off by the deadline is spent for a value off the
+# curves that marks the whole measurement unconverged (3 of 6 under load, 2026-12-08).
+RAW_SOLVE_PRODUCTS = 2
+
 
 @dataclass(frozen=True)
 class MeasurementState:

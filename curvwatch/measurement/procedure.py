@@ -39,7 +39,16 @@ import torch
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch.measurement import checks, early_warnings
 from curvwatch.measurement.batch_sharpness import batch_sharpness
-from curvwatch.measurement.context import Context, MeasurementState, Note, Probe, fitting, overlap, warm_start
+from curvwatch.measurement.context import (
+    RAW_SOLVE_PRODUCTS,
+    Context,
+    MeasurementState,
+    Note,
+    Probe,
+    fitting,
+    overlap,
+    warm_start,
+)
 from curvwatch.measurement.outcome import Measured, outcome
 from curvwatch.measurement.per_block import measure_blocks
 from curvwatch.names import Method
@@ -181,7 +190,7 @@ def eigen_solves(ctx: Context, got: Measured, first: LanczosResult) -> None:
         # vector) frees it, one vector less during the solve below
         del first, pre
         # the raw top-k only where its products can certify it (else it is noise off the curves)
-        if ctx.left() >= gap_steps(top_k) and not ctx.past():
+        if ctx.left() >= RAW_SOLVE_PRODUCTS * gap_steps(top_k) and not ctx.past():
             eig = ctx.lanczos(operator, top_k, ctx.left(), got.warm, ctx.seed)
             got.eig = checks.certified(ctx, eig, certificate)
     else:
