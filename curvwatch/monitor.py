@@ -208,10 +208,9 @@ class CurvatureMonitor:
         for sink in self.sinks:
             dropped = "its results are dropped, training continues"
             self._guarded(f"sink {id(sink)}", sink, result, f"sink {sink!r}", dropped)
-        # every second is charged, the sinks' too; the product's cost is learned without
-        # them and without the line search
-        total = time.perf_counter() - started
-        planner.charge(total, result.hvps, result.critical_sharpness_seconds + total - seconds)
+        # every second is charged, the sinks' too (part of what every measurement costs
+        # beyond its products); the line search is neither
+        planner.charge(time.perf_counter() - started, result.hvps, result.critical_sharpness_seconds, allowance.meter)
         return result
 
     def _measure_within(self, step: int, allowance: Allowance) -> CurvatureResult:

@@ -34,6 +34,13 @@ Note = tuple[str, str]  # (key, message): the monitor warns once per key
 # otherwise it is a lower bound.
 RATIO_MAX_ERROR = 1e-2
 
+# The raw top-k of an Adam-type measurement (beside the threshold's preconditioned
+# solve) is begun only where the products left cover this many times its
+# gap_steps(top_k): a warm top-2 solve on the digits MLP certified in 6-11 products
+# (gap_steps(2) = 6), and one cut off by the deadline is spent for a value off the
+# curves that marks the whole measurement unconverged (3 of 6 under load, 2026-12-08).
+RAW_SOLVE_PRODUCTS = 2
+
 
 @dataclass(frozen=True)
 class MeasurementState:
@@ -112,19 +119,27 @@ class Probe:
 
 
 class Clock:
-    """The measurement's seconds: started now, ending at ``start + seconds`` (never, for ``None``)."""
+    """The measurement's seconds: started now, ending at ``start + seconds`` (never, for ``None``).
 
-    def __init__(self, seconds: float | None) -> None:
+    The optional quantities end earlier, at ``start + extra_seconds`` (the
+    share proper, :attr:`~curvwatch.planning.Allowance.extra_seconds`).
+    """
+
+    def __init__(self, seconds: float | None, extra_seconds: float | None = None) -> None:
         self.start = time.perf_counter()
         self.deadline = None if seconds is None else self.start + seconds
+        extra = None if extra_seconds is None else self.start + extra_seconds
+        self.extra_deadline = self.deadline if extra is None or self.deadline is None else min(extra, self.deadline)
 
-    def past(self) -> bool:
-        """True once the deadline has passed."""
-        return self.deadline is not None and time.perf_counter() >= self.deadline
+    def past(self, extra: bool = False) -> bool:
+        """True once the deadline (``extra``: the optional quantities') has passed."""
+        deadline = self.extra_deadline if extra else self.deadline
+        return deadline is not None and time.perf_counter() >= deadline
 
-    def left(self) -> float | None:
-        """Seconds until the deadline (``None``: no deadline)."""
-        return None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+    def left(self, extra: bool = False) -> float | None:
+        """Seconds until the deadline (``extra``: the optional quantities'; ``None``: no deadline)."""
+        deadline = self.extra_deadline if extra else self.deadline
+        return None if deadline is None else max(0.0, deadline - time.perf_counter())
 
     def elapsed(self) -> float:
         """Seconds since the start."""
@@ -171,7 +186,7 @@ class Context:
     @classmethod
     def start(cls, options, state, model, probe, step: int, optimizer, allowance: Allowance) -> Context:
         """The context of a measurement starting now (its clock starts)."""
-        clock, sharded, seed = Clock(allowance.seconds), is_sharded(model), options.seed + step
+        clock, sharded, seed = Clock(allowance.seconds, allowance.extra_seconds), is_sharded(model), options.seed + step
         return cls(
             options=options, state=state, model=model, probe=probe, step=step, optimizer=optimizer,
             allowance=allowance, source=OperatorSource(options, state, model, probe, allowance, seed, sharded),
@@ -187,23 +202,43 @@ class Context:
         """The measurement's seconds are spent."""
         return self.clock.past()
 
+    def extra_past(self) -> bool:
+        """The optional quantities' seconds are spent (:attr:`~curvwatch.planning.Allowance.extra_seconds`)."""
+        return self.clock.past(extra=True)
+
     def spent(self) -> int:
         """Products spent so far: the operator's, the certificate's and the checks'."""
         certificate = self.certificate.matvecs if self.certificate is not None else 0
         return (self.operator.matvecs if self.operator is not None else 0) + certificate + self.checks
 
-    def left(self) -> int:
-        """Products of the allowance not yet spent."""
-        return self.allowance.products - self.spent()
+    def left(self, extra: bool = False) -> int:
+        """Products of the allowance not yet spent, fewer where the seconds left are short.
+
+        What the seconds left to the deadline (``extra``: the optional
+        quantities', :attr:`~curvwatch.planning.Allowance.extra_seconds`) buy at
+        the learned cost of a product; the products alone while that is not known.
+        """
+        products = self.allowance.products - self.spent()
+        seconds, per_product = self.clock.left(extra), self.allowance.seconds_per_product
+        if seconds is None or not per_product > 0:
+            return products
+        return min(products, int(seconds / per_product))
+
+    def extra_left(self) -> int:
+        """Products the optional quantities may still apply (:meth:`left` within their seconds)."""
+        return self.left(extra=True)
 
     def lanczos(self, operator: CurvatureOperator, k: int, max_matvecs: int, warm, seed: int) -> LanczosResult:
         """Top-``k`` Lanczos within the clock, the plan's basis and ``max_matvecs`` (at least ``k``)."""
-        plan = self.allowance.plan
-        return lanczos(
+        plan, meter = self.allowance.plan, self.allowance.meter
+        started = meter.now()
+        solve = lanczos(
             operator, k=k, tol=self.options.budget.tol, max_matvecs=max(k, max_matvecs),
             max_seconds=self.clock.left(), v0=warm, seed=seed, basis_device=plan.basis_device,
             max_basis=max(plan.max_basis, k + 1),
         )
+        meter.add(started, solve.matvecs)  # what a product costs, learned from the solves
+        return solve
 
 
 def certified_to(solve: LanczosResult, error: float) -> bool:

@@ -3,8 +3,12 @@
 * :func:`update_sharpness`: the curvature along the last update ``u``, one
   product, measured first (:func:`~curvwatch.directional.directional_sharpness`);
 * :func:`critical_sharpness`: ``2 / eta_c`` along the update the optimizer
-  would take now, a forward-only line search run after the products, within
-  the measurement's seconds (:func:`~curvwatch.directional.critical_sharpness`).
+  would take now, a forward-only line search run after the products
+  (:func:`~curvwatch.directional.critical_sharpness`).
+
+Both are optional quantities: they run within the share proper
+(:attr:`~curvwatch.planning.Allowance.extra_seconds`), never on the fixed
+allowance that buys the certified solves.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from curvwatch.measurement.context import Context, adaptive
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.operators._closure import zeros_for_none
 from curvwatch.optim import Threshold, missing_update_reason, next_update_direction, update_direction
+from curvwatch.solvers.lanczos import gap_steps
 
 # The critical sharpness's line search: forward passes at eta > 0 (one more at
 # eta = 0), and the relative width of the final bracket of eta_c.
@@ -58,18 +63,25 @@ def update_sharpness(
 
     NaN when not asked for, without ``u``, for an adaptive threshold without
     the preconditioner, when it would leave the threshold's solve fewer
-    products than it needs (of ``left``), and in the first measurement under a
-    time limit (which learns what a product costs with the threshold's
-    quantity: its seconds may cover one product only).
+    products than it needs (of ``left``), when the share proper does not
+    cover it beside the certified solves (their
+    :func:`~curvwatch.solvers.lanczos.gap_steps`: it is measured first, they
+    come after), and in the first measurement under a time limit (which
+    learns what a product costs with the threshold's quantity: its seconds
+    may cover one product only). The share is checked before ``u`` is formed.
     """
-    u = last_update(ctx, limit)
-    if not ctx.options.update_sharpness or u is None or (adaptive(limit) and diagonal is None) or ctx.past():
+    if not ctx.options.update_sharpness or (adaptive(limit) and diagonal is None) or ctx.extra_past():
         return math.nan
     if ctx.clock.deadline is not None and ctx.state.measurements == 0:
         return math.nan
-    if left < 1 + (1 if diagonal is not None else ctx.options.top_k):
+    top_k = ctx.options.top_k
+    if left < 1 + (1 if diagonal is not None else top_k):
         return math.nan
-    return directional_sharpness(operator, u, diagonal)
+    solves = gap_steps(top_k) + (gap_steps(1) if diagonal is not None else 0)
+    if ctx.extra_left() < 1 + solves:
+        return math.nan
+    u = last_update(ctx, limit)
+    return math.nan if u is None else directional_sharpness(operator, u, diagonal)
 
 
 def probe_gradient(
@@ -105,9 +117,10 @@ def critical_sharpness(ctx: Context, limit: Threshold | None, operator: Curvatur
     ``eta_c`` can be bracketed (seen on the digits demo: 5 values in 64
     measurements; with the next step, 64 in 64, 0.95 lambda_max).
 
-    Run after the products, with the measurement's seconds left (stopped at
-    its deadline): it moves the parameters in place, which a graph built for
-    products would not survive, and the threshold's quantity comes first.
+    Run after the products, within the share proper
+    (:attr:`~curvwatch.planning.Allowance.extra_seconds`, stopped there): it
+    moves the parameters in place, which a graph built for products would not
+    survive, and the threshold's quantity comes first.
 
     The loss at ``theta - eta u`` on the probe batch (parameters set in place
     and restored bit-exactly, :func:`~curvwatch.directional.perturbed_loss`),
@@ -118,7 +131,7 @@ def critical_sharpness(ctx: Context, limit: Threshold | None, operator: Curvatur
     """
     nan = (math.nan, math.nan, 0)
     lr = limit.lr if limit is not None else None
-    if not ctx.options.critical_sharpness or ctx.optimizer is None or limit is None or ctx.past():
+    if not ctx.options.critical_sharpness or ctx.optimizer is None or limit is None or ctx.extra_past():
         return nan
     if lr is None or not (math.isfinite(lr) and lr > 0):
         return nan
@@ -141,9 +154,9 @@ def _search(ctx: Context, loss_at, lr: float) -> tuple[float, float, int]:
     """The line search of :func:`critical_sharpness`, within the measurement's seconds; notes where it fails."""
     evals = 0
 
-    def timed(eta: float) -> float:  # within the measurement's seconds, like the products
+    def timed(eta: float) -> float:  # within the share proper, like the other optional quantities
         nonlocal evals
-        if evals > 0 and ctx.past():
+        if evals > 0 and ctx.extra_past():
             raise _OutOfTime
         evals += 1
         return loss_at(eta)
@@ -154,8 +167,8 @@ def _search(ctx: Context, loss_at, lr: float) -> tuple[float, float, int]:
         ctx.note(
             "critical-time",
             f"curvwatch: step {ctx.step}: the critical sharpness's line search ran out of the "
-            f"measurement's seconds after {evals} forward passes (it runs after the products, with "
-            "the time left): not logged at such steps",
+            f"share's seconds after {evals} forward passes (it runs after the products, within the "
+            "share saved up): not logged at such steps",
         )
         return math.nan, math.nan, evals
     except CurvatureError as error:

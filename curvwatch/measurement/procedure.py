@@ -14,11 +14,12 @@ over one :class:`~curvwatch.measurement.context.Context`:
    (:mod:`curvwatch.optim.linearization`), else the top-``k`` eigenvalues
    (warm-started Lanczos, certified by a central difference under one-sided
    differences);
-4. then, as the allowance permits: the raw top-``k`` (adaptive optimizers), the
-   deflated Hutchinson trace, the SLQ spectrum, the batch sharpness, the
-   unrestricted preconditioned sharpness (adaptive optimizers, a diagnostic); the
-   critical sharpness by a line search; with ``blocks=``, each block's
-   lambda_max (:mod:`curvwatch.measurement.per_block`) with the products left;
+4. then, as the allowance permits: the raw top-``k`` (adaptive optimizers); the
+   batch sharpness; within the share proper (:attr:`~curvwatch.planning.Allowance.extra_seconds`)
+   the deflated Hutchinson trace, the SLQ spectrum, the unrestricted
+   preconditioned sharpness (adaptive optimizers, a diagnostic), the critical
+   sharpness by a line search and, with ``blocks=``, each block's lambda_max
+   (:mod:`curvwatch.measurement.per_block`) with the products left;
 5. return the frozen :class:`~curvwatch.CurvatureResult`, the new
    :class:`~curvwatch.measurement.context.MeasurementState` (warm starts,
    resolved method) and the notes to warn about once
@@ -41,7 +42,16 @@ import torch
 from curvwatch._errors import CurvatureError, NoSecondDerivativeError
 from curvwatch.measurement import checks, early_warnings
 from curvwatch.measurement.batch_sharpness import batch_sharpness
-from curvwatch.measurement.context import Context, MeasurementState, Note, Probe, fitting, overlap, warm_start
+from curvwatch.measurement.context import (
+    RAW_SOLVE_PRODUCTS,
+    Context,
+    MeasurementState,
+    Note,
+    Probe,
+    fitting,
+    overlap,
+    warm_start,
+)
 from curvwatch.measurement.outcome import Measured, outcome
 from curvwatch.measurement.per_block import measure_blocks
 from curvwatch.names import Method
@@ -100,7 +110,7 @@ def measure(
         started = time.perf_counter()
         got.critical = early_warnings.critical_sharpness(ctx, got.limit, ctx.operator)
         got.critical_seconds = time.perf_counter() - started
-        left = max(allowance.products - got.hvps, 0)
+        left = max(ctx.extra_left() - got.batch[2], 0)
         got.blocks, got.block_warm, block_products = measure_blocks(ctx, got.limit, left)
         got.hvps += block_products
     return outcome(ctx, got)
@@ -206,7 +216,7 @@ def eigen_solves(ctx: Context, got: Measured, first: LanczosResult) -> None:
         # vector) frees it, one vector less during the solve below
         del first, pre
         # the raw top-k only where its products can certify it (else it is noise off the curves)
-        if ctx.left() >= gap_steps(top_k) and not ctx.past():
+        if ctx.left() >= RAW_SOLVE_PRODUCTS * gap_steps(top_k) and not ctx.past():
             eig = ctx.lanczos(operator, top_k, ctx.left(), got.warm, ctx.seed)
             got.eig = checks.certified(ctx, eig, certificate)
     else:
@@ -225,19 +235,20 @@ def full_preconditioned(ctx: Context, got: Measured) -> LanczosResult | None:
     solve's value) and where its products can certify it. The restricted
     ``P`` is dropped first: one diagonal on the device at a time.
     """
-    if not got.excluded or ctx.left() < gap_steps(1) or ctx.past():
+    left = ctx.extra_left()
+    if not got.excluded or left < gap_steps(1) or ctx.extra_past():
         return None
     got.diagonal = None
     got.diagonal = whole = preconditioner_diagonal(ctx.optimizer, ctx.source.params)
-    solve = ctx.lanczos(PreconditionedOperator(ctx.operator, whole), 1, ctx.left(), None, ctx.seed + 5)
+    solve = ctx.lanczos(PreconditionedOperator(ctx.operator, whole), 1, left, None, ctx.seed + 5)
     certificate = PreconditionedOperator(ctx.certificate, whole) if ctx.certificate else None
     return replace(checks.certified(ctx, solve, certificate), eigenvectors=solve.eigenvectors[:, :0], guard=None)
 
 
 def trace(ctx: Context, deflation: LanczosResult | None) -> tuple[float, float]:
     """Hutchinson's trace and its standard error, deflated by the Ritz vectors (NaN: not measured)."""
-    left, probes = ctx.left(), ctx.options.budget.trace_hvps
-    if not ctx.options.trace or probes <= 0 or left < min(2, probes) or ctx.past():
+    left, probes = ctx.extra_left(), ctx.options.budget.trace_hvps
+    if not ctx.options.trace or probes <= 0 or left < min(2, probes) or ctx.extra_past():
         return math.nan, math.nan
     estimate = hutchinson(ctx.operator, min(probes, left), seed=ctx.seed + 2, deflation=deflation)
     return estimate.estimate, estimate.stderr
@@ -248,8 +259,8 @@ def spectrum(ctx: Context) -> tuple[tuple[float, ...], tuple[float, ...]] | None
     every, operator = ctx.options.spectrum_every, ctx.operator
     if not every or ctx.state.measurements % every != 0:
         return None
-    steps = min(30, operator.size, ctx.left() // 2)  # two probes
-    if steps < min(5, operator.size) or ctx.past():
+    steps = min(30, operator.size, ctx.extra_left() // 2)  # two probes
+    if steps < min(5, operator.size) or ctx.extra_past():
         return None
     density = slq(operator, num_probes=2, num_steps=steps, seed=ctx.seed + 3)
     weights = density.weights / density.weights.shape[0]

@@ -16,11 +16,22 @@ whose products cost milliseconds are made in full. The share it reports,
 ``T_measure / T_train``, is what ``curvature_diagnostics/overhead`` logs: the time
 monitoring added to training, as a fraction.
 
-The cost of one product is learned from the measurements themselves (seconds
-per product of the last one). The first measurement, before that is known, gets
-the share saved up so far and at least one product: it may end unconverged (a
-lower bound and a warm start for the next), but it never runs the share over by
-more than one product.
+What a measurement costs is learned from the measurements themselves, in two
+parts: the seconds of one product (the solves' own seconds over their products,
+:class:`ProductMeter`: a product and its Lanczos step) and the seconds of the
+rest of a measurement (the guard, the operator, the threshold, the certificate,
+host copies, the sinks), which do not grow with the products. At this size they
+matter: on the digits MLP a product is 0.4 ms and the rest of a warm
+measurement about 1 ms. The first measurement, before that is known, gets the
+share saved up so far and at least one product: it may end unconverged (a lower
+bound and a warm start for the next), but it never runs the share over by more
+than one product.
+
+The fixed allowance buys the certified solves only (the threshold's quantity
+and, for Adam-type optimizers, the raw top-``k``): the optional quantities
+(update and critical sharpness, trace, spectrum, blocks) run within the share
+proper, ``overhead * T_train - T_measure`` without it (:func:`share_seconds`),
+so that a short run does not spend its fixed allowance on them.
 
 :func:`seconds_allowed` holds the rules that turn the account into the seconds
 of the next measurement (or a deferral), :func:`affordable_products` the
@@ -43,19 +54,46 @@ Note = tuple[str, str]  # (key, message): the monitor warns once per key
 
 
 @dataclass
+class ProductMeter:
+    """The seconds and products of one measurement's solves, counted as they run.
+
+    Attributes:
+        seconds: wall-clock seconds inside the solves (products and their Lanczos steps).
+        products: products those solves applied.
+    """
+
+    seconds: float = 0.0
+    products: int = 0
+
+    @staticmethod
+    def now() -> float:
+        """The clock the account keeps (``time.perf_counter``)."""
+        return time.perf_counter()
+
+    def add(self, started: float, products: int) -> None:
+        """Count a solve begun at ``started`` (:meth:`now`) that applied ``products``."""
+        self.seconds += time.perf_counter() - started
+        self.products += products
+
+
+@dataclass
 class OverheadAccount:
-    """Training and measuring seconds so far, and the cost of one product.
+    """Training and measuring seconds so far, and what a measurement costs.
 
     Attributes:
         training_seconds: wall-clock seconds outside measurements since the start.
         measuring_seconds: wall-clock seconds inside measurements.
-        seconds_per_product: the last measurement's seconds per product (NaN: none yet).
+        seconds_per_product: seconds of one product with its share of the solve,
+            from the last measurement (NaN: none yet).
+        fixed_seconds: seconds of the last measurement beyond its products and
+            its line search (guard, operator, threshold, certificate, sinks).
         last: ``time.perf_counter()`` at the end of the last event.
     """
 
     training_seconds: float = 0.0
     measuring_seconds: float = 0.0
     seconds_per_product: float = math.nan
+    fixed_seconds: float = 0.0
     last: float = math.nan
 
     def start(self) -> None:
@@ -79,16 +117,25 @@ class OverheadAccount:
         """
         return overhead * self.training_seconds + fixed - self.measuring_seconds
 
-    def measured(self, seconds: float, products: int, other_seconds: float = 0.0) -> None:
+    def measured(
+        self, seconds: float, products: int, other_seconds: float = 0.0, meter: ProductMeter | None = None
+    ) -> None:
         """Charge a measurement of ``seconds`` and ``products`` products.
 
-        ``other_seconds`` of it went to work that is no product (the critical
-        sharpness's forward passes): charged to the share, kept out of the cost
-        of a product.
+        ``other_seconds`` of it went to work that is neither a product nor
+        fixed (the critical sharpness's forward passes): charged to the share,
+        kept out of both costs. With a ``meter`` that counted products, one
+        product costs its seconds per product and the rest of the measurement
+        is :attr:`fixed_seconds`; without one, every second but
+        ``other_seconds`` is spread over the products.
         """
         self.measuring_seconds += seconds
-        if products > 0:
+        if meter is not None and meter.products > 0:
+            self.seconds_per_product = meter.seconds / meter.products
+            self.fixed_seconds = max(seconds - other_seconds - products * self.seconds_per_product, 0.0)
+        elif products > 0:
             self.seconds_per_product = max(seconds - other_seconds, 0.0) / products
+            self.fixed_seconds = 0.0
         self.last = time.perf_counter()
 
     @property
@@ -102,6 +149,7 @@ class OverheadAccount:
             "training_seconds": self.training_seconds,
             "measuring_seconds": self.measuring_seconds,
             "seconds_per_product": self.seconds_per_product,
+            "fixed_seconds": self.fixed_seconds,
         }
 
     def load_state_dict(self, state: dict[str, float]) -> None:
@@ -109,6 +157,7 @@ class OverheadAccount:
         self.training_seconds = float(state.get("training_seconds", 0.0))
         self.measuring_seconds = float(state.get("measuring_seconds", 0.0))
         self.seconds_per_product = float(state.get("seconds_per_product", math.nan))
+        self.fixed_seconds = float(state.get("fixed_seconds", 0.0))
         self.last = time.perf_counter()
 
 
@@ -124,7 +173,8 @@ def seconds_allowed(
     to certify its ``k`` eigenvalues (the threshold's quantity: 1 preconditioned
     eigenvalue for Adam-type optimizers, else ``top_k``;
     :func:`~curvwatch.solvers.lanczos.gap_steps` plus one with a ``warm``
-    start, 10 without). The first measurement, before a product's cost is
+    start, 10 without) and the rest of a measurement
+    (:attr:`OverheadAccount.fixed_seconds`). The first measurement, before a product's cost is
     known, gets what is saved up and stops after its first product if that is
     already spent. A deferral comes with its note (key ``"deferred"``).
     """
@@ -141,7 +191,7 @@ def seconds_allowed(
         # measured in full from the first due step.
         seconds = max(allowance, 1e-9)
         return (seconds if cap is None else min(cap, seconds)), None
-    needed = (gap_steps(k) + 1 if warm else max(10, gap_steps(k))) * per_product
+    needed = account.fixed_seconds + (gap_steps(k) + 1 if warm else max(10, gap_steps(k))) * per_product
     if allowance < needed:
         logger.info(
             "curvwatch: step %d: measurement deferred: %.3g s of the %.0f%% share saved up, "
@@ -158,8 +208,23 @@ def seconds_allowed(
     return (allowance if cap is None else min(cap, allowance)), None
 
 
-def affordable_products(budget: Budget, top_k: int, seconds: float | None, seconds_per_product: float) -> int:
-    """Products a measurement may apply: ``max_hvps``, fewer when its seconds are short."""
+def share_seconds(budget: Budget, account: OverheadAccount, seconds: float | None) -> float | None:
+    """Seconds of a measurement's ``seconds`` that the optional quantities may take (``None``: no limit).
+
+    The share proper saved up, ``overhead * T_train - T_measure`` without the
+    fixed allowance (at least 0, at most ``seconds``): the allowance buys the
+    certified solves, and update and critical sharpness, trace, spectrum and
+    blocks come out of the share. ``seconds`` itself without a share.
+    """
+    if budget.overhead is None or seconds is None:
+        return seconds
+    return min(seconds, max(account.allowance(budget.overhead), 0.0))
+
+
+def affordable_products(
+    budget: Budget, top_k: int, seconds: float | None, seconds_per_product: float, fixed_seconds: float = 0.0
+) -> int:
+    """Products a measurement may apply: ``max_hvps``, fewer when its seconds, less the fixed part, are short."""
     if seconds is None or math.isnan(seconds_per_product) or seconds_per_product <= 0:
         return budget.max_hvps
-    return max(top_k, min(budget.max_hvps, int(seconds / seconds_per_product)))
+    return max(top_k, min(budget.max_hvps, int((seconds - fixed_seconds) / seconds_per_product)))

@@ -10,8 +10,10 @@ into an :class:`Allowance` before each measurement (:meth:`Planner.plan`):
 2. memory: where the Lanczos basis goes and whether the probe batch is split
    (:mod:`curvwatch.planning.memory`), and, under ``method="auto"``, one-sided
    differences where double backward would not fit but they would;
-3. products: what those seconds buy at the learned cost of one
-   (:func:`~curvwatch.planning.cost.affordable_products`).
+3. products: what those seconds buy at the learned cost of one, beyond the
+   learned fixed part of a measurement (:func:`~curvwatch.planning.cost.affordable_products`);
+4. the optional quantities' seconds: the share proper saved up, without the fixed
+   allowance (:func:`~curvwatch.planning.cost.share_seconds`).
 
 The measurement spends within the allowance; the monitor hands back what it
 took (:meth:`Planner.finished`, :meth:`Planner.charge`).
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from curvwatch._flat import local
 from curvwatch.guard import measurement_guard
 from curvwatch.names import DIFFERENCES, Method
 from curvwatch.operators.sharded import is_sharded
-from curvwatch.planning.cost import OverheadAccount, affordable_products, seconds_allowed
+from curvwatch.planning.cost import OverheadAccount, ProductMeter, affordable_products, seconds_allowed, share_seconds
 from curvwatch.planning.memory import (
     ActivationGauge,
     MemoryPlan,
@@ -56,6 +58,11 @@ class Allowance:
         method: a method the memory plan forces on this measurement only
             (``"forward_difference"`` where double backward does not fit), else ``None``.
         pieces: differences: the probe batch split so one gradient's activations fit.
+        extra_seconds: seconds from its start within which the optional
+            quantities (update and critical sharpness, trace, spectrum, blocks)
+            may run: the share proper saved up (``None``: no limit).
+        seconds_per_product: the learned cost of one product (NaN: not known yet).
+        meter: counts the seconds and products of its solves (the cost of one product, learned).
     """
 
     products: int
@@ -63,6 +70,9 @@ class Allowance:
     plan: MemoryPlan
     method: str | None = None
     pieces: int = 1
+    extra_seconds: float | None = None
+    seconds_per_product: float = math.nan
+    meter: ProductMeter = field(default_factory=ProductMeter)
 
 
 class DoesNotFit(CurvatureError):
@@ -110,12 +120,13 @@ class Planner:
             DoesNotFit: the measurement would not fit in the memory allowed.
         """
         self.account.training_until_now()
-        seconds = options.budget.max_seconds
+        seconds = extra = options.budget.max_seconds
         if scheduled:
             warm = state.warm is not None or state.warm_preconditioned is not None
             # the threshold's quantity: one preconditioned eigenvalue for Adam-type optimizers
             k = 1 if state.warm_preconditioned is not None else options.top_k
             seconds, note = seconds_allowed(options.budget, self.account, k, warm, step)
+            extra = share_seconds(options.budget, self.account, seconds)
             if note is not None:
                 warn(*note)
         if seconds is not None and seconds <= 0:
@@ -126,9 +137,15 @@ class Planner:
         if not plan.fits:
             raise DoesNotFit(plan.message)
         self._method = forced or probe.output_kind or state.resolved_method or Method.DOUBLE_BACKWARD
-        products = affordable_products(options.budget, options.top_k, seconds, self.account.seconds_per_product)
+        account = self.account
+        products = affordable_products(
+            options.budget, options.top_k, seconds, account.seconds_per_product, account.fixed_seconds
+        )
         self.gauge.start(device)
-        return Allowance(products=products, seconds=seconds, plan=plan, method=forced, pieces=pieces)
+        return Allowance(
+            products=products, seconds=seconds, plan=plan, method=forced, pieces=pieces, extra_seconds=extra,
+            seconds_per_product=account.seconds_per_product,
+        )
 
     def memory(
         self, options: Any, model: torch.nn.Module, probe: Any, state: Any, warn: Warn
@@ -194,7 +211,13 @@ class Planner:
         """The share of training time measuring will have taken once ``seconds`` more are charged."""
         return (self.account.measuring_seconds + seconds) / max(self.account.training_seconds, 1e-300)
 
-    def charge(self, seconds: float, products: int, other_seconds: float = 0.0) -> None:
-        """Charge a measurement to the time account (``other_seconds`` of it no product's)."""
-        self.account.measured(seconds, products, other_seconds)
+    def charge(
+        self, seconds: float, products: int, other_seconds: float = 0.0, meter: ProductMeter | None = None
+    ) -> None:
+        """Charge a measurement to the time account.
+
+        ``other_seconds`` of it are neither products nor fixed; ``meter``: its
+        solves' seconds and products (:meth:`OverheadAccount.measured`).
+        """
+        self.account.measured(seconds, products, other_seconds, meter)
 

@@ -80,45 +80,50 @@ class LanczosProcess:
         else:
             self.basis.append(q.to(self.basis_device, non_blocking=True))
 
-    def _project_out(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w - V V^T w`` in place; returns it and the coefficients ``V^T w``.
+    def _project_out(self, w: torch.Tensor) -> tuple[torch.Tensor, list[float], float]:
+        """``w - V V^T w`` in place; returns it, the coefficients ``V^T w`` and ``||w||`` after.
 
         Classical Gram-Schmidt, repeated once when the first pass removed most
         of ``w`` (the DGKS criterion ``||w'|| < ||w|| / sqrt(2)``): a second
         pass is needed only then, and each pass reads the whole basis (from the
-        host when it lives there).
+        host when it lives there). The coefficients are summed as Python floats
+        (float64, as the projected matrix): one host scalar per inner product,
+        no tensor operation per entry.
         """
-        coefficients = torch.zeros(len(self.basis), dtype=torch.float64)
+        dot, device = self.operator.dot, w.device
+        moved = self.basis_device != device  # a basis elsewhere (the host) is read over to w's device
+        coefficients = [0.0] * len(self.basis)
         norm = self.operator.norm(w).item()
         for _ in range(2):
             for i, q in enumerate(self.basis):
-                q = q.to(w.device, non_blocking=True)
-                c = self.operator.dot(q, w).item()
+                if moved:
+                    q = q.to(device, non_blocking=True)
+                c = dot(q, w).item()
                 w.add_(q, alpha=-c)
                 coefficients[i] += c
             reduced = self.operator.norm(w).item()
             if reduced >= norm / 2**0.5 or not self.basis:
                 break
             norm = reduced
-        return w, coefficients
+        return w, coefficients, reduced
 
     def step(self) -> None:
         """Apply ``A`` once, extend ``V`` and ``H`` by one (restarting first if full)."""
         q = self._next
         self._store(q)
-        w, h = self._project_out(self.operator.matvec(q))
+        w, coefficients, beta = self._project_out(self.operator.matvec(q))
         self.steps += 1
         j = len(self.basis) - 1
+        h = torch.tensor(coefficients, dtype=torch.float64)
         grown = torch.zeros(j + 1, j + 1, dtype=torch.float64)
         grown[:j, :j] = self.projected
         grown[:, j] = h
         grown[j, :] = h
         self.projected = grown
-        beta = self.operator.norm(w).item()
-        self._scale = max(self._scale, float(h.abs().max()), beta)
+        self._scale = max(self._scale, max(abs(c) for c in coefficients), beta)
         if beta <= BREAKDOWN_RTOL * max(self._scale, 1e-300) and j + 1 < self.operator.size:
             # Invariant subspace: its Ritz pairs are exact; go on in a fresh direction.
-            fresh, _ = self._project_out(self.operator.random_vector(self.generator))
+            fresh, _, _ = self._project_out(self.operator.random_vector(self.generator))
             self.beta, self._next = 0.0, fresh / self.operator.norm(fresh)
             return
         self.beta = beta

@@ -288,3 +288,75 @@ def test_the_share_is_a_contract_on_every_second_sinks_included(clock):
     assert monitor._cost.measuring_seconds >= sum(r.seconds for r in measured) + 0.2 * len(measured) - 1e-9
     worst_measurement = max(r.seconds for r in measured) + 0.2
     assert monitor._cost.measuring_seconds <= 0.05 * training + 0.1 + worst_measurement
+
+
+def test_a_product_and_the_rest_of_a_measurement_are_learned_apart():
+    """The solves' own seconds per product, and the rest as a fixed part (checkpointed), for the plan."""
+    from curvwatch.planning.cost import OverheadAccount, ProductMeter, affordable_products, seconds_allowed
+
+    account = OverheadAccount(training_seconds=100.0)
+    meter = ProductMeter(seconds=0.04, products=10)  # 4 ms a product inside the solves
+    account.measured(0.10, 12, other_seconds=0.01, meter=meter)  # 12 products, 10 ms of line search
+    assert account.seconds_per_product == pytest.approx(0.004)
+    assert account.fixed_seconds == pytest.approx(0.10 - 0.01 - 12 * 0.004)
+    fresh = OverheadAccount()
+    fresh.load_state_dict(account.state_dict())
+    assert fresh.fixed_seconds == account.fixed_seconds
+    budget = cw.Budget(overhead=0.05, negligible_seconds=0.0)
+    # 5 s of share saved up less 0.1 s spent: products beyond the fixed part
+    assert affordable_products(budget, 2, 0.2, account.seconds_per_product, account.fixed_seconds) == int(
+        (0.2 - account.fixed_seconds) / 0.004)
+    # a warm k=1 solve needs the fixed part and gap_steps(1) + 1 = 5 products: 0.042 + 0.02 = 0.062 s
+    account.measuring_seconds = 0.0
+    account.training_seconds = 1.0  # 0.05 s saved up: deferred
+    seconds, note = seconds_allowed(budget, account, 1, True, 7)
+    assert seconds == 0.0 and note is not None and "needs about 0.062 s" in note[1]
+    account.training_seconds = 2.0  # 0.1 s saved up: measured, with all of it
+    assert seconds_allowed(budget, account, 1, True, 7) == (pytest.approx(0.1), None)
+
+
+def test_the_optional_quantities_run_within_the_share_not_the_fixed_allowance(clock):
+    """A measurement paid by the fixed allowance certifies its eigenvalue; trace, update and critical
+    sharpness wait for the share proper (the old monitor spent the fixed allowance on them too)."""
+    model = _model_with_forward_cost(clock, 0.0)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    kwargs = dict(criterion=torch.nn.MSELoss(), every=1, top_k=1, optimizer=opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = cw.CurvatureMonitor(model, (x, y), budget=cw.Budget(overhead=0.05, negligible_seconds=10.0), **kwargs)
+        fixed.maybe_measure(1)  # learns the costs
+        second = fixed.maybe_measure(2)  # no training time has passed: no share saved up
+        free = cw.CurvatureMonitor(model, (x, y), budget=cw.Budget(overhead=None), **kwargs)
+        free.measure(1)
+        unlimited = free.measure(2)
+    assert second is not None and second.converged and math.isfinite(second.preconditioned_lambda_max)
+    assert math.isnan(second.trace) and math.isnan(second.update_sharpness)
+    assert math.isnan(second.critical_sharpness) and second.critical_sharpness_evals == 0
+    assert math.isfinite(unlimited.trace) and math.isfinite(unlimited.update_sharpness)
+    assert unlimited.critical_sharpness_evals > 0
+
+
+def test_the_products_left_are_what_the_seconds_left_buy(clock):
+    """Context.left: the allowance's products, fewer where the seconds left buy fewer (a solve that cannot
+    finish is not begun); the optional quantities' within the share proper."""
+    from curvwatch.measurement.context import Context, MeasurementState, Probe
+    from curvwatch.options import MonitorOptions
+    from curvwatch.planning import Allowance
+    from curvwatch.planning.memory import MemoryPlan
+
+    model = torch.nn.Linear(3, 1)
+    plan = MemoryPlan(fits=True, basis_device="cpu", max_basis=10, device_bytes=0.0, host_bytes=0.0,
+                      allowed_device_bytes=math.inf, message="")
+    allowance = Allowance(products=50, seconds=0.35, plan=plan, extra_seconds=0.15, seconds_per_product=0.1)
+    probe = Probe((torch.randn(4, 3), torch.randn(4, 1)), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    ctx = Context.start(MonitorOptions(), MeasurementState(), model, probe, 1, None, allowance)
+    assert ctx.left() == 3 and ctx.extra_left() == 1
+    clock.now += 0.2
+    assert ctx.left() == 1 and ctx.extra_left() == 0 and ctx.extra_past() and not ctx.past()
+    unknown = Allowance(products=50, seconds=0.35, plan=plan)
+    assert Context.start(MonitorOptions(), MeasurementState(), model, probe, 1, None, unknown).left() == 50
