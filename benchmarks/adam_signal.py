@@ -744,14 +744,24 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: str, signals=("a_precond", "b_restricted", "c_batch", "e_critical")) -> None:
-    """One column per run: the training loss (spikes shaded) over the ratios of ``signals`` (log scale, 1 marked)."""
+def plot(
+    results: dict[str, Any], path: str, signals=("a_precond", "b_restricted", "h_headline", "c_batch", "e_critical")
+) -> None:
+    """One column per run: the training loss (spikes shaded) over the ratios of ``signals`` (log scale, 1 marked).
+
+    Signals that no measurement of the file has (``--headline-only`` runs) are left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
+    signals = [
+        sig
+        for sig in signals
+        if any(math.isfinite(m["ratios"].get(sig, math.nan)) for rec in runs.values() for m in rec["measurements"])
+    ]
     fig, axes = plt.subplots(2, len(runs), figsize=(3.2 * len(runs), 5.2), sharex="col", squeeze=False)
     for col, (name, rec) in enumerate(runs.items()):
         first = rec["first_step"]
@@ -768,7 +778,7 @@ def plot(results: dict[str, Any], path: str, signals=("a_precond", "b_restricted
                 ax.axvline(first, color="gray", ls=":", lw=0.8)
         for sig in signals:
             xs = [m["step"] for m in rec["measurements"]]
-            ys = [abs(m["ratios"][sig]) if math.isfinite(m["ratios"][sig]) else math.nan for m in rec["measurements"]]
+            ys = [abs(m["ratios"].get(sig, math.nan)) for m in rec["measurements"]]
             bottom.plot(xs, ys, marker=".", lw=0.8, label=sig)
         bottom.axhline(1.0, color="r", lw=0.8)
         bottom.set_yscale("log")

@@ -389,7 +389,7 @@ def restore(model: torch.nn.Module, opt: torch.optim.Optimizer, snap: dict[str, 
 def pause(monitors: list[cw.CurvatureMonitor], seconds: float) -> None:
     """Keep ``seconds`` of work that is neither training nor measuring out of every monitor's account."""
     for mon in monitors:
-        mon._cost.last += seconds
+        mon._cost.skip(seconds)  # what monitor.not_training() does around a block
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ failure policy, the sinks and the state a checkpoint carries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -246,6 +247,24 @@ class CurvatureMonitor:
     def last_plan(self) -> MemoryPlan | None:
         """Where the last measurement put its basis, and why (``None`` before the first)."""
         return self._planner.last
+
+    @contextlib.contextmanager
+    def not_training(self) -> Iterator[None]:
+        """Seconds inside are neither training nor measuring time for the share (``Budget.overhead``).
+
+        The share is ``overhead`` x the wall-clock seconds between measurements;
+        wrap what should not buy measuring time: a long validation pass, a
+        checkpoint written to a slow disk, or a second model stepped side by
+        side in a benchmark::
+
+            with monitor.not_training():
+                evaluate(model, val_loader)
+        """
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._cost.skip(time.perf_counter() - started)
 
     @property
     def measurements(self) -> int:

@@ -108,6 +108,11 @@ class OverheadAccount:
             self.training_seconds += now - self.last
         self.last = now
 
+    def skip(self, seconds: float) -> None:
+        """Count ``seconds`` that just passed as neither training nor measuring."""
+        if not math.isnan(self.last):
+            self.last += seconds
+
     def allowance(self, overhead: float, fixed: float = 0.0) -> float:
         """Seconds the next measurement may take: ``overhead * T_train + fixed - T_measure``.
 

@@ -290,6 +290,26 @@ def test_the_share_is_a_contract_on_every_second_sinks_included(clock):
     assert monitor._cost.measuring_seconds <= 0.05 * training + 0.1 + worst_measurement
 
 
+def test_time_not_training_buys_no_measuring_time(clock):
+    """Validation inside ``not_training()`` is out of the account: 10 steps of 1 s, 5 s of validation."""
+    model = _model_with_forward_cost(clock, 0.0)
+    x, y = torch.randn(8, 6), torch.randn(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = cw.CurvatureMonitor(model, (x, y), criterion=torch.nn.MSELoss(), every=5, optimizer=opt,
+                                  top_k=1, trace=False, budget=cw.Budget(overhead=0.05))
+    for step in range(1, 11):
+        clock.now += 1.0
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        monitor.maybe_measure(step)
+        with monitor.not_training():
+            clock.now += 0.5
+    # counted at step 10's measurement: 10 steps, not the 4.5 s of validation before it
+    assert monitor._cost.training_seconds == pytest.approx(10.0)
+    assert [r.step for r in monitor.history] == [5, 10]
+
+
 def test_a_product_and_the_rest_of_a_measurement_are_learned_apart():
     """The solves' own seconds per product, and the rest as a fixed part (checkpointed), for the plan."""
     from curvwatch.planning.cost import OverheadAccount, ProductMeter, affordable_products, seconds_allowed
