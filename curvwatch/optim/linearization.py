@@ -77,7 +77,7 @@ def restrict_to_linear_(
     """
     optimizer = unwrap_optimizer(optimizer)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    removed, offset, big = 0, 0, torch.finfo(diagonal.dtype).max
+    removed, offset, big = [], 0, torch.finfo(diagonal.dtype).max
     for p in params:
         n = local(p).numel()
         group, state = group_of.get(id(p)), optimizer.state.get(p, {})
@@ -85,10 +85,10 @@ def restrict_to_linear_(
         if keep is not None:
             piece = diagonal[offset : offset + n]
             off = ~keep.reshape(-1).to(piece.device)
-            removed += int(off.sum())
+            removed.append(off.sum())  # on the device: one synchronisation at the end
             piece.masked_fill_(off, big)
         offset += n
-    return removed
+    return int(torch.stack(removed).sum()) if removed else 0
 
 
 def _linear(optimizer, group: dict[str, Any], state: dict[str, Any], g: torch.Tensor) -> torch.Tensor | None:
