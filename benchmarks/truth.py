@@ -161,7 +161,12 @@ CASES: dict[str, Case] = {
 }
 
 # The monitors that watch a run: the library's defaults, and the same without the time share.
-MONITORS = {"default": {}, "full": {"overhead": None}}
+MONITORS = {  # name: (Budget keywords, CurvatureMonitor keywords)
+    "default": ({}, {}),
+    "full": ({"overhead": None}, {}),
+    "full_fd": ({"overhead": None}, {"method": "finite_difference"}),  # central differences
+    "full_forward": ({"overhead": None}, {"method": "forward_difference"}),  # one-sided, certified by central
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,10 +709,11 @@ def run_case(case: Case, args: argparse.Namespace, writer: Callable[[dict], None
     slack = args.slack if args.slack is not None else (1e-4 if on_gpu else 1e-5)
     monitors: dict[str, cw.CurvatureMonitor] = {}
     for name in args.monitors:
-        budget = cw.Budget(tol=tol, max_hvps=args.max_hvps, **MONITORS[name])
+        budget_keywords, monitor_keywords = MONITORS[name]
+        budget = cw.Budget(tol=tol, max_hvps=args.max_hvps, **budget_keywords)
         monitors[name] = cw.CurvatureMonitor(
             s.model, s.probe, every=every, top_k=args.top_k, trace=args.trace, budget=budget,
-            optimizer=s.optimizer, blocks=blocks, **s.monitor_kwargs,
+            optimizer=s.optimizer, blocks=blocks, **{**s.monitor_kwargs, **monitor_keywords},
         )
     record: dict[str, Any] = {
         "case": case.name, "note": case.note, "config": {k: v for k, v in asdict(case).items()},
