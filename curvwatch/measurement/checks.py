@@ -22,7 +22,7 @@ from curvwatch.measurement.context import Context
 from curvwatch.names import Method
 from curvwatch.operators._base import CurvatureOperator
 from curvwatch.solvers.certificate import FD_AGREEMENT_RTOL, certify_top, descending, disagree, richardson
-from curvwatch.solvers.lanczos import LanczosResult
+from curvwatch.solvers.lanczos import MAX_TRUSTED_GAP, LanczosResult
 
 # Double backward is trusted when u^T H v and v^T H u agree to this (relative to
 # |u| |Hv|): a Hessian is symmetric, while a second derivative with missing terms
@@ -127,7 +127,7 @@ def certified(ctx: Context, eig: LanczosResult, certificate: CurvatureOperator |
     """
     if certificate is None:
         return eig
-    checked = certify_top(certificate, eig)
+    checked = certify_top(certificate, eig, ctx.options.budget.tol)
     if not disagree(checked.lambda_max, eig.lambda_max):
         return checked
     extrapolated = _extrapolated(ctx, certificate, eig, checked)
@@ -165,7 +165,7 @@ def _extrapolated(
     try:
         for halving in range(1, RICHARDSON_HALVINGS + 1):
             certificate.step_scale = 0.5**halving
-            fine = certify_top(certificate, eig)
+            fine = certify_top(certificate, eig, None)  # Richardson's error estimate bounds the value here
             steps.append(fine.lambda_max)
             value, error = richardson(steps[-2], steps[-1])
             if error <= FD_AGREEMENT_RTOL * abs(value):
@@ -174,6 +174,12 @@ def _extrapolated(
             return None
     finally:
         certificate.step_scale = 1.0
+    # the value is a Rayleigh quotient: it certifies only with a vector that is nearly an
+    # eigenvector of the accurate operator, r^2 / (g |value|) within the extrapolation's
+    # accuracy at the widest gap the bounds trust (r <= 2.2% of the value; a mixture of
+    # the top eigenvectors, whose quotient agrees at every step, has a larger residual)
+    if float(fine.residuals[0]) ** 2 > FD_AGREEMENT_RTOL * MAX_TRUSTED_GAP * value**2:
+        return None
     ctx.note(
         "fd-extrapolated",
         f"curvwatch: step {ctx.step}: a sharp state: central differences at 1, 1/2, ... of the usual "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_a_certificate_below_the_second_ritz_value_reorders_and_is_not_converged
 
     # an "accurate" operator whose value at the top Ritz vector is lower: the order breaks
     shifted = cw.DenseOperator(op.matrix - 0.5 * torch.outer(eig.eigenvectors[:, 0], eig.eigenvectors[:, 0]))
-    certified = certify_top(shifted, eig)
+    certified = certify_top(shifted, eig, 1e-6)
     assert certified.lambda_max == max(certified.eigenvalues.tolist()) == pytest.approx(TOP[1], rel=1e-6)
     assert certified.eigenvalues[1] == pytest.approx(TOP[0] - 0.5, rel=1e-6)
     assert not certified.converged
@@ -159,3 +160,27 @@ def test_a_warm_start_sees_the_eigenvalue_that_overtook_the_top():
     assert warm.converged and warm.lambda_max == pytest.approx(10.6, rel=1e-3)
     blind = cw.lanczos(operator, k=1, tol=1e-3, max_matvecs=60, v0=first.eigenvectors, seed=1)
     assert blind.lambda_max < 10.6 * (1 - 1e-2)  # the old vector alone: the new top unseen
+
+
+def test_a_rayleigh_quotient_that_agrees_certifies_nothing_its_residual_decides():
+    """A one-sided solve settled on a mixture of the top two eigenvectors; the accurate quotient agrees.
+
+    diag(2, 1, 0.5): y = (e1 + e2) / sqrt(2) has quotient 1.5 under the exact operator too, and residual
+    0.5. Before, the certificate kept the cheap solve's "converged" and its bound (1.5 on a curve).
+    """
+    matrix = torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64))
+    y = torch.tensor([[2**-0.5, 0.0], [2**-0.5, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    cheap = cw.LanczosResult(
+        eigenvalues=torch.tensor([1.5, 0.5], dtype=torch.float64), eigenvectors=y,
+        residuals=torch.tensor([1e-6, 1e-6], dtype=torch.float64), matvecs=10, converged=True,
+        error_bounds=torch.tensor([1e-9, 1e-9], dtype=torch.float64),
+    )
+    checked = certify_top(cw.DenseOperator(matrix), cheap, 1e-3)
+    assert checked.lambda_max == pytest.approx(1.5)
+    assert checked.residuals[0] == pytest.approx(0.5)
+    assert not checked.converged
+    assert checked.relative_error_bound > 1e-3
+    exact_vector = cheap.eigenvectors.clone()
+    exact_vector[:, 0] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    good = certify_top(cw.DenseOperator(matrix), replace(cheap, eigenvectors=exact_vector), 1e-3)
+    assert good.converged and good.lambda_max == pytest.approx(2.0)
