@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from curvwatch._flat import local
-from curvwatch.optim.thresholds import unwrap_optimizer
+from curvwatch.optim.thresholds import adam_second_moment, unwrap_optimizer
 
 SQRT2 = math.sqrt(2.0)
 
@@ -100,20 +100,18 @@ def _linear(optimizer, group: dict[str, Any], state: dict[str, Any], g: torch.Te
         u = local(state["exp_inf"]).reshape(-1).to(g.device).float()
         return g.abs() + group["eps"] <= SQRT2 * u
     if isinstance(optimizer, torch.optim.RMSprop):
-        key, beta2, growth = "square_avg", float(group["alpha"]), 2.0
-    elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        amsgrad = group.get("amsgrad", False) and "max_exp_avg_sq" in state
-        key, beta2 = ("max_exp_avg_sq" if amsgrad else "exp_avg_sq"), float(group["betas"][1])
-        t = state.get("step", 0)
-        t = float(t.item() if isinstance(t, torch.Tensor) else t)
-        if t < 1:
+        if "square_avg" not in state:
             return None
+        v, beta2, growth = local(state["square_avg"]), float(group["alpha"]), 2.0
+    elif isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        moment = adam_second_moment(group, state)
+        if moment is None or moment[1] < 1:
+            return None
+        (v, t), beta2 = moment, float(group["betas"][1])
         growth = 2 * (1 - beta2 ** (t + 1)) / (1 - beta2**t)  # 2 rho: v_hat' <= 2 v_hat
     else:
         return None
-    if key not in state:
-        return None
-    v = local(state[key]).reshape(-1).to(g.device).float()
+    v = v.reshape(-1).to(g.device).float()
     return (1 - beta2) * g * g <= (growth - beta2) * v
 
 

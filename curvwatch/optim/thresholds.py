@@ -276,11 +276,21 @@ def _diagonal(optimizer, group: dict[str, Any], state: dict[str, Any]) -> torch.
         if group.get("centered", False) and "grad_avg" in state:
             v = (v - local(state["grad_avg"]) ** 2).clamp_min(0)
         return v.sqrt() + group["eps"]
+    moment = adam_second_moment(group, state)
+    if moment is None:
+        return None
+    v, t = moment
+    beta2 = float(group["betas"][1])
+    return (v / (1 - beta2**t)).sqrt() + group["eps"]
+
+
+def adam_second_moment(group: dict[str, Any], state: dict[str, Any]) -> tuple[torch.Tensor, float] | None:
+    """Adam's ``(v, t)``: the local ``exp_avg_sq`` (``max_exp_avg_sq`` with amsgrad) and its step count.
+
+    ``None`` before the parameter's first step (no state).
+    """
     key = "max_exp_avg_sq" if group.get("amsgrad", False) and "max_exp_avg_sq" in state else "exp_avg_sq"
     if key not in state:
         return None
-    v = local(state[key])  # FSDP2: the local shard
     t = state["step"]
-    t = float(t.item() if isinstance(t, torch.Tensor) else t)
-    beta2 = float(group["betas"][1])
-    return (v / (1 - beta2**t)).sqrt() + group["eps"]
+    return local(state[key]), float(t.item() if isinstance(t, torch.Tensor) else t)  # FSDP2: the local shard
