@@ -66,7 +66,6 @@ GPU, GPT-2 124M / 355M under bf16 autocast (measured in fp32)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -83,7 +82,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.truth import BigramLanguage  # noqa: E402
+from benchmarks.truth import BigramLanguage, optimizer_step  # noqa: E402
 from curvwatch._flat import flatten  # noqa: E402
 from curvwatch.directional import critical_sharpness, directional_sharpness, perturbed_loss  # noqa: E402
 from curvwatch.operators.hessian import HessianOperator  # noqa: E402
@@ -146,57 +145,37 @@ class Model:
     batches: int = 2
 
 
+GPT2_124M = Model(
+    "gpt2-124m",
+    n_layer=12,
+    n_embd=768,
+    n_head=12,
+    n_positions=1024,
+    language_tokens=None,
+    batch=8,
+    seq=512,
+    probe_batch=8,
+    lr=6e-4,
+    betas=(0.9, 0.95),
+    clip=1.0,
+    warmup=100,
+    bf16=True,
+    steps=1500,
+    branch=750,
+    after=300,
+    every=50,
+    every_near=10,
+    near=100,
+    stable_lrs=(6e-4, 3e-4),
+    matvecs=20,
+    batches=4,
+)
 MODELS = {
     "tiny": Model("tiny"),
-    "gpt2-124m": Model(
-        "gpt2-124m",
-        n_layer=12,
-        n_embd=768,
-        n_head=12,
-        n_positions=1024,
-        language_tokens=None,
-        batch=8,
-        seq=512,
-        probe_batch=8,
-        lr=6e-4,
-        betas=(0.9, 0.95),
-        clip=1.0,
-        warmup=100,
-        bf16=True,
-        steps=1500,
-        branch=750,
-        after=300,
-        every=50,
-        every_near=10,
-        near=100,
-        stable_lrs=(6e-4, 3e-4),
-        matvecs=20,
-        batches=4,
-    ),
-    "gpt2-355m": Model(
-        "gpt2-355m",
-        n_layer=24,
-        n_embd=1024,
-        n_head=16,
-        n_positions=1024,
-        language_tokens=None,
-        batch=8,
-        seq=512,
-        probe_batch=8,
-        lr=3e-4,
-        betas=(0.9, 0.95),
-        clip=1.0,
-        warmup=100,
-        bf16=True,
-        steps=1500,
-        branch=750,
-        after=300,
-        every=50,
-        every_near=10,
-        near=100,
-        stable_lrs=(3e-4, 1.5e-4),
-        matvecs=20,
-        batches=4,
+    "gpt2-124m": GPT2_124M,
+    # the 355M shape with half the learning rates, everything else as 124M
+    "gpt2-355m": replace(
+        GPT2_124M, name="gpt2-355m", n_layer=24, n_embd=1024, n_head=16, lr=3e-4, stable_lrs=(3e-4, 1.5e-4)
     ),
 }
 
@@ -568,17 +547,7 @@ def due(spec: RunSpec, preset: Model, step: int) -> bool:
 
 def train_step(problem: Problem, s: State) -> float:
     p = problem.preset
-    batch = problem.next_batch(s.generator)
-    s.optimizer.zero_grad(set_to_none=True)
-    cuda = next(s.model.parameters()).device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if p.bf16 and cuda else contextlib.nullcontext()
-    with autocast:
-        loss = problem.loss(s.model, batch)
-    loss.backward()
-    if p.clip is not None:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), p.clip)
-    s.optimizer.step()
-    return float(loss.detach())
+    return optimizer_step(s.model, s.optimizer, problem.loss, problem.next_batch(s.generator), p.bf16, p.clip)
 
 
 def run(

@@ -292,20 +292,26 @@ def build(case: Case, device: torch.device, blocks: Any, seed: int = 0) -> Setup
     return Setup(model, opt, scheduler, next_batch, probe, loss, monitor_kwargs, blocks)
 
 
-def train_step(case: Case, s: Setup, batch: Any) -> float:
-    s.optimizer.zero_grad(set_to_none=True)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if case.bf16 and batch_device(batch).type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        loss = s.loss(s.model, batch)
+def optimizer_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, batch: Any, bf16: bool,
+    clip: float | None,
+) -> float:
+    """One training step: the loss (under bf16 autocast where asked and on CUDA), backward, clipping, step."""
+    optimizer.zero_grad(set_to_none=True)
+    cuda = batch_device(batch).type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and cuda else contextlib.nullcontext():
+        loss = loss_fn(model, batch)
     loss.backward()
-    if case.clip is not None:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), case.clip)
-    s.optimizer.step()
-    s.scheduler.step()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
     return float(loss.detach())
+
+
+def train_step(case: Case, s: Setup, batch: Any) -> float:
+    loss = optimizer_step(s.model, s.optimizer, s.loss, batch, case.bf16, case.clip)
+    s.scheduler.step()
+    return loss
 
 
 def batch_device(batch: Any) -> torch.device:
