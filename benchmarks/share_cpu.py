@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import platform
+import resource
 import time
 import warnings
 
@@ -41,6 +42,11 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     return x, torch.tensor(data.target)
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far, MiB (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reference(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -132,6 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 t_watched += timed_watched(batch)
                 t_bare += timed_bare(batch)
+            if i + 2 == args.every:  # both copies have trained, nothing was measured yet
+                rss_training = peak_rss_mib()
+    rss_measured = peak_rss_mib()  # before the reference's dense Hessian
     history = monitor.history
     last = history[-1] if history else None
     exact = reference(watched, opt_watched, *probe)
@@ -143,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
         "monitored_seconds": t_watched,
         "overhead": t_watched / t_bare - 1.0,
         "monitor_overhead": monitor._cost.share,
+        # the process's peak resident memory: after training alone, and after the measurements too
+        "peak_rss_training_MiB": rss_training,
+        "peak_rss_measured_MiB": rss_measured,
         "due": args.steps // args.every,
         "measured": len(history),
         "certified": sum(r.converged for r in history),
