@@ -780,6 +780,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps of the stable runs (default: the preset's)")
     parser.add_argument("--branch", type=int, default=None, help="step at which the spike runs branch off")
     parser.add_argument("--after", type=int, default=None, help="steps of a spike run after its branch")
+    parser.add_argument("--every", type=int, default=None, help="measure every this many steps (default: the preset's)")
+    parser.add_argument(
+        "--near", type=int, default=None, help="measure every --every-near steps this long after a branch"
+    )
+    parser.add_argument("--every-near", type=int, default=None, help="the cadence near a branch (default: the preset's)")
     parser.add_argument(
         "--runs",
         nargs="*",
@@ -818,7 +823,13 @@ def main(argv=None) -> dict[str, Any]:
             preset, steps=40, branch=20, after=20, every=10, every_near=10, near=20, matvecs=3, batches=1, probe_batch=2
         )
     preset = replace(
-        preset, steps=args.steps or preset.steps, branch=args.branch or preset.branch, after=args.after or preset.after
+        preset,
+        steps=args.steps or preset.steps,
+        branch=args.branch or preset.branch,
+        after=args.after or preset.after,
+        every=args.every or preset.every,
+        near=preset.near if args.near is None else args.near,
+        every_near=args.every_near or preset.every_near,
     )
     problems = [lm_problem(preset, device)]
     if not args.no_digits and args.device == "cpu":
