@@ -784,7 +784,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--near", type=int, default=None, help="measure every --every-near steps this long after a branch"
     )
-    parser.add_argument("--every-near", type=int, default=None, help="the cadence near a branch (default: the preset's)")
+    parser.add_argument("--every-near", type=int, default=None, help="cadence near a branch (default: the preset's)")
     parser.add_argument(
         "--runs",
         nargs="*",

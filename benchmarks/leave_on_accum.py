@@ -20,7 +20,7 @@ configuration (``--accum``), deep copies of that state:
   training seconds, which is not a side-by-side number.
 
 Each monitor is ``CurvatureMonitor(model, probe, optimizer=opt, every=...)`` with the default
-``Budget`` (a 5% share plus 0.05 s per run; ``--overhead`` changes the share) and a JSONL sink,
+``Budget`` (a 5% share plus 0.03 s per run; ``--overhead`` changes the share) and a JSONL sink,
 attached in ``side`` mode. Reported per configuration and probe: the overhead, the monitor's own
 account (measuring / training seconds; ``result.overhead`` at its last), measurements made / due
 and per 1,000 steps, how many were certified (``converged``, the threshold's eigenvalue not in
@@ -311,7 +311,7 @@ def rel_error(value: float, ref: dict | None) -> float | None:
 
 
 def make_monitor(model, opt, probe: dict, every: int, args, sink_dir: str, label: str) -> cw.CurvatureMonitor:
-    budget = cw.Budget(overhead=args.overhead)  # the default Budget: 5% share, 0.05 s per run
+    budget = cw.Budget(overhead=args.overhead)  # the default Budget: 5% share, 0.03 s per run
     sinks = (cw.JsonlSink(os.path.join(sink_dir, f"{label}.jsonl")),)
     return cw.CurvatureMonitor(model, probe, optimizer=opt, every=every, budget=budget, sinks=sinks)
 
@@ -587,7 +587,7 @@ def estimate(configs: list[Config], args, micro_s: float, update_s: float | None
         train = copies * cfg.steps * step
         due = cfg.steps // cfg.every
         # each monitor: its share of its own training time, at most every due step's full budget
-        monitor = sum(min(args.overhead * cfg.steps * step + 0.05, due * 70 * hvp[p]) for p in args.probes)
+        monitor = sum(min(args.overhead * cfg.steps * step + 0.03, due * 70 * hvp[p]) for p in args.probes)
         ref = sum(2 * args.ref_hvps * ref_product[p] for p in args.probes) if args.ref_hvps else 0.0
         ref += len(args.probes) * (due + 1) * host_copy  # host snapshots, and one put back per probe
         out["configs"][f"A{cfg.accum}"] = {"mode": cfg.mode, "steps": cfg.steps, "every": cfg.every,

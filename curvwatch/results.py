@@ -55,7 +55,7 @@ class Budget:
             takes at most ``overhead`` of the training time plus this many seconds
             in all (every second counted: products, checks, certificates, line
             searches, host copies, sinks). It lets the first measurements of a model
-            whose products cost milliseconds be made in full. Default 0.05 s; 0
+            whose products cost milliseconds be made in full. Default 0.03 s; 0
             holds measuring to the share alone.
         max_basis: Lanczos basis vectors kept (memory: this many parameter-sized
             vectors); ``None``: ``max(10, 2 top_k + 2)``, fewer where memory is short.
@@ -75,7 +75,7 @@ class Budget:
     memory_ratio: float | None = None
     max_memory: float | None = None
     max_basis: int | None = None
-    negligible_seconds: float = 0.05
+    negligible_seconds: float = 0.03
 
     def __post_init__(self) -> None:
         self._check_types()

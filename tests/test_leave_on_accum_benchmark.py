@@ -65,7 +65,7 @@ def test_quick_smoke_run_writes_both_timings(tmp_path):
     data = json.loads(out.read_text())
     meta = data["meta"]
     assert meta["card"] == "cpu" and meta["budget"]["overhead"] == 0.05
-    assert meta["budget"]["negligible_seconds"] == 0.05 and meta["transformers"]
+    assert meta["budget"]["negligible_seconds"] == 0.03 and meta["transformers"]
     assert data["warmup"]["steps"] == 30 and data["warmup"]["losses"][-1][1] < data["warmup"]["losses"][0][1]
     side, account = data["runs"]
     assert (side["mode"], account["mode"]) == ("side", "account")

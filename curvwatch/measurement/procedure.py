@@ -215,9 +215,10 @@ def eigen_solves(ctx: Context, got: Measured, first: LanczosResult) -> None:
         # the device copy is not read again: dropping both names (first holds the same
         # vector) frees it, one vector less during the solve below
         del first, pre
-        # the raw top-k only where its products can certify it (else it is noise off the curves)
-        if ctx.left() >= RAW_SOLVE_PRODUCTS * gap_steps(top_k) and not ctx.past():
-            eig = ctx.lanczos(operator, top_k, ctx.left(), got.warm, ctx.seed)
+        # the raw top-k, within the share proper (the fixed allowance buys the threshold's
+        # quantity only), where its products can certify it (else it is noise off the curves)
+        if ctx.extra_left() >= RAW_SOLVE_PRODUCTS * gap_steps(top_k) and not ctx.extra_past():
+            eig = ctx.lanczos(operator, top_k, ctx.extra_left(), got.warm, ctx.seed)
             got.eig = checks.certified(ctx, eig, certificate)
     else:
         got.eig = checks.certified(ctx, first, certificate)

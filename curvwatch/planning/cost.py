@@ -27,10 +27,10 @@ share saved up so far and at least one product: it may end unconverged (a lower
 bound and a warm start for the next), but it never runs the share over by more
 than one product.
 
-The fixed allowance buys the certified solves only (the threshold's quantity
-and, for Adam-type optimizers, the raw top-``k``): the optional quantities
-(update and critical sharpness, trace, spectrum, blocks) run within the share
-proper, ``overhead * T_train - T_measure`` without it (:func:`share_seconds`),
+The fixed allowance buys the threshold's certified solve only (the
+preconditioned sharpness for Adam-type optimizers, else the top-``k``): the other
+quantities (Adam's raw top-``k``, update and critical sharpness, trace, spectrum,
+blocks) run within the share proper, ``overhead * T_train - T_measure`` without it (:func:`share_seconds`),
 so that a short run does not spend its fixed allowance on them.
 
 :func:`seconds_allowed` holds the rules that turn the account into the seconds

@@ -68,7 +68,7 @@ def test_overhead_share_is_kept_by_deferring(clock):
     assert len(measured) < 100  # most due steps were deferred
     deferred = [w for w in caught if "deferred" in str(w.message)]
     assert len(deferred) == 1 and "Budget(overhead=0.05)" in str(deferred[0].message)
-    # The first measurement (step 1, 0.05 s saved up) stops after one product: a
+    # The first measurement (step 1, 0.03 s saved up) stops after one product: a
     # lower bound, no ratio, but it learns what a product costs. From then on,
     # measuring never runs ahead of 5% of the training time by more than the
     # product that crossed its deadline (two forwards and a loss here).
