@@ -122,16 +122,19 @@ def host_available_bytes() -> float:
     return math.inf
 
 
-def device_allowance(device: torch.device, memory_ratio: float | None, training_peak: float | None) -> float:
+def device_allowance(
+    device: torch.device, memory_ratio: float | None, training_peak: float | None, host_available: float | None = None
+) -> float:
     """Bytes a measurement may add on ``device`` now.
 
     CUDA: ``min(free, memory_ratio * training_peak - allocated)`` (``free``
     alone without a ratio or a known peak), where free counts the caching
     allocator's unused reserve, less :data:`DEVICE_MARGIN`. CPU:
-    ``HOST_SHARE`` of the available host memory.
+    ``HOST_SHARE`` of the available host memory (``host_available``; default:
+    ``/proc/meminfo``).
     """
     if device.type != "cuda":
-        return HOST_SHARE * host_available_bytes()
+        return HOST_SHARE * (host_available_bytes() if host_available is None else host_available)
     free, _ = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     free += torch.cuda.memory_reserved(device) - allocated
@@ -313,6 +316,7 @@ def plan_with_pieces(
     activations: float,
     basis_device: str | None,
     max_pieces: int,
+    host_available: float | None = None,
 ) -> tuple[MemoryPlan, int]:
     """:func:`plan_memory` with the probe split into up to ``max_pieces`` pieces (differences).
 
@@ -322,14 +326,17 @@ def plan_with_pieces(
     basis allowed on the host (read over the host link at every product: on
     an H200 at 355M a measurement with 6 host vectors took 703 steps where
     double backward on the device took 133). ``max_pieces=1``: never split.
+    ``host_available``: as :func:`plan_memory`'s, read once for every plan tried.
     Returns the plan (the last tried when none fits) and its pieces.
     """
+    if host_available is None:
+        host_available = host_available_bytes()
     for host in (False, True):
         pieces = 1
         while True:
             plan = plan_memory(
                 size, dtype, device, k, max_basis, method, allowed, activations / pieces, basis_device,
-                host_basis=host,
+                host_available, host_basis=host,
             )
             if plan.fits or pieces >= max_pieces:
                 break

@@ -39,6 +39,7 @@ from curvwatch.planning.memory import (
     MemoryPlan,
     TrainingPeak,
     device_allowance,
+    host_available_bytes,
     plan_with_pieces,
 )
 from curvwatch.probe import known_length
@@ -166,12 +167,13 @@ class Planner:
                 self.gauge.gauge_forward(device, lambda: probe.loss_fn(model, probe.batch))
         method = probe.output_kind or state.resolved_method or Method.DOUBLE_BACKWARD
         budget = options.budget
+        host = host_available_bytes()  # once: the allowance and every plan tried read the same number
         if budget.max_memory is not None:  # the user's number replaces the ratio
             allowed = float(budget.max_memory)
             if device.type == "cuda":
                 allowed = min(allowed, device_allowance(device, budget.memory_ratio, None))
         else:
-            allowed = device_allowance(device, budget.memory_ratio, self.peak.value)
+            allowed = device_allowance(device, budget.memory_ratio, self.peak.value, host)
         size = sum(local(p).numel() for p in params)  # the local shard under FSDP2
         max_basis = budget.max_basis or default_max_basis(options.top_k)
         examples = known_length(probe.batch)
@@ -180,7 +182,7 @@ class Planner:
             splittable = m in DIFFERENCES and not sharded and math.isfinite(examples)
             return plan_with_pieces(
                 size, params[0].dtype, device, options.top_k, max_basis, m, allowed,
-                self.gauge.activations(m), options.basis_device, int(examples) if splittable else 1,
+                self.gauge.activations(m), options.basis_device, int(examples) if splittable else 1, host,
             )
 
         plan, pieces = plan_for(method)
