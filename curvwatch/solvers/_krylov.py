@@ -113,15 +113,9 @@ class LanczosProcess:
         self._store(q)
         w, coefficients, beta = self._project_out(self.operator.matvec(q))
         self.steps += 1
-        j = len(self.basis) - 1
-        h = torch.tensor(coefficients, dtype=torch.float64)
-        grown = torch.zeros(j + 1, j + 1, dtype=torch.float64)
-        grown[:j, :j] = self.projected
-        grown[:, j] = h
-        grown[j, :] = h
-        self.projected = grown
+        self.projected = _bordered(self.projected, coefficients)
         self._scale = max(self._scale, max(abs(c) for c in coefficients), beta)
-        if beta <= BREAKDOWN_RTOL * max(self._scale, 1e-300) and j + 1 < self.operator.size:
+        if beta <= BREAKDOWN_RTOL * max(self._scale, 1e-300) and len(self.basis) < self.operator.size:
             # Invariant subspace: its Ritz pairs are exact; go on in a fresh direction.
             fresh, _, _ = self._project_out(self.operator.random_vector(self.generator))
             self.beta, self._next = 0.0, fresh / self.operator.norm(fresh)
@@ -203,3 +197,16 @@ class LanczosProcess:
         for i, q in enumerate(self.basis):
             out += q.to(op.device, non_blocking=True)[:, None] * coefficients[i][None, :]
         return out
+
+
+def _bordered(projected: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
+    """``projected`` grown by one row and column, both ``coefficients`` (float64).
+
+    Built from Python floats in one tensor construction: the same entries as
+    writing the border into a zero matrix, without its four tensor operations.
+    """
+    rows = projected.tolist()
+    for row, c in zip(rows, coefficients):
+        row.append(c)
+    rows.append(coefficients)
+    return torch.tensor(rows, dtype=torch.float64)

@@ -237,8 +237,8 @@ def _guard(process: LanczosProcess, ritz: int, top: int, s: torch.Tensor) -> tor
 
     On the host, a block at a time: no device vector beyond the Ritz vectors.
     """
-    below = torch.arange(ritz - 1 - top, max(ritz - 1 - top - GUARD_VECTORS, -1), -1)
-    return process.combine_on_host(GUARD_WEIGHT * s[:, below].sum(dim=1)) if len(below) else None
+    below = list(range(ritz - 1 - top, max(ritz - 1 - top - GUARD_VECTORS, -1), -1))
+    return process.combine_on_host(GUARD_WEIGHT * s[:, below].sum(dim=1)) if below else None
 
 
 def _checked_basis(k: int, max_matvecs: int, max_basis: int | None) -> int:
@@ -267,11 +267,13 @@ def _ritz_check(process: LanczosProcess, size: int, k: int, tol: float):
     """
     theta, s, residuals = process.ritz()
     trusted_gap = process.steps >= min(gap_steps(k), size)
-    bounds = eigenvalue_error_bounds(theta, residuals) if trusted_gap else residuals.clone()
-    top = torch.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1)
-    scale = theta[top].abs()
-    converged = len(top) == k and bool(
-        torch.all(bounds[top] <= tol * scale) and torch.all(residuals[top] <= tol**0.5 * scale)
+    # the plain residual bound is the residuals themselves: read only, never written
+    bounds = eigenvalue_error_bounds(theta, residuals) if trusted_gap else residuals
+    top = list(range(len(theta) - 1, max(len(theta) - 1 - k, -1), -1))
+    # decided on the host in float64, as the tensors would: a few scalars, no tensor operation each
+    values, bound, residual = theta.tolist(), bounds.tolist(), residuals.tolist()
+    converged = len(top) == k and all(
+        bound[i] <= tol * abs(values[i]) and residual[i] <= tol**0.5 * abs(values[i]) for i in top
     )
     return theta, s, residuals, bounds, top, converged
 
@@ -292,6 +294,7 @@ def start_vector(
     # copied as it is kept (bfloat16 on the host: half the bytes), converted on the device
     v0 = v0.to(operator.device).to(operator.dtype)
     scale = operator.norm(v0) / operator.norm(noise)
-    if not bool(torch.isfinite(scale)) or scale.item() == 0.0:
+    value = scale.item()  # one read of the scale for both checks
+    if not math.isfinite(value) or value == 0.0:
         return noise
     return v0 + WARM_START_NOISE * scale * noise
