@@ -221,13 +221,13 @@ def lanczos(
             break
     process.discard_next()  # not needed for the Ritz vectors: one vector less beside the basis
     guard = _guard(process, len(theta), len(top), s)  # on the host, before the Ritz vectors on the device
-    return LanczosResult(
-        eigenvalues=theta[top].clone(),
+    return LanczosResult(  # indexing by the list top copies: nothing here shares the check's tensors
+        eigenvalues=theta[top],
         eigenvectors=process.combine(s[:, top]),
-        residuals=residuals[top].clone(),
+        residuals=residuals[top],
         matvecs=process.steps,
         converged=converged,
-        error_bounds=bounds[top].clone(),
+        error_bounds=bounds[top],
         guard=guard,
     )
 
