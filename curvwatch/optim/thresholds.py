@@ -250,38 +250,63 @@ def preconditioner_diagonal(optimizer, params: Sequence[torch.Tensor]) -> torch.
     ):
         return None
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts, updated = [], False
+    parts, updated = [], False  # tensors, and [key, moments] for each run of updated parameters
     for p in params:
         if local(p).numel() == 0:  # FSDP1: no piece of p on this rank, hence no state
             parts.append(local(p).detach().reshape(-1))
             continue
         group, state = group_of.get(id(p)), optimizer.state.get(p, {})
-        p_diag = None if group is None else _diagonal(optimizer, group, state)
-        if p_diag is None:  # not updated by this optimizer: P^-1 = 0
-            p_diag = torch.full_like(local(p).detach(), torch.finfo(p.dtype).max)
+        found = None if group is None else _moment(optimizer, group, state)
+        if found is None:  # not updated by this optimizer: P^-1 = 0
+            parts.append(torch.full_like(local(p).detach(), torch.finfo(p.dtype).max))
+            continue
+        updated = True
+        rule, v = found
+        key = (rule, v.dtype, p.dtype)
+        if parts and isinstance(parts[-1], list) and parts[-1][0] == key:
+            parts[-1][1].append(v.reshape(-1))
         else:
-            updated = True
-        parts.append(p_diag.to(p.dtype))
-    return flatten(parts) if updated else None
+            parts.append([key, [v.reshape(-1)]])
+    if not updated:
+        return None
+    return flatten([_diagonal(*part) if isinstance(part, list) else part for part in parts])
 
 
-def _diagonal(optimizer, group: dict[str, Any], state: dict[str, Any]) -> torch.Tensor | None:
-    """One parameter's ``P`` from its optimizer state, ``None`` without state."""
+def _moment(optimizer, group: dict[str, Any], state: dict[str, Any]) -> tuple[tuple, torch.Tensor] | None:
+    """One parameter's rule for ``P`` (its kind and constants) and local moment, ``None`` without state.
+
+    Adamax: ``P = u``; RMSprop: ``P = sqrt(v) + eps``; Adam: ``P = sqrt(v / (1 - beta2^t)) + eps``.
+    """
     if isinstance(optimizer, torch.optim.Adamax):
-        return local(state["exp_inf"]) if "exp_inf" in state else None
+        return (("adamax",), local(state["exp_inf"])) if "exp_inf" in state else None
     if isinstance(optimizer, torch.optim.RMSprop):
         if "square_avg" not in state:
             return None
         v = local(state["square_avg"])
         if group.get("centered", False) and "grad_avg" in state:
             v = (v - local(state["grad_avg"]) ** 2).clamp_min(0)
-        return v.sqrt() + group["eps"]
+        return ("rmsprop", group["eps"]), v
     moment = adam_second_moment(group, state)
     if moment is None:
         return None
     v, t = moment
     beta2 = float(group["betas"][1])
-    return (v / (1 - beta2**t)).sqrt() + group["eps"]
+    return ("adam", 1 - beta2**t, group["eps"]), v
+
+
+def _diagonal(key: tuple, moments: list[torch.Tensor]) -> torch.Tensor:
+    """``P`` of a run of parameters sharing one rule, moment dtype and dtype (``key``), from their flat moments.
+
+    ``P`` is elementwise: one pass over the run's moments gives each entry as
+    parameter by parameter, with fewer operations.
+    """
+    rule, _, dtype = key
+    v = moments[0] if len(moments) == 1 else torch.cat(moments)
+    if rule[0] == "rmsprop":
+        v = v.sqrt() + rule[1]
+    elif rule[0] == "adam":
+        v = (v / rule[1]).sqrt() + rule[2]
+    return v.to(dtype)
 
 
 def adam_second_moment(group: dict[str, Any], state: dict[str, Any]) -> tuple[torch.Tensor, float] | None:
