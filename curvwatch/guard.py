@@ -128,14 +128,15 @@ def check_measurable(model: torch.nn.Module) -> None:
         CurvatureError: a parameter or buffer on the meta device, or a parameter
             that is an inference tensor (created under ``torch.inference_mode()``).
     """
-    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+    parameters = list(model.named_parameters())  # one walk of the modules serves both checks
+    for name, tensor in itertools.chain(parameters, model.named_buffers()):
         if tensor.is_meta:
             raise CurvatureError(
                 f"meta tensors cannot be measured: {name} is on the meta device (a shape "
                 "without data); materialize the model first, e.g. "
                 "model.to_empty(device=...) and load its weights"
             )
-    for name, param in model.named_parameters():
+    for name, param in parameters:
         if param.is_inference():
             raise CurvatureError(
                 f"{name} was created under torch.inference_mode(): inference tensors cannot "

@@ -8,6 +8,8 @@ the edge of stability".
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from curvwatch._errors import CurvatureError
@@ -31,7 +33,7 @@ class PreconditionedOperator(CurvatureOperator):
             raise CurvatureError(
                 f"preconditioner diagonal has shape {tuple(diagonal.shape)}, expected ({operator.size},)"
             )
-        if not bool(torch.all(diagonal > 0)) or not bool(torch.all(torch.isfinite(diagonal))):
+        if not bool(torch.all((diagonal > 0) & (diagonal < math.inf))):  # positive and finite: one read back
             raise CurvatureError("preconditioner diagonal must be positive and finite")
         super().__init__(operator.size, operator.dtype, operator.device)
         self.operator = operator
