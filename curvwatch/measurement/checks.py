@@ -134,6 +134,9 @@ def certified(ctx: Context, eig: LanczosResult, certificate: CurvatureOperator |
     extrapolated = _extrapolated(ctx, certificate, eig, checked)
     if extrapolated is not None:
         return extrapolated
+    polished = _polished(ctx, certificate, eig, checked, step_checked=True)
+    if polished.converged:
+        return polished
     # The finite-difference steps are outside their accurate range here
     # (kinks, strong third-order terms): say so rather than hide it.
     if ctx.allowance.method is not None:
@@ -148,7 +151,11 @@ def certified(ctx: Context, eig: LanczosResult, certificate: CurvatureOperator |
 
 
 def _polished(
-    ctx: Context, certificate: CurvatureOperator, eig: LanczosResult, checked: LanczosResult
+    ctx: Context,
+    certificate: CurvatureOperator,
+    eig: LanczosResult,
+    checked: LanczosResult,
+    step_checked: bool = False,
 ) -> LanczosResult:
     """Where the central residual does not confirm the one-sided top pair: Lanczos on central differences.
 
@@ -159,11 +166,19 @@ def _polished(
     products left, certify by their own residual rule, as a central solve
     would from the start. Returns ``checked`` (not converged) where fewer than
     :func:`~curvwatch.solvers.lanczos.gap_steps` products are left.
+
+    ``step_checked``: where one-sided and central differences disagreed (the
+    one-sided top vector was a mixture, or the state is sharp), the central
+    value must also hold at half the step (one more product): within
+    ``Budget.tol`` of it, the O(h^2) bias is within a third of that; else the
+    result is not converged.
     """
     k = eig.eigenvalues.numel()
-    if ctx.left() < gap_steps(k) or ctx.past():
+    if ctx.left() < gap_steps(k) + int(step_checked) or ctx.past():
         return checked
-    polished = ctx.lanczos(certificate, k, ctx.left(), eig.eigenvectors, ctx.seed + 7)
+    polished = ctx.lanczos(certificate, k, ctx.left() - int(step_checked), eig.eigenvectors, ctx.seed + 7)
+    if step_checked and polished.converged:
+        polished = _holds_at_half_step(ctx, certificate, polished)
     ctx.note(
         "fd-polished",
         f"curvwatch: step {ctx.step}: the one-sided solve's top pair ({eig.lambda_max:.6g}) did not certify "
@@ -171,6 +186,20 @@ def _polished(
         f"{polished.lambda_max:.6g} ({'converged' if polished.converged else 'not converged'})",
     )
     return polished
+
+
+def _holds_at_half_step(ctx: Context, certificate: CurvatureOperator, eig: LanczosResult) -> LanczosResult:
+    """``eig``, not converged where the central quotient at half the step moves its top value beyond tol."""
+    if not certificate.scales_step:
+        return replace(eig, converged=False)
+    try:
+        certificate.step_scale = 0.5
+        half = certify_top(certificate, eig, None)
+    finally:
+        certificate.step_scale = 1.0
+    if abs(half.lambda_max - eig.lambda_max) > ctx.options.budget.tol * abs(eig.lambda_max):
+        return replace(eig, converged=False)
+    return eig
 
 
 def _extrapolated(
