@@ -233,7 +233,7 @@ def test_a_kink_does_not_settle_under_the_step_down_and_is_reported_not_converge
         result = cw.CurvatureMonitor(Kink(), torch.zeros(1), loss_fn=lambda m, b: m(b), top_k=1, trace=False,
                                      method="forward_difference").measure(1)
     messages = [str(w.message) for w in caught]
-    assert not result.converged and abs(result.lambda_max - 3.0) > 1.0
+    assert not result.converged and abs(result.lambda_max - 3.0) > 1.0  # not certified: off the curves
     assert any("disagree" in m and "not converged" in m for m in messages), messages
     assert not any("Richardson" in m for m in messages)
     # the central re-solve from the one-sided vectors does not settle across the kink either
