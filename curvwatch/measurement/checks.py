@@ -198,14 +198,19 @@ def _holds_at_half_step(ctx: Context, certificate: CurvatureOperator, eig: Lancz
     """``eig``, not converged where the central quotient at half the step moves its top value beyond tol."""
     if not certificate.scales_step:
         return replace(eig, converged=False)
-    try:
-        certificate.step_scale = 0.5
-        half = certify_top(certificate, eig, None)
-    finally:
-        certificate.step_scale = 1.0
+    half = _top_at_step(certificate, eig, 0.5)
     if abs(half.lambda_max - eig.lambda_max) > ctx.options.budget.tol * abs(eig.lambda_max):
         return replace(eig, converged=False)
     return eig
+
+
+def _top_at_step(certificate: CurvatureOperator, eig: LanczosResult, scale: float) -> LanczosResult:
+    """:func:`~curvwatch.solvers.certificate.certify_top` (value and residual) at ``scale`` times the step."""
+    certificate.step_scale = scale
+    try:
+        return certify_top(certificate, eig, None)
+    finally:
+        certificate.step_scale = 1.0
 
 
 def _extrapolated(
@@ -224,18 +229,14 @@ def _extrapolated(
     if not certificate.scales_step:
         return None
     steps = [coarse.lambda_max]
-    try:
-        for halving in range(1, RICHARDSON_HALVINGS + 1):
-            certificate.step_scale = 0.5**halving
-            fine = certify_top(certificate, eig, None)  # Richardson's error estimate bounds the value here
-            steps.append(fine.lambda_max)
-            value, error = richardson(steps[-2], steps[-1])
-            if error <= FD_AGREEMENT_RTOL * abs(value):
-                break
-        else:
-            return None
-    finally:
-        certificate.step_scale = 1.0
+    for halving in range(1, RICHARDSON_HALVINGS + 1):
+        fine = _top_at_step(certificate, eig, 0.5**halving)  # Richardson's error estimate bounds the value here
+        steps.append(fine.lambda_max)
+        value, error = richardson(steps[-2], steps[-1])
+        if error <= FD_AGREEMENT_RTOL * abs(value):
+            break
+    else:
+        return None
     # the value is a Rayleigh quotient: it certifies only with a vector that is nearly an
     # eigenvector of the accurate operator, r^2 / (g |value|) within the extrapolation's
     # accuracy at the widest gap the bounds trust (r <= 2.2% of the value; a mixture of
