@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from curvwatch._flat import local
-from curvwatch.optim.thresholds import adam_second_moment, unwrap_optimizer
+from curvwatch.optim.thresholds import adam_second_moment, moment_runs, unwrap_optimizer
 
 SQRT2 = math.sqrt(2.0)
 
@@ -75,48 +75,30 @@ def restrict_to_linear_(
         update are off already and not counted). Nothing changes for an
         optimizer without a second-moment rule here (0).
     """
+    optimizer = unwrap_optimizer(optimizer)
     removed, big = [], torch.finfo(diagonal.dtype).max
-    for start, end, rule, moments in _runs(unwrap_optimizer(optimizer), params, gradient.device):
-        off = ~_linear(rule, gradient[start:end].float(), moments).to(diagonal.device)
+    for run in moment_runs(optimizer, params, lambda group, state, p: _rule(optimizer, group, state, gradient.device)):
+        if run.key is None:  # no rule (not updated, or nothing of it on this rank): off already
+            continue
+        moments = run.moments[0] if len(run.moments) == 1 else torch.cat(run.moments)
+        off = ~_linear(run.key, gradient[run.start : run.end].float(), moments).to(diagonal.device)
         removed.append(off.sum())  # on the device: one synchronisation at the end
-        diagonal[start:end].masked_fill_(off, big)
+        diagonal[run.start : run.end].masked_fill_(off, big)
     return int(torch.stack(removed).sum()) if removed else 0
 
 
-def _runs(optimizer, params: Sequence[torch.Tensor], device: torch.device) -> list[tuple[int, int, tuple, list]]:
-    """``(start, end, rule, moments)``: adjacent parameters with one rule, their moments flat on ``device``.
-
-    The set is elementwise, so a run of parameters sharing the rule's constants
-    (the usual case: one group, one step count) is decided in one pass over
-    their moments, entry for entry as parameter by parameter. Parameters
-    without a rule (no state, no group, none on this rank) end a run and are left out.
-    """
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    runs, offset = [], 0
-    for p in params:
-        n = local(p).numel()
-        group = group_of.get(id(p))
-        found = None if group is None or n == 0 else _rule(optimizer, group, optimizer.state.get(p, {}))
-        if found is not None:
-            rule, moment = found
-            moment = moment.reshape(-1).to(device).float()
-            if runs and runs[-1][1] == offset and runs[-1][2] == rule:
-                runs[-1][1] = offset + n
-                runs[-1][3].append(moment)
-            else:
-                runs.append([offset, offset + n, rule, [moment]])
-        offset += n
-    return [tuple(run) for run in runs]
-
-
-def _rule(optimizer, group: dict[str, Any], state: dict[str, Any]) -> tuple[tuple, torch.Tensor] | None:
-    """One parameter's rule (its kind and constants) and local moment (``None``: no state, or no rule).
+def _rule(
+    optimizer, group: dict[str, Any], state: dict[str, Any], device: torch.device
+) -> tuple[tuple, torch.Tensor] | None:
+    """One parameter's rule (its kind and constants) and local moment, float on ``device`` (``None``: no rule).
 
     Adamax: ``("adamax", eps)`` and ``u``; Adam and RMSprop: ``("moment", 1 - beta2, growth - beta2)``
     and ``v``, the set being ``(1 - beta2) g^2 <= (growth - beta2) v``.
     """
     if isinstance(optimizer, torch.optim.Adamax):
-        return (("adamax", group["eps"]), local(state["exp_inf"])) if "exp_inf" in state else None
+        if "exp_inf" not in state:
+            return None
+        return ("adamax", group["eps"]), local(state["exp_inf"]).to(device).float()
     if isinstance(optimizer, torch.optim.RMSprop):
         if "square_avg" not in state:
             return None
@@ -129,12 +111,11 @@ def _rule(optimizer, group: dict[str, Any], state: dict[str, Any]) -> tuple[tupl
         growth = 2 * (1 - beta2 ** (t + 1)) / (1 - beta2**t)  # 2 rho: v_hat' <= 2 v_hat
     else:
         return None
-    return ("moment", 1 - beta2, growth - beta2), v
+    return ("moment", 1 - beta2, growth - beta2), v.to(device).float()
 
 
-def _linear(rule: tuple, g: torch.Tensor, moments: list[torch.Tensor]) -> torch.Tensor:
-    """A run's linear set as a mask, from its float gradient ``g`` and its moments (flat, float)."""
-    v = moments[0] if len(moments) == 1 else torch.cat(moments)
+def _linear(rule: tuple, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A run's linear set as a mask, from its float gradient ``g`` and its moments ``v`` (flat, float)."""
     if rule[0] == "adamax":
         return g.abs() + rule[1] <= SQRT2 * v
     return rule[1] * g * g <= rule[2] * v

@@ -53,7 +53,7 @@ curvature is stable: the threshold is ``inf`` and the ratio 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -249,49 +249,89 @@ def preconditioner_diagonal(optimizer, params: Sequence[torch.Tensor]) -> torch.
         optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.RMSprop)
     ):
         return None
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    parts, updated = [], False  # tensors, and [key, moments] for each run of updated parameters
-    for p in params:
-        if local(p).numel() == 0:  # FSDP1: no piece of p on this rank, hence no state
-            parts.append(local(p).detach().reshape(-1))
-            continue
-        group, state = group_of.get(id(p)), optimizer.state.get(p, {})
-        found = None if group is None else _moment(optimizer, group, state)
-        if found is None:  # not updated by this optimizer: P^-1 = 0
-            parts.append(torch.full_like(local(p).detach(), torch.finfo(p.dtype).max))
-            continue
-        updated = True
-        rule, v = found
-        key = (rule, v.dtype, p.dtype)
-        if parts and isinstance(parts[-1], list) and parts[-1][0] == key:
-            parts[-1][1].append(v.reshape(-1))
-        else:
-            parts.append([key, [v.reshape(-1)]])
-    if not updated:
+    runs = moment_runs(optimizer, params, lambda group, state, p: _moment(optimizer, group, state, p))
+    if all(run.key is None for run in runs):
         return None
-    return flatten([_diagonal(*part) if isinstance(part, list) else part for part in parts])
+    return flatten([_filled(run.param) if run.key is None else _diagonal(run.key, run.moments) for run in runs])
 
 
-def _moment(optimizer, group: dict[str, Any], state: dict[str, Any]) -> tuple[tuple, torch.Tensor] | None:
-    """One parameter's rule for ``P`` (its kind and constants) and local moment, ``None`` without state.
+@dataclass
+class MomentRun:
+    """Adjacent parameters sharing one rule (``key``), at ``[start, end)`` of the flat layout.
+
+    Attributes:
+        start, end: the run's flat offsets (local shards under FSDP).
+        key: the rule the caller's ``rule_of`` gave; ``None``: a parameter of its own
+            without one (no group, no state, no piece on this rank).
+        moments: the run's local moments, flat, in order (empty where ``key`` is ``None``).
+        param: the run's first parameter.
+    """
+
+    start: int
+    end: int
+    key: Any
+    moments: list[torch.Tensor]
+    param: torch.Tensor
+
+
+def moment_runs(optimizer, params: Sequence[torch.Tensor], rule_of: Callable) -> list[MomentRun]:
+    """``params`` in runs of adjacent parameters with one rule, and their moments.
+
+    ``rule_of(group, state, param)`` gives a parameter's ``(key, moment)``, or
+    ``None`` (no state, or no rule). ``P`` and Adam's linear set are elementwise,
+    so a run (the usual case: one group, one step count) is formed in one pass
+    over its moments, entry for entry as parameter by parameter.
+    """
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    runs: list[MomentRun] = []
+    offset = 0
+    for p in params:
+        n = local(p).numel()
+        group = group_of.get(id(p))
+        found = None if group is None or n == 0 else rule_of(group, optimizer.state.get(p, {}), p)
+        if found is not None and runs and runs[-1].key == found[0]:
+            runs[-1].end = offset + n
+            runs[-1].moments.append(found[1].reshape(-1))
+        elif found is not None:
+            runs.append(MomentRun(offset, offset + n, found[0], [found[1].reshape(-1)], p))
+        else:
+            runs.append(MomentRun(offset, offset + n, None, [], p))
+        offset += n
+    return runs
+
+
+def _filled(p: torch.Tensor) -> torch.Tensor:
+    """``P`` of a parameter the optimizer does not update: the dtype's largest number (``P^-1 = 0``)."""
+    return torch.full_like(local(p).detach(), torch.finfo(p.dtype).max).reshape(-1)
+
+
+def _moment(
+    optimizer, group: dict[str, Any], state: dict[str, Any], p: torch.Tensor
+) -> tuple[tuple, torch.Tensor] | None:
+    """One parameter's key for ``P`` and its local moment, ``None`` without state.
+
+    The key: the rule's kind and constants, the moment's and ``p``'s dtypes (a run shares all).
 
     Adamax: ``P = u``; RMSprop: ``P = sqrt(v) + eps``; Adam: ``P = sqrt(v / (1 - beta2^t)) + eps``.
     """
     if isinstance(optimizer, torch.optim.Adamax):
-        return (("adamax",), local(state["exp_inf"])) if "exp_inf" in state else None
-    if isinstance(optimizer, torch.optim.RMSprop):
+        if "exp_inf" not in state:
+            return None
+        rule, v = ("adamax",), local(state["exp_inf"])
+    elif isinstance(optimizer, torch.optim.RMSprop):
         if "square_avg" not in state:
             return None
         v = local(state["square_avg"])
         if group.get("centered", False) and "grad_avg" in state:
             v = (v - local(state["grad_avg"]) ** 2).clamp_min(0)
-        return ("rmsprop", group["eps"]), v
-    moment = adam_second_moment(group, state)
-    if moment is None:
-        return None
-    v, t = moment
-    beta2 = float(group["betas"][1])
-    return ("adam", 1 - beta2**t, group["eps"]), v
+        rule = ("rmsprop", group["eps"])
+    else:
+        moment = adam_second_moment(group, state)
+        if moment is None:
+            return None
+        v, t = moment
+        rule = ("adam", 1 - float(group["betas"][1]) ** t, group["eps"])
+    return (rule, v.dtype, p.dtype), v
 
 
 def _diagonal(key: tuple, moments: list[torch.Tensor]) -> torch.Tensor:
